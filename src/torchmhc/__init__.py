@@ -1,0 +1,37 @@
+"""torchmhc: Manifold-Constrained Hyper-Connections (mHC) for PyTorch.
+
+The small public API; see ``torchmhc.functional`` for the reference math, ``torchmhc.manifolds``
+for H_res constraints and ``torchmhc.analysis`` for stability measures.
+"""
+
+from .functional import (
+    Coefficients,
+    amax_gain,
+    hc_coefficients,
+    head_mix,
+    mhc_coefficients,
+    post_res,
+    pre_mix,
+    sinkhorn_knopp,
+)
+from .layers import HyperConnection, StreamHead, expand_streams
+from .manifolds import Manifold, get_manifold, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coefficients",
+    "HyperConnection",
+    "Manifold",
+    "StreamHead",
+    "amax_gain",
+    "expand_streams",
+    "get_manifold",
+    "hc_coefficients",
+    "head_mix",
+    "mhc_coefficients",
+    "post_res",
+    "pre_mix",
+    "register",
+    "sinkhorn_knopp",
+]

@@ -1,0 +1,87 @@
+"""DeepSeek-V4 checkpoints <-> torchmhc modules.
+
+torchmhc's mHC parameters use V4's layout (``fn [n²+2n, n·C]`` rows [pre | post | res] with the
+res rows in ``comb`` order, ``base [n²+2n]``, ``scale [3]``; head ``fn [n, n·C]``, ``base [n]``,
+``scale [1]``), so conversion is renaming plus checks. V4 names per block ``i``::
+
+    layers.{i}.hc_attn_fn   layers.{i}.hc_attn_base   layers.{i}.hc_attn_scale
+    layers.{i}.hc_ffn_fn    layers.{i}.hc_ffn_base    layers.{i}.hc_ffn_scale
+    hc_head_fn              hc_head_base              hc_head_scale
+
+V4's numerics (Sinkhorn iters 20, eps 1e-6, RMS eps 1e-6, post scale 2) are the modules' defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..layers import HyperConnection, StreamHead
+
+__all__ = ["load_deepseek_v4_state", "export_deepseek_v4_state"]
+
+_PARAMS = ("fn", "base", "scale")
+
+
+def _key_map(
+    attn: Sequence[HyperConnection], ffn: Sequence[HyperConnection], head: StreamHead | None, prefix: str
+) -> dict[str, tuple[torch.nn.Module, str]]:
+    if len(attn) != len(ffn):
+        raise ValueError(f"attn and ffn must list one HyperConnection per block, got {len(attn)} and {len(ffn)}")
+    keys: dict[str, tuple[torch.nn.Module, str]] = {}
+    for i, (a, f) in enumerate(zip(attn, ffn)):
+        for kind, module in (("attn", a), ("ffn", f)):
+            if not isinstance(module, HyperConnection) or module.residual != "mhc":
+                raise ValueError(f"{kind}[{i}] must be a HyperConnection with residual='mhc' (V4 uses Sinkhorn mHC)")
+            for p in _PARAMS:
+                keys[f"{prefix}layers.{i}.hc_{kind}_{p}"] = (module, p)
+    if head is not None:
+        for p in _PARAMS:
+            keys[f"{prefix}hc_head_{p}"] = (head, p)
+    return keys
+
+
+@torch.no_grad()
+def load_deepseek_v4_state(
+    state_dict: Mapping[str, Tensor],
+    *,
+    attn: Sequence[HyperConnection],
+    ffn: Sequence[HyperConnection],
+    head: StreamHead | None = None,
+    prefix: str = "",
+) -> None:
+    """Copies V4's hyper-connection weights into torchmhc modules, in place.
+
+    Args:
+        state_dict: a V4 state dict (or the part of it holding ``hc_*`` tensors); other keys are ignored.
+        attn, ffn: block i's attention and FFN hyper-connections (``residual="mhc"``), in block order.
+        head: the network's :class:`StreamHead` (V4's ``hc_head_*``), if any.
+        prefix: prepended to every V4 name (e.g. ``"mtp.0."``).
+
+    Raises:
+        KeyError: names that the modules need are missing from ``state_dict``.
+        ValueError: a tensor's shape does not match the module (wrong n or C).
+    """
+    keys = _key_map(attn, ffn, head, prefix)
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise KeyError(f"DeepSeek-V4 state dict lacks {len(missing)} hyper-connection tensors, e.g. {missing[:3]}")
+    for key, (module, name) in keys.items():
+        param: Tensor = getattr(module, name)
+        value = state_dict[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{key} has shape {list(value.shape)}, the module expects {list(param.shape)}")
+        param.copy_(value.to(param.dtype))
+
+
+def export_deepseek_v4_state(
+    *,
+    attn: Sequence[HyperConnection],
+    ffn: Sequence[HyperConnection],
+    head: StreamHead | None = None,
+    prefix: str = "",
+) -> dict[str, Tensor]:
+    """The inverse of :func:`load_deepseek_v4_state`: V4-named fp32 tensors (detached copies)."""
+    return {key: getattr(module, name).detach().float().clone() for key, (module, name) in _key_map(attn, ffn, head, prefix).items()}

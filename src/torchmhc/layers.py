@@ -1,0 +1,239 @@
+"""nn.Modules: a hyper-connection around a branch, and the network's two ends.
+
+Legend: ``x [..., n, C]`` streams, ``h [..., C]`` a single hidden state, fp32 coefficients.
+
+A transformer with hyper-connections looks like::
+
+    x = expand_streams(embed(tokens), n)          # [B, T, n, C]
+    for block in blocks:                          # 2 hyper-connections per block
+        x = block.hc_attn(x, block.attn)          # F = attention (with its own pre-norm)
+        x = block.hc_ffn(x, block.ffn)
+    h = head(x)                                   # StreamHead: [B, T, C]
+    logits = lm_head(final_norm(h))
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import functional as F
+from .functional import Coefficients
+from .manifolds import IDENTITY_WEIGHT, MANIFOLDS, get_manifold
+
+__all__ = ["HyperConnection", "HyperConnectionContext", "StreamHead", "expand_streams", "residual_kinds", "INITS"]
+
+# `residual=` names: the plain residual, the original HC, mHC's two aliases, and every manifold
+# in the registry (including ones users register later).
+RESIDUAL_ALIASES = {"mhc": "sinkhorn", "mhc-lite": "permutation"}
+
+
+def residual_kinds() -> tuple[str, ...]:
+    """Every accepted ``residual=`` name."""
+    return ("residual", "hc", *RESIDUAL_ALIASES, *(m for m in MANIFOLDS if m not in RESIDUAL_ALIASES.values()))
+
+
+# mHC starts (SPEC §8). The default is the one the initialization study measured best
+# (docs/init_study.md).
+Init = Literal["uniform", "identity", "onehot"]
+INITS = ("uniform", "identity", "onehot")
+DEFAULT_INIT: Init = "identity"
+
+CoefficientHook = Callable[["HyperConnection", Tensor, Coefficients], None]
+
+
+def expand_streams(h: Tensor, n: int) -> Tensor:
+    """Copies a hidden state into n streams (SPEC §7, no 1/n scaling): ``[..., C]`` -> ``[..., n, C]``."""
+    F._check_floating(h, "h")
+    if h.dim() < 1:
+        raise ValueError("h must have shape [..., C], got a scalar")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    return h.unsqueeze(-2).expand(*h.shape[:-1], n, h.shape[-1]).contiguous()
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1 - IDENTITY_WEIGHT), IDENTITY_WEIGHT)  # finite biases, even for n = 1
+    return math.log(p / (1 - p))
+
+
+class HyperConnectionContext(NamedTuple):
+    """What :meth:`HyperConnection.post` needs from :meth:`HyperConnection.pre`."""
+
+    x: Tensor  # [..., n, C] streams entering the sub-layer
+    h_post: Tensor  # [..., n] fp32
+    h_res: Tensor  # [..., n, n] fp32
+
+
+class HyperConnection(nn.Module):
+    """One hyper-connection around a sub-layer ``F`` (attention or FFN, with its own pre-norm).
+
+    ``x_next = H_res · x + H_postᵀ · F(H_pre · x)`` with per-token coefficients.
+
+    Args:
+        dim: C, the hidden size of one stream.
+        n: number of streams. Ignored by ``residual="residual"``, which has one.
+        residual: ``"residual"`` (plain ``x + F(x)``), ``"hc"`` (original HC, unconstrained),
+            ``"mhc"`` (Sinkhorn), ``"mhc-lite"`` (permutation mixture), or any other name in
+            ``torchmhc.manifolds`` (``orthostochastic``, ``spectral``, ``identity``, ``unconstrained``).
+        layer_index: which sub-layer this is (0-based); HC and ``init="onehot"`` read stream
+            ``layer_index mod n`` at the start.
+        init: mHC start: ``"uniform"`` (all biases 0: H_pre = ½, H_post = 1, H_res ≈ 1/n),
+            ``"identity"`` (H_res ≈ I, H_pre = 1/n, H_post = 1), ``"onehot"`` (H_res ≈ I,
+            H_pre ≈ one-hot on stream ``layer_index mod n``, H_post = 1).
+        iters, eps: Sinkhorn t_max and DeepSeek's epsilon. rms_eps: RMS-normalization epsilon.
+        post_scale: H_post = post_scale · σ(·) (2 in the paper).
+        alpha_init: initial gates α (0.01, paper Table 5; HC's s).
+
+    Parameters (DeepSeek-V4 layout, fp32): ``fn [2n + K, n*C]``, ``base [2n + K]``, ``scale [3]``
+    with K = n² for mHC; for HC ``fn [n + 2, C]`` (θᵀ) and ``base [n² + 2n]`` (static part).
+    ``fn`` starts at N(0, 1/(n·C)) for mHC so that each dynamic logit has unit variance before
+    α — it also breaks the symmetry between streams copied from one embedding, which zero
+    weights would keep forever; HC's θ starts at zero as in its paper.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n: int = 4,
+        residual: str = "mhc",
+        *,
+        layer_index: int = 0,
+        init: Init = DEFAULT_INIT,
+        iters: int = 20,
+        eps: float = 1e-6,
+        rms_eps: float = 1e-6,
+        post_scale: float = 2.0,
+        alpha_init: float = 0.01,
+    ):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if residual not in residual_kinds() and residual not in MANIFOLDS:
+            raise ValueError(f"residual must be one of {list(residual_kinds())}, got {residual!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        self.dim, self.residual, self.layer_index, self.init = dim, residual, layer_index, init
+        self.num_streams = 1 if residual == "residual" else n
+        self.eps, self.rms_eps, self.post_scale = eps, rms_eps, post_scale
+        self.manifold = None
+        self._coefficient_hooks: OrderedDict[int, CoefficientHook] = OrderedDict()
+        if residual == "residual":
+            return
+
+        n = self.num_streams
+        read_stream = layer_index % n
+        if residual == "hc":
+            fn = torch.zeros(n + 2, dim)
+            pre = torch.nn.functional.one_hot(torch.tensor(read_stream), n).float()
+            res = torch.eye(n).flatten()  # comb = I = H_res
+            base = torch.cat([pre, torch.ones(n), res])
+        else:
+            self.manifold = get_manifold(RESIDUAL_ALIASES.get(residual, residual), **self._manifold_options(iters, eps))
+            num_res = self.manifold.num_logits(n)
+            fn = torch.randn(2 * n + num_res, n * dim) / math.sqrt(n * dim)
+            if init == "uniform":
+                pre = torch.zeros(n)  # SPEC §8's "b = 0" start: H_pre = ½ on every stream
+            elif init == "onehot":
+                pre = torch.full((n,), _logit(1 - IDENTITY_WEIGHT))
+                pre[read_stream] = _logit(IDENTITY_WEIGHT)
+            else:
+                pre = torch.full((n,), _logit(1 / n))  # H_pre = 1/n: the mean of the streams
+            post = torch.full((n,), _logit(1 / post_scale))  # H_post = 1
+            res = self.manifold.init_logits(n, "uniform" if init == "uniform" else "identity")
+            base = torch.cat([pre, post, res])
+        self.fn = nn.Parameter(fn)
+        self.base = nn.Parameter(base)
+        self.scale = nn.Parameter(torch.full((3,), float(alpha_init)))
+
+    def _manifold_options(self, iters: int, eps: float) -> dict:
+        return {"iters": iters, "eps": eps} if RESIDUAL_ALIASES.get(self.residual, self.residual) == "sinkhorn" else {}
+
+    # -- the split form, for code that cannot pass its branch as a callable ---------------------
+
+    def coefficients(self, x: Tensor) -> Coefficients:
+        """Per-token ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32."""
+        if self.residual == "residual":
+            ones = torch.ones(x.shape[:-2] + (1,), dtype=torch.float32, device=x.device)
+            return Coefficients(ones, ones, ones.unsqueeze(-1))
+        if self.residual == "hc":
+            return F.hc_coefficients(x, self.fn, self.scale, self.base, rms_eps=self.rms_eps)
+        return F.mhc_coefficients(
+            x, self.fn, self.scale, self.base,
+            eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
+        )
+
+    def pre(self, x: Tensor) -> tuple[Tensor, HyperConnectionContext]:
+        """``x [..., n, C]`` -> (layer input ``[..., C]`` in x.dtype, context for :meth:`post`)."""
+        self._check_input(x)
+        if self.residual == "residual" and not self._coefficient_hooks:
+            return x[..., 0, :], HyperConnectionContext(x, None, None)
+        coefficients = self.coefficients(x)
+        for hook in self._coefficient_hooks.values():
+            hook(self, x, coefficients)
+        if self.residual == "residual":
+            return x[..., 0, :], HyperConnectionContext(x, None, None)
+        return F.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)
+
+    def post(self, ctx: HyperConnectionContext, f_out: Tensor) -> Tensor:
+        """Streams after the sub-layer: ``[..., n, C]`` in x.dtype."""
+        if self.residual == "residual":
+            return ctx.x + f_out.unsqueeze(-2)
+        return F.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
+
+    def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+        """``x [..., n, C]``, ``branch: [..., C] -> [..., C]`` -> next streams ``[..., n, C]``."""
+        layer_input, ctx = self.pre(x)
+        return self.post(ctx, branch(layer_input))
+
+    def _check_input(self, x: Tensor) -> None:
+        n, c = F._check_streams(x)
+        if (n, c) != (self.num_streams, self.dim):
+            raise ValueError(
+                f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this HyperConnection, "
+                f"got {list(x.shape)}"
+            )
+
+    def register_coefficient_hook(self, hook: CoefficientHook) -> RemovableHandle:
+        """Calls ``hook(module, x, coefficients)`` on every :meth:`pre` (see ``torchmhc.analysis``)."""
+        handle = RemovableHandle(self._coefficient_hooks)
+        self._coefficient_hooks[handle.id] = hook
+        return handle
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n={self.num_streams}, residual={self.residual!r}, layer_index={self.layer_index}, init={self.init!r}"
+
+
+class StreamHead(nn.Module):
+    """Streams out of the network (DeepSeek-V4 ``hc_head``, SPEC §7): ``[..., n, C]`` -> ``[..., C]``.
+
+    ``y = Σ_i (σ(α·m_i + b_i) + ε)·x_i`` with ``m`` the RMS-scaled projection ``fn [n, n*C]``.
+    Starts as the mean of the streams (b = logit(1/n)), α = ``alpha_init``.
+    """
+
+    def __init__(self, dim: int, n: int, *, eps: float = 1e-6, rms_eps: float = 1e-6, alpha_init: float = 0.01):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        self.dim, self.num_streams, self.eps, self.rms_eps = dim, n, eps, rms_eps
+        self.fn = nn.Parameter(torch.randn(n, n * dim) / math.sqrt(n * dim))
+        self.base = nn.Parameter(torch.full((n,), _logit(1 / n)))
+        self.scale = nn.Parameter(torch.full((1,), float(alpha_init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = F._check_streams(x)
+        if (n, c) != (self.num_streams, self.dim):
+            raise ValueError(f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this StreamHead, got {list(x.shape)}")
+        return F.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n={self.num_streams}"

@@ -1,0 +1,166 @@
+"""HyperConnection, StreamHead and expand_streams as a model uses them."""
+
+import pytest
+import torch
+from torch import nn
+
+import torchmhc as mhc
+from torchmhc.layers import INITS, residual_kinds
+
+
+class Branch(nn.Module):
+    """A small nonlinear sub-layer with its own pre-norm, like attention or an FFN."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h):
+        return torch.tanh(self.proj(self.norm(h)))
+
+
+@pytest.mark.parametrize("residual", residual_kinds())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kind_runs_forward_and_backward(residual, dtype):
+    hc = mhc.HyperConnection(16, 3, residual)
+    branch = Branch(16).to(dtype)
+    x = torch.randn(2, 5, hc.num_streams, 16, dtype=dtype, requires_grad=True)
+    y = hc(x, branch)
+    assert y.shape == x.shape and y.dtype == dtype
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all()
+    for p in hc.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_split_form_equals_forward():
+    hc = mhc.HyperConnection(8, 4)
+    branch = Branch(8)
+    x = torch.randn(3, 4, 8)
+    layer_input, ctx = hc.pre(x)
+    assert layer_input.shape == (3, 8)
+    torch.testing.assert_close(hc.post(ctx, branch(layer_input)), hc(x, branch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_kind_is_exactly_x_plus_f_of_x(dtype):
+    hc = mhc.HyperConnection(16, residual="residual")
+    assert hc.num_streams == 1 and len(list(hc.parameters())) == 0
+    branch = Branch(16).to(dtype)
+    h = torch.randn(4, 7, 16, dtype=dtype)
+    out = hc(mhc.expand_streams(h, 1), branch)
+    assert torch.equal(out[..., 0, :], h + branch(h))
+
+
+def test_mhc_identity_start_is_close_to_a_residual_block():
+    torch.manual_seed(1)
+    branch = Branch(32)
+    h = torch.randn(64, 32)
+    expected = h + branch(h)
+    hc = mhc.HyperConnection(32, 4, "mhc", init="identity")
+    out = hc(mhc.expand_streams(h, 4), branch)
+    for stream in range(4):
+        error = (out[:, stream] - expected).norm() / expected.norm()
+        assert error < 0.02, (stream, error)
+    coefficients = hc.coefficients(mhc.expand_streams(h, 4))
+    torch.testing.assert_close(coefficients.h_res, torch.eye(4).expand(64, 4, 4), atol=0.02, rtol=0)
+
+@pytest.mark.parametrize("layer_index", [0, 1, 2, 5, 7])
+def test_hc_start_matches_the_hc_paper(layer_index):
+    n = 4
+    hc = mhc.HyperConnection(8, n, "hc", layer_index=layer_index)
+    x = torch.randn(6, n, 8)
+    h_pre, h_post, h_res = hc.coefficients(x)
+    expected_pre = torch.zeros(n)
+    expected_pre[layer_index % n] = 1.0
+    assert torch.equal(h_pre, expected_pre.expand(6, n))  # θ = 0: the dynamic part is exactly 0
+    assert torch.equal(h_post, torch.ones(6, n))
+    assert torch.equal(h_res, torch.eye(n).expand(6, n, n))
+    branch = Branch(8)
+    out = hc(x, branch)
+    torch.testing.assert_close(out, x + branch(x[:, layer_index % n]).unsqueeze(1))
+
+
+def test_onehot_start_reads_one_stream():
+    hc = mhc.HyperConnection(8, 4, "mhc", init="onehot", layer_index=6)
+    h_pre = hc.coefficients(torch.randn(10, 4, 8)).h_pre
+    assert (h_pre.argmax(-1) == 2).all() and (h_pre[:, 2] > 0.98).all()
+
+
+def test_different_streams_diverge_from_one_embedding():
+    """Random fn breaks the symmetry of streams copied from one embedding (zero fn would not)."""
+    hc = mhc.HyperConnection(16, 4, "mhc")
+    out = hc(mhc.expand_streams(torch.randn(8, 16), 4), Branch(16))
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-4
+
+
+def test_v4_parameter_layout():
+    hc = mhc.HyperConnection(10, 4, "mhc")
+    assert hc.fn.shape == (24, 40) and hc.base.shape == (24,) and hc.scale.shape == (3,)
+    assert torch.equal(hc.scale.data, torch.full((3,), 0.01))
+    lite = mhc.HyperConnection(10, 3, "mhc-lite")
+    assert lite.fn.shape == (2 * 3 + 6, 30)
+    classic = mhc.HyperConnection(10, 4, "hc")
+    assert classic.fn.shape == (6, 10) and classic.base.shape == (24,)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="residual must be one of"):
+        mhc.HyperConnection(8, 4, "mhcc")
+    with pytest.raises(ValueError, match="init must be one of"):
+        mhc.HyperConnection(8, 4, init="zeros")
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        mhc.HyperConnection(8, 0)
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
+        mhc.HyperConnection(8.0, 4)
+
+
+def test_forward_errors_name_expected_shape():
+    hc = mhc.HyperConnection(8, 4)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., n=4, C=8\].*got \[2, 3, 8\]"):
+        hc(torch.randn(2, 3, 8), Branch(8))
+    with pytest.raises(ValueError, match=r"C=8"):
+        hc(torch.randn(2, 4, 9), Branch(9))
+    with pytest.raises(TypeError, match="floating dtype"):
+        hc(torch.ones(2, 4, 8, dtype=torch.int32), Branch(8))
+
+
+def test_coefficient_hook_sees_every_call_and_can_be_removed():
+    hc = mhc.HyperConnection(8, 4)
+    seen = []
+    handle = hc.register_coefficient_hook(lambda module, x, c: seen.append((module, x.shape, c.h_res.shape)))
+    hc(torch.randn(3, 4, 8), Branch(8))
+    assert seen == [(hc, torch.Size([3, 4, 8]), torch.Size([3, 4, 4]))]
+    handle.remove()
+    hc(torch.randn(3, 4, 8), Branch(8))
+    assert len(seen) == 1
+
+
+def test_expand_streams_copies_without_scaling():
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    x = mhc.expand_streams(h, 4)
+    assert x.shape == (2, 3, 4, 8) and x.is_contiguous()
+    assert all(torch.equal(x[..., i, :], h) for i in range(4))
+    x.sum().backward()
+    assert torch.equal(h.grad, torch.full_like(h, 4.0))
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        mhc.expand_streams(h, 0)
+
+
+def test_stream_head_starts_as_the_stream_mean():
+    head = mhc.StreamHead(16, 4)
+    x = torch.randn(5, 4, 16)
+    y = head(x)
+    assert y.shape == (5, 16)
+    torch.testing.assert_close(y, x.mean(-2), atol=0.02, rtol=0.02)
+    with pytest.raises(ValueError, match=r"n=4, C=16"):
+        head(torch.randn(5, 3, 16))
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_gives_finite_coefficients(init):
+    for n in (1, 2, 4):
+        hc = mhc.HyperConnection(8, n, "mhc", init=init)
+        coefficients = hc.coefficients(torch.randn(3, n, 8))
+        assert all(torch.isfinite(c).all() for c in coefficients)
