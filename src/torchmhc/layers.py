@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from . import functional as F
+from . import kernels
 from .functional import Coefficients
 from .manifolds import IDENTITY_WEIGHT, MANIFOLDS, get_manifold
 
@@ -165,7 +166,8 @@ class HyperConnection(nn.Module):
             return Coefficients(ones, ones, ones.unsqueeze(-1))
         if self.residual == "hc":
             return F.hc_coefficients(x, self.fn, self.scale, self.base, rms_eps=self.rms_eps)
-        return F.mhc_coefficients(
+        # fused kernels on CUDA where they apply, the reference elsewhere (torchmhc.kernels.dispatch)
+        return kernels.mhc_coefficients(
             x, self.fn, self.scale, self.base,
             eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
         )
@@ -180,13 +182,13 @@ class HyperConnection(nn.Module):
             hook(self, x, coefficients)
         if self.residual == "residual":
             return x[..., 0, :], HyperConnectionContext(x, None, None)
-        return F.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)
+        return kernels.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)
 
     def post(self, ctx: HyperConnectionContext, f_out: Tensor) -> Tensor:
         """Streams after the sub-layer: ``[..., n, C]`` in x.dtype."""
         if self.residual == "residual":
             return ctx.x + f_out.unsqueeze(-2)
-        return F.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
+        return kernels.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
 
     def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         """``x [..., n, C]``, ``branch: [..., C] -> [..., C]`` -> next streams ``[..., n, C]``."""

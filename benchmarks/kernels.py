@@ -1,0 +1,246 @@
+"""Kernel benchmark (GPU): correctness against the reference first, then median timings.
+
+For every shape: each fused kernel forward and backward, and one whole mHC sub-layer (coefficients,
+pre-mix, identity branch, post-res) forward + backward, side by side with the reference in torch
+eager and under torch.compile. Bandwidth counts the bytes each operation must move (every input
+read once, every output written once) and is compared with a device-to-device copy measured in the
+same run.
+
+    PYTHONPATH=src python benchmarks/kernels.py [--shapes 16384x4096 ...] [--streams 4 2 8]
+        [--no-compile] [--out benchmarks/results/<device>.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton.testing
+
+from torchmhc import functional as ref
+from torchmhc.kernels import mhc_coefficients, post_res, pre_mix, use_kernels
+from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
+from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
+from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
+from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_fwd
+
+DEFAULT_SHAPES = ["16384x4096", "8192x7168", "65536x1280"]
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    impl: str
+    ms: float
+    nbytes: int
+
+    def tbps(self) -> float:
+        return self.nbytes / (self.ms * 1e-3) / 1e12
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, L2 flushed between runs by do_bench)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_rate() -> float:
+    """Measured device-to-device copy rate in TB/s (bytes read + bytes written)."""
+    src = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)  # 512 MiB, far larger than L2
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def sublayer(impl, x, fn, scale, base):
+    """One mHC sub-layer with an identity branch: F(y) = y."""
+    h_pre, h_post, h_res = impl.mhc_coefficients(x, fn, scale, base)
+    return impl.post_res(x, impl.pre_mix(x, h_pre), h_post, h_res)
+
+
+class _Fused:
+    mhc_coefficients = staticmethod(mhc_coefficients)
+    pre_mix = staticmethod(pre_mix)
+    post_res = staticmethod(post_res)
+
+
+def check(x, fn, scale, base) -> dict[str, float]:
+    """Relative errors of the fused sub-layer (outputs and all gradients) against the fp32 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, fn, scale, base)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, fn, scale, base)]
+    with use_kernels("triton"):
+        out = sublayer(_Fused, *leaves)
+        coef = mhc_coefficients(*leaves)
+    ref_out = sublayer(ref, *ref_leaves)
+    ref_coef = ref.mhc_coefficients(*ref_leaves)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, g)
+    errs = {"out": rel_err(out, ref_out)}
+    errs.update({k: rel_err(a, b) for k, a, b in zip(("h_pre", "h_post", "h_res"), coef, ref_coef)})
+    errs.update({f"d{k}": rel_err(a, b) for k, a, b in zip(("x", "fn", "scale", "base"), grads, ref_grads)})
+    return errs
+
+
+def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> None:
+    shape = f"T={t} C={c} n={n}"
+    dev = "cuda"
+    torch.manual_seed(0)
+    x = torch.randn(t, n, c, device=dev, dtype=torch.bfloat16)
+    nr = n * n + 2 * n
+    fn = torch.randn(nr, n * c, device=dev) / (n * c) ** 0.5
+    scale = torch.rand(3, device=dev) + 0.5
+    base = torch.randn(nr, device=dev)
+    errs = check(x, fn, scale, base)
+    print(f"[{shape}] rel. errors vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+    bad = [k for k, v in errs.items() if not v < 2e-2]
+    if bad:
+        print(f"[{shape}] CORRECTNESS FAILED for {bad}; skipping timings", flush=True)
+        return
+
+    e = 2  # bytes per bf16 element
+    tok = t * n * c * e  # one read or write of the streams
+    ch = t * c * e  # one read or write of a [T, C] tensor
+    small = t * (3 * n * n + 4 * n + 40) * 4  # coefficient-sized fp32 traffic (order of magnitude)
+    h_pre = torch.rand(t, n, device=dev)
+    h_post = 2 * torch.rand(t, n, device=dev)
+    h_res = torch.rand(t, n, n, device=dev)
+    f_out = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    g_c = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    g_nc = torch.randn_like(x)
+
+    fw = coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0)
+    d_h = (torch.randn(t, n, device=dev), torch.randn(t, n, device=dev), torch.randn(t, n, n, device=dev))
+
+    ops: list[tuple[str, int, Callable[[], object]]] = [
+        ("coefficients fwd", tok + small, lambda: coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0)),
+        ("coefficients bwd", 2 * tok + small, lambda: coefficients_bwd(x, fn, scale, base, *fw[3:], *d_h, 20, 1e-6, 2.0)),
+        ("pre_mix fwd", tok + ch, lambda: pre_mix_fwd(x, h_pre)),
+        ("pre_mix bwd", 2 * tok + ch, lambda: pre_mix_bwd(g_c, x, h_pre)),
+        ("post_res fwd", 2 * tok + ch, lambda: post_res_fwd(x, f_out, h_post, h_res)),
+        ("post_res bwd", 3 * tok + 2 * ch, lambda: post_res_bwd(g_nc, x, f_out, h_post, h_res)),
+    ]
+    # the two steps of the coefficient backward on their own
+    def bwd_tokens():
+        return coefficients_bwd_tokens(*fw[3:], scale, base, *d_h, n * c, 20, 1e-6, 2.0)
+
+    steps = bwd_tokens()
+    ops += [
+        ("  coefficients bwd: σ'+Sinkhorn step", small, bwd_tokens),
+        ("  coefficients bwd: dx+dfn step", 2 * tok, lambda: coefficients_bwd_x(x, fn, *steps[:3])),
+    ]
+    # cross-sub-layer fusion: post-res of sub-layer l + coefficients of l+1 (same parameters here)
+    ops.append((
+        "post_res + next coefficients fwd (fused)", 2 * tok + ch + small,
+        lambda: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
+    ))  # fmt: skip
+    for name, nbytes, fn_ in ops:
+        rows.append(Row(name, shape, "torchmhc triton", bench(fn_), nbytes))
+
+    # reference: eager and compiled, forward and backward of each operation
+    def ref_coef(x_):
+        return ref.mhc_coefficients(x_, fn, scale, base)
+
+    def ref_pre(x_):
+        return ref.pre_mix(x_, h_pre)
+
+    def ref_post(x_):
+        return ref.post_res(x_, f_out, h_post, h_res)
+
+    impls: list[tuple[str, Callable]] = [("torch eager", lambda f: f)]
+    if compile_ref:
+        impls.append(("torch.compile", lambda f: torch.compile(f, dynamic=False)))
+    for impl_name, wrap in impls:
+        for name, nbytes_f, nbytes_b, f in (
+            ("coefficients", tok + small, 2 * tok + small, ref_coef),
+            ("pre_mix", tok + ch, 2 * tok + ch, ref_pre),
+            ("post_res", 2 * tok + ch, 3 * tok + 2 * ch, ref_post),
+        ):
+            wf = wrap(f)
+            xr = x.detach().requires_grad_()
+            rows.append(Row(f"{name} fwd", shape, impl_name, bench(lambda: wf(xr)), nbytes_f))
+            out = wf(xr)
+            outs = list(out) if isinstance(out, tuple) else [out]
+            grads = [torch.randn_like(o) for o in outs]
+            rows.append(
+                Row(f"{name} bwd", shape, impl_name,
+                    bench(lambda: torch.autograd.grad(outs, xr, grads, retain_graph=True)), nbytes_b)
+            )  # fmt: skip
+
+    # whole sub-layer, identity branch, forward + backward
+    sub_bytes = (5 * n + 2) * ch + (13 * n + 3) * ch  # the unfused decomposition's traffic (reference only)
+    for impl_name, impl, wrap in [("torchmhc triton", _Fused, lambda f: f), ("torch eager", ref, lambda f: f)] + (
+        [("torch.compile", ref, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []
+    ):
+        params = [p.detach().requires_grad_() for p in (fn, scale, base)]
+        xr = x.detach().requires_grad_()
+        f = wrap(lambda x_, *p: sublayer(impl, x_, *p))
+
+        def step():
+            out = f(xr, *params)
+            torch.autograd.grad(out, [xr, *params], g_nc)
+
+        with use_kernels("triton" if impl is _Fused else "reference"):
+            rows.append(Row("sub-layer fwd+bwd", shape, impl_name, bench(step), sub_bytes))
+
+
+def to_markdown(rows: list[Row], device: str, copy_tbps: float, command: str) -> str:
+    lines = [
+        f"# Kernel benchmark: {device}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Measured device-to-device copy: **{copy_tbps:.2f} TB/s** (bytes read + written). bf16 streams.",
+        "TB/s counts the bytes each operation must move (inputs read once, outputs written once); the",
+        "sub-layer row counts the traffic of the unfused reference decomposition, for comparison only.",
+        "",
+        "| operation | shape | implementation | median µs | TB/s | % of copy |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.impl} | {r.ms * 1e3:.1f} | {r.tbps():.2f} | {100 * r.tbps() / copy_tbps:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="TxC token count x channels")
+    p.add_argument("--streams", nargs="+", type=int, default=[4], help="values of n")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    p.add_argument("--compile-first-only", action="store_true", help="torch.compile only for the first shape")
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA device")
+    device = torch.cuda.get_device_name()
+    copy_tbps = copy_rate()
+    print(f"{device}: copy {copy_tbps:.2f} TB/s", flush=True)
+    rows: list[Row] = []
+    first = True
+    for n in args.streams:
+        for s in args.shapes:
+            t, c = (int(v) for v in s.lower().split("x"))
+            t0 = time.time()
+            run_shape(t, c, n, not args.no_compile and (first or not args.compile_first_only), rows)
+            first = False
+            print(f"[T={t} C={c} n={n}] done in {time.time() - t0:.0f} s", flush=True)
+    table = to_markdown(rows, device, copy_tbps, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Fused Triton kernels for mHC, registered as ``torch.library`` custom ops, and their dispatch.
+
+One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Sinkhorn),
+``pre_mix_op.py`` (F_pre), ``post_res_op.py`` (F_post,res), and the cross-sub-layer fusion
+``post_res_coefficients_op.py`` (post-res of sub-layer l + coefficients of l+1 in one pass over the
+streams). ``dispatch.py`` picks kernels on CUDA and the
+reference (``torchmhc.functional``) elsewhere; ``TORCHMHC_KERNELS=auto|triton|reference`` or
+:func:`use_kernels` forces either. Importing this package does not import Triton.
+"""
+
+from torchmhc.kernels.dispatch import (
+    KernelMode,
+    kernel_mode,
+    mhc_coefficients,
+    post_res,
+    post_res_coefficients,
+    pre_mix,
+    triton_available,
+    use_kernels,
+)
+
+__all__ = [
+    "KernelMode",
+    "kernel_mode",
+    "use_kernels",
+    "triton_available",
+    "mhc_coefficients",
+    "pre_mix",
+    "post_res",
+    "post_res_coefficients",
+]

@@ -1,0 +1,52 @@
+"""Helpers shared by the kernel files: token flattening, tile sizes, interpreter detection.
+
+Every launcher works on tokens ``[T, n, C]``; :func:`flatten_tokens` is the one place where the
+leading dims ``[...]`` are folded into ``T`` and :func:`unflatten_tokens` the one place they come back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+#: Streams the kernels handle (the coefficient kernel keeps an n x n Sinkhorn tile in registers).
+MAX_STREAMS = 8
+#: The fast path reads C in chunks that are powers of two of at least this size.
+CHANNEL_MULTIPLE = 64
+
+
+def next_pow2(v: int) -> int:
+    """Smallest power of two >= v (v >= 1)."""
+    return 1 << (v - 1).bit_length()
+
+
+def channel_block(c: int, limit: int = 1024) -> int:
+    """Largest power of two <= ``limit`` dividing ``c``: C chunks need no mask (C % 64 == 0)."""
+    block = limit
+    while c % block:
+        block //= 2
+    return block
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count (a small stand-in under the interpreter, to keep CPU tests fast)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def flatten_tokens(x: Tensor, trailing: int) -> Tensor:
+    """``[..., *trailing dims]`` -> ``[T, *trailing dims]`` contiguous (a view when possible)."""
+    return x.reshape((-1,) + tuple(x.shape[x.dim() - trailing :])).contiguous()
+
+
+def unflatten_tokens(t: Tensor, lead: torch.Size | tuple[int, ...]) -> Tensor:
+    """``[T, *rest]`` -> ``[*lead, *rest]``."""
+    return t.reshape(tuple(lead) + tuple(t.shape[1:]))

@@ -1,0 +1,88 @@
+"""fp32-accurate products on bf16 tensor cores, shared by the kernels.
+
+An fp32 value splits exactly into three bf16 parts (8 + 8 + 8 mantissa bits); two parts keep ~16
+bits. Products of such parts are exact in the fp32 accumulator, so a matrix product of an fp32
+tile with a bf16 tile costs 2-3 bf16 tensor-core products and loses nothing a bf16 stream can see
+(one TF32 pass, by contrast, rounds the fp32 operand to 10 bits: errors of 1e-3 that the Sinkhorn
+iteration amplifies).
+
+Precision modes of the kernels (``MODE`` constexpr):
+    MODE_FMA    fp32 products on CUDA cores (``input_precision="ieee"``); used by Triton's CPU
+                interpreter, whose bf16 tensor-core products are wrong
+    MODE_BF16   the stream operand is bf16 (exact); fp32 operands are split into parts
+    MODE_SPLIT  fp16/fp32 streams: both operands are split into two bf16 parts
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchmhc.kernels._common import interpreting
+
+MODE_FMA = 0
+MODE_BF16 = 1
+MODE_SPLIT = 2
+
+
+def precision_mode(x: Tensor) -> int:
+    """The ``MODE`` constexpr for a stream tensor ``x``."""
+    if interpreting():
+        return MODE_FMA
+    return MODE_BF16 if x.dtype == torch.bfloat16 else MODE_SPLIT
+
+
+@triton.jit
+def split2(a):
+    """fp32 -> (hi, lo) bf16 with hi + lo = a to ~16 bits."""
+    hi = a.to(tl.bfloat16)
+    return hi, (a - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def split3(a):
+    """fp32 -> three bf16 parts whose sum is exactly a (normal range)."""
+    p1 = a.to(tl.bfloat16)
+    r = a - p1.to(tl.float32)
+    p2 = r.to(tl.bfloat16)
+    return p1, p2, (r - p2.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def dot_f32_bf16(a, b, acc, MODE: tl.constexpr):
+    """acc += a @ b for an fp32 tile ``a`` and a stream tile ``b`` (bf16 in MODE_BF16)."""
+    if MODE == 0:
+        acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    elif MODE == 1:
+        a1, a2, a3 = split3(a)
+        acc = tl.dot(a1, b, acc)
+        acc = tl.dot(a2, b, acc)
+        acc = tl.dot(a3, b, acc)
+    else:
+        a_hi, a_lo = split2(a)
+        b_hi, b_lo = split2(b.to(tl.float32))
+        acc = tl.dot(a_hi, b_hi, acc)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_lo, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def dot_bf16_f32(a, b, acc, MODE: tl.constexpr):
+    """acc += a @ b for a stream tile ``a`` (bf16 in MODE_BF16) and an fp32 tile ``b``."""
+    if MODE == 0:
+        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+    elif MODE == 1:
+        b1, b2, b3 = split3(b)
+        acc = tl.dot(a, b1, acc)
+        acc = tl.dot(a, b2, acc)
+        acc = tl.dot(a, b3, acc)
+    else:
+        a_hi, a_lo = split2(a.to(tl.float32))
+        b_hi, b_lo = split2(b)
+        acc = tl.dot(a_hi, b_hi, acc)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_lo, b_hi, acc)
+    return acc

@@ -1,0 +1,644 @@
+"""mHC coefficients (paper Eq. 7–9, Sec. 4.3.1 Eq. 14–19; DeepSeek-V4 numerics), fused.
+
+Forward, one pass over x ``[T, n·C]``: the projection ``vec(x) @ fnᵀ`` on tensor cores together
+with the sum of squares, then ``1/r``, α, b, σ, 2σ and the whole Sinkhorn-Knopp iteration in
+registers. The kernel keeps ``m = m̂/r`` (n² + 2n values a token) and ``1/r`` for the backward.
+
+Backward, two kernels:
+
+1. per token (reads only the saved m and the output gradients): σ' and the Sinkhorn backward,
+   which replays the iteration on-chip and walks it in reverse (step q's input is recomputed from
+   the start, O(t_max²) small steps, nothing stored), giving ``dm̂`` and the 1/r coefficient;
+   α and b gradients are reduced per program and summed over programs by torch (deterministic).
+2. per block of channels: ``dx = dm̂ @ fn + c_t·x`` and ``dfn = dm̂ᵀ @ x`` from one read of x;
+   each program owns its columns of dfn for a fixed run of tokens (no atomics: deterministic).
+
+Precision (see ``_precision.py``): the products run on bf16 tensor cores with fp32 operands split
+into bf16 parts: fn into hi + lo (~16 bits; a bf16 x is exact, an fp16/fp32 x is split too), the
+backward's fp32 gradients into two or three parts. Nothing goes through one-pass TF32.
+
+Packed column layouts used inside the kernels (``fn`` itself stays in DeepSeek-V4's layout):
+    pp  [16]:   column p < 8 is pre stream p, column 8 + i is post stream i (padding masked)
+    res [NP²]:  column i·NP + j is H_res[i, j] (paper orientation), i.e. fn row 2n + j·n + i
+Legend: T tokens, n streams, NP = max(4, n padded to a power of two), K = n·C.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchmhc.kernels._common import channel_block, interpreting, next_pow2, num_sms
+from torchmhc.kernels._precision import MODE_FMA, dot_f32_bf16, precision_mode, split2
+
+__all__ = [
+    "coefficients_fwd",
+    "coefficients_bwd",
+    "coefficients_bwd_tokens",
+    "coefficients_bwd_x",
+    "coefficients_op",
+    "PP",
+]
+
+#: Width of the packed [pre | post] block (8 slots each: n <= 8).
+PP = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Column maps and small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pp_rows(N: tl.constexpr):
+    """Packed pre/post column -> (fn row, valid, is_pre)."""
+    p = tl.arange(0, 16)
+    is_pre = p < 8
+    row = tl.where(is_pre, p, N + p - 8)
+    valid = tl.where(is_pre, p < N, p - 8 < N)
+    return row, valid, is_pre
+
+
+@triton.jit
+def _res_rows(N: tl.constexpr, NP: tl.constexpr):
+    """Packed H_res column i·NP + j -> (fn row of comb[j, i], valid)."""
+    p = tl.arange(0, NP * NP)
+    i = p // NP
+    j = p % NP
+    return 2 * N + j * N + i, (i < N) & (j < N)
+
+
+@triton.jit
+def _dot_fn(x, fn_ptrs, lo_ptrs, mask, acc, MODE: tl.constexpr):
+    """acc += x @ fn-tile. MODE_FMA: fp32 fn at ``fn_ptrs``. Else ``fn_ptrs``/``lo_ptrs`` hold fn's
+    bf16 hi and lo parts (split once by the launcher: no conversions in the loop, 4 bytes a value);
+    a bf16 x is exact, an fp16/fp32 x is split in two: 2 or 3 bf16 tensor-core products."""
+    w = tl.load(fn_ptrs, mask=mask, other=0.0)
+    if MODE == 0:
+        acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    elif MODE == 1:
+        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, tl.load(lo_ptrs, mask=mask, other=0.0), acc)
+    else:
+        x_hi, x_lo = split2(x.to(tl.float32))
+        acc = tl.dot(x_hi, w, acc)
+        acc = tl.dot(x_hi, tl.load(lo_ptrs, mask=mask, other=0.0), acc)
+        acc = tl.dot(x_lo, w, acc)
+    return acc
+
+
+@triton.jit
+def _dot_dm_fn(dm, w_hi, w_lo, acc, MODE: tl.constexpr):
+    """acc += dm @ fn-tile, both fp32 (w_hi holds fn itself in MODE_FMA): 3 bf16 products, ~16 bits."""
+    if MODE == 0:
+        acc = tl.dot(dm, w_hi, acc, input_precision="ieee")
+    else:
+        d_hi, d_lo = split2(dm)
+        acc = tl.dot(d_hi, w_hi, acc)
+        acc = tl.dot(d_hi, w_lo, acc)
+        acc = tl.dot(d_lo, w_hi, acc)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp in registers on [BT, NP, NP] tiles (axis 1 = destination i, axis 2 = source j)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sk_softmax(logits, valid):
+    """Max-shifted softmax over axis 1 (columns); padding gets exactly 0, never NaN."""
+    lg = tl.where(valid, logits, -1e30)
+    e = tl.exp(lg - tl.max(lg, axis=1)[:, None, :])
+    return tl.where(valid, e / tl.sum(e, axis=1)[:, None, :], 0.0)
+
+
+@triton.jit
+def _sk_step(v, q, eps):
+    """Normalization step q: even q divides rows (sum over axis 2), odd q columns (axis 1)."""
+    if q % 2 == 0:
+        v = v / (tl.sum(v, axis=2)[:, :, None] + eps)
+    else:
+        v = v / (tl.sum(v, axis=1)[:, None, :] + eps)
+    return v
+
+
+@triton.jit
+def _sk_step_bwd(v, g, q, valid, eps):
+    """Gradient through step q given its input v: y = v/(Σv+ε)  =>  dv = (g − Σ(g·y))/(Σv+ε).
+
+    Padding entries are constants (always 0): their gradient is dropped, else a padded column would
+    be divided by ε again at every step and overflow."""
+    # (distinct names per branch: compiled Triton needs a variable to keep one shape across branches)
+    if q % 2 == 0:
+        den_row = tl.sum(v, axis=2)[:, :, None] + eps
+        g = (g - tl.sum(g * (v / den_row), axis=2)[:, :, None]) / den_row
+    else:
+        den_col = tl.sum(v, axis=1)[:, None, :] + eps
+        g = (g - tl.sum(g * (v / den_col), axis=1)[:, None, :]) / den_col
+    return tl.where(valid, g, 0.0)
+
+
+@triton.jit
+def _sinkhorn_fwd(logits, valid, eps, ITERS: tl.constexpr):
+    """V4 convention: softmax over columns, +ε, then 2·ITERS − 1 alternating row/column steps."""
+    v = tl.where(valid, _sk_softmax(logits, valid) + eps, 0.0)
+    for q in range(2 * ITERS - 1):
+        v = _sk_step(v, q, eps)
+    return v
+
+
+@triton.jit
+def _sinkhorn_bwd(logits, valid, g, eps, ITERS: tl.constexpr):
+    """d logits from dH, replaying the forward: step q's input is recomputed from the start."""
+    p = _sk_softmax(logits, valid)
+    v0 = tl.where(valid, p + eps, 0.0)
+    g = tl.where(valid, g, 0.0)
+    for r in range(2 * ITERS - 1):
+        q = 2 * ITERS - 2 - r
+        v = v0
+        s = 0
+        while s < q:
+            v = _sk_step(v, s, eps)
+            s += 1
+        g = _sk_step_bwd(v, g, q, valid, eps)
+    # +ε is additive; softmax over axis 1: dℓ = (g − Σ(g·p))·p
+    return (g - tl.sum(g * p, axis=1)[:, None, :]) * p
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def coef_epilogue(
+    acc_pp, acc_res, sumsq, toks, tmask, scale_ptr, base_ptr, hpre_ptr, hpost_ptr, hres_ptr, mpp_ptr, mres_ptr,
+    rinv_ptr, eps, rms_eps, post_scale,
+    K: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+):  # fmt: skip
+    """From the projections ``acc_pp [BT, 16]``, ``acc_res [BT, NP²]`` and ``Σx² [BT]`` of BT tokens:
+    stores the saved m and 1/r, then H_pre, H_post and H_res (shared with the fused post-res pass)."""
+    pp = tl.arange(0, 16)
+    rr = tl.arange(0, NP * NP)
+    pp_row, pp_valid, is_pre = _pp_rows(N)
+    res_row, res_valid = _res_rows(N, NP)
+    # m = m̂ · rsqrt(mean(x²) + ε_rms)
+    rinv = tl.rsqrt(sumsq / K + rms_eps)
+    m_pp = acc_pp * rinv[:, None]
+    m_res = acc_res * rinv[:, None]
+    tl.store(rinv_ptr + toks, rinv, mask=tmask)
+    tl.store(mpp_ptr + toks[:, None] * 16 + pp[None, :], m_pp, mask=tmask[:, None])
+    tl.store(mres_ptr + toks[:, None] * (NP * NP) + rr[None, :], m_res, mask=tmask[:, None])
+
+    # H_pre = σ(α_pre·m + b) + ε, H_post = post_scale·σ(α_post·m + b)
+    alpha = tl.where(is_pre, tl.load(scale_ptr), tl.load(scale_ptr + 1))
+    b_pp = tl.load(base_ptr + pp_row, mask=pp_valid, other=0.0)
+    sig = tl.sigmoid(alpha[None, :] * m_pp + b_pp[None, :])
+    h = tl.where(is_pre[None, :], sig + eps, post_scale * sig)
+    tl.store(hpre_ptr + toks[:, None] * N + pp[None, :], h, mask=tmask[:, None] & (is_pre & pp_valid)[None, :])
+    tl.store(
+        hpost_ptr + toks[:, None] * N + (pp - 8)[None, :], h, mask=tmask[:, None] & (~is_pre & pp_valid)[None, :]
+    )
+
+    # H_res = Sinkhorn(α_res·m + b) in paper orientation
+    b_res = tl.load(base_ptr + res_row, mask=res_valid, other=0.0)
+    logits = tl.reshape(tl.load(scale_ptr + 2) * m_res + b_res[None, :], (BT, NP, NP))
+    ii = tl.arange(0, NP)[None, :, None]
+    jj = tl.arange(0, NP)[None, None, :]
+    valid = (ii < N) & (jj < N)
+    hres = _sinkhorn_fwd(logits, valid, eps, ITERS)
+    t3 = toks[:, None, None]
+    tl.store(hres_ptr + t3 * (N * N) + ii * N + jj, hres, mask=valid & tmask[:, None, None])
+
+
+@triton.jit
+def _coef_fwd_kernel(
+    x_ptr,  # [T, K] stream dtype
+    fn_ptr,  # [n²+2n, K] fp32 (MODE_FMA), else its bf16 hi part
+    fnlo_ptr,  # [n²+2n, K] bf16 lo part (unused in MODE_FMA)
+    scale_ptr,  # [3] fp32
+    base_ptr,  # [n²+2n] fp32
+    hpre_ptr,  # [T, n] fp32 out
+    hpost_ptr,  # [T, n] fp32 out
+    hres_ptr,  # [T, n, n] fp32 out
+    mpp_ptr,  # [T, 16] fp32 out (saved m, packed)
+    mres_ptr,  # [T, NP²] fp32 out (saved m, packed)
+    rinv_ptr,  # [T] fp32 out (saved 1/r)
+    T,
+    eps,
+    rms_eps,
+    post_scale,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    MODE: tl.constexpr,
+):
+    # grid (cdiv(T, BT),): BT tokens per program, K (= n·C, a compile-time constant) in BK chunks
+    toks = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = toks < T
+    toks = toks.to(tl.int64)
+    pp_row, pp_valid, _ = _pp_rows(N)
+    res_row, res_valid = _res_rows(N, NP)
+
+    acc_pp = tl.zeros([BT, 16], dtype=tl.float32)
+    acc_res = tl.zeros([BT, NP * NP], dtype=tl.float32)
+    sumsq = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + toks[:, None] * K + ks[None, :], mask=tmask[:, None], other=0.0)
+        xf = x.to(tl.float32)
+        sumsq += tl.sum(xf * xf, axis=1)
+        off_pp = pp_row[None, :] * K + ks[:, None]  # fnᵀ tiles [BK, 16] and [BK, NP²]
+        off_res = res_row[None, :] * K + ks[:, None]
+        acc_pp = _dot_fn(x, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_valid[None, :], acc_pp, MODE)
+        acc_res = _dot_fn(x, fn_ptr + off_res, fnlo_ptr + off_res, res_valid[None, :], acc_res, MODE)
+
+    coef_epilogue(
+        acc_pp, acc_res, sumsq, toks, tmask, scale_ptr, base_ptr, hpre_ptr, hpost_ptr, hres_ptr, mpp_ptr, mres_ptr,
+        rinv_ptr, eps, rms_eps, post_scale, K, N, NP, ITERS, BT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _coef_bwd_token_kernel(
+    mpp_ptr,  # [T, 16] fp32 saved m
+    mres_ptr,  # [T, NP²] fp32 saved m
+    rinv_ptr,  # [T] fp32 saved 1/r
+    scale_ptr,
+    base_ptr,
+    dhpre_ptr,  # [T, n] fp32
+    dhpost_ptr,  # [T, n] fp32
+    dhres_ptr,  # [T, n, n] fp32
+    dmpp_ptr,  # [T, 16] fp32 out: dL/dm̂ (packed)
+    dmres_ptr,  # [T, NP²] fp32 out
+    cx_ptr,  # [T] fp32 out: coefficient of x in dx (from 1/r)
+    dbase_ptr,  # [programs, n²+2n] fp32 out: per-program partial sums
+    dscale_ptr,  # [programs, 4] fp32 out: per-program partial sums (3 used)
+    T,
+    eps,
+    post_scale,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BT: tl.constexpr,
+):
+    # grid (cdiv(T, BT),): BT tokens per program; touches only O(n²) values per token
+    pid = tl.program_id(0)
+    toks = pid * BT + tl.arange(0, BT)
+    tmask = toks < T
+    toks = toks.to(tl.int64)
+    pp = tl.arange(0, 16)
+    rr = tl.arange(0, NP * NP)
+    pp_row, pp_valid, is_pre = _pp_rows(N)
+    res_row, res_valid = _res_rows(N, NP)
+    s0 = tl.load(scale_ptr)
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+
+    rinv = tl.load(rinv_ptr + toks, mask=tmask, other=0.0)
+    m_pp = tl.load(mpp_ptr + toks[:, None] * 16 + pp[None, :], mask=tmask[:, None], other=0.0)
+    m_res = tl.load(mres_ptr + toks[:, None] * (NP * NP) + rr[None, :], mask=tmask[:, None], other=0.0)
+
+    # pre / post: σ' (the ε of H_pre is additive)
+    alpha = tl.where(is_pre, s0, s1)
+    b_pp = tl.load(base_ptr + pp_row, mask=pp_valid, other=0.0)
+    sig = tl.sigmoid(alpha[None, :] * m_pp + b_pp[None, :])
+    gmask = tmask[:, None] & pp_valid[None, :]
+    g_pre = tl.load(dhpre_ptr + toks[:, None] * N + pp[None, :], mask=gmask & is_pre[None, :], other=0.0)
+    g_post = tl.load(dhpost_ptr + toks[:, None] * N + (pp - 8)[None, :], mask=gmask & ~is_pre[None, :], other=0.0)
+    dz = (g_pre + post_scale * g_post) * sig * (1.0 - sig)  # d(pre/post logit), 0 on padding
+    dm_pp = dz * alpha[None, :]
+
+    # res: Sinkhorn backward on [BT, NP, NP]
+    b_res = tl.load(base_ptr + res_row, mask=res_valid, other=0.0)
+    logits = tl.reshape(s2 * m_res + b_res[None, :], (BT, NP, NP))
+    ii = tl.arange(0, NP)[None, :, None]
+    jj = tl.arange(0, NP)[None, None, :]
+    valid = (ii < N) & (jj < N)
+    g_res = tl.load(dhres_ptr + toks[:, None, None] * (N * N) + ii * N + jj, mask=valid & tmask[:, None, None], other=0.0)
+    dl = tl.reshape(_sinkhorn_bwd(logits, valid, g_res, eps, ITERS), (BT, NP * NP))
+    dm_res = dl * s2
+
+    # m = m̂·(1/r): dm̂ = dm/r; d(1/r) = Σ dm·m̂ = r·Σ dm·m; d(1/r)/dx = −(1/r)³·x/K
+    dot_mm = tl.sum(dm_pp * m_pp, axis=1) + tl.sum(dm_res * m_res, axis=1)
+    tl.store(cx_ptr + toks, -dot_mm * rinv * rinv / K, mask=tmask)
+    tl.store(dmpp_ptr + toks[:, None] * 16 + pp[None, :], dm_pp * rinv[:, None], mask=tmask[:, None])
+    tl.store(dmres_ptr + toks[:, None] * (NP * NP) + rr[None, :], dm_res * rinv[:, None], mask=tmask[:, None])
+
+    # α and b: partial sums over this program's tokens (padding tokens contribute exact zeros)
+    dsc_pre = tl.sum(tl.sum(tl.where(is_pre[None, :], dz * m_pp, 0.0), axis=1), axis=0)
+    dsc_post = tl.sum(tl.sum(tl.where(is_pre[None, :], 0.0, dz * m_pp), axis=1), axis=0)
+    dsc_res = tl.sum(tl.sum(dl * m_res, axis=1), axis=0)
+    tl.store(dscale_ptr + pid * 4, dsc_pre)
+    tl.store(dscale_ptr + pid * 4 + 1, dsc_post)
+    tl.store(dscale_ptr + pid * 4 + 2, dsc_res)
+    R: tl.constexpr = N * N + 2 * N
+    tl.store(dbase_ptr + pid * R + pp_row, tl.sum(dz, axis=0), mask=pp_valid)
+    tl.store(dbase_ptr + pid * R + res_row, tl.sum(dl, axis=0), mask=res_valid)
+
+
+@triton.jit
+def _coef_bwd_x_kernel(
+    x_ptr,  # [T, K] stream dtype
+    fn_ptr,  # [n²+2n, K] fp32
+    dmpp_ptr,  # [T, 16] fp32
+    dmres_ptr,  # [T, NP²] fp32
+    cx_ptr,  # [T] fp32
+    add_ptr,  # [T, K] stream dtype: a gradient to add into dx when ADD (else unused)
+    dx_ptr,  # [T, K] stream dtype out
+    dfn_ptr,  # [groups, n²+2n, K] fp32 out: partial sums per token group
+    T,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    TILES: tl.constexpr,
+    MODE: tl.constexpr,
+    ADD: tl.constexpr,
+):
+    # grid (K // BK, groups): the program owns columns [kb·BK, +BK) for TILES·BT consecutive tokens,
+    # so x is read once for both products and dfn needs no atomics
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    group = tl.program_id(1)
+    pp = tl.arange(0, 16)
+    rr = tl.arange(0, NP * NP)
+    pp_row, pp_valid, is_pre = _pp_rows(N)
+    res_row, res_valid = _res_rows(N, NP)
+    # fnᵀ tiles [16, BK] / [NP², BK], resident for the whole token loop
+    w_pp = tl.load(fn_ptr + pp_row[:, None] * K + ks[None, :], mask=pp_valid[:, None], other=0.0)
+    w_res = tl.load(fn_ptr + res_row[:, None] * K + ks[None, :], mask=res_valid[:, None], other=0.0)
+    if MODE != 0:  # bf16 parts, split once for the whole token loop
+        w_pp, w_pp_lo = split2(w_pp)
+        w_res, w_res_lo = split2(w_res)
+    else:
+        w_pp_lo = w_pp
+        w_res_lo = w_res
+    dfn_pp = tl.zeros([16, BK], dtype=tl.float32)
+    dfn_res = tl.zeros([NP * NP, BK], dtype=tl.float32)
+    for it in range(TILES):
+        toks = (group * TILES + it) * BT + tl.arange(0, BT)
+        tmask = toks < T
+        toks = toks.to(tl.int64)
+        offs = toks[:, None] * K + ks[None, :]
+        x = tl.load(x_ptr + offs, mask=tmask[:, None], other=0.0)
+        dm_pp = tl.load(dmpp_ptr + toks[:, None] * 16 + pp[None, :], mask=tmask[:, None], other=0.0)
+        dm_res = tl.load(dmres_ptr + toks[:, None] * (NP * NP) + rr[None, :], mask=tmask[:, None], other=0.0)
+        cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)
+        dx = cx[:, None] * x.to(tl.float32)
+        dx = _dot_dm_fn(dm_pp, w_pp, w_pp_lo, dx, MODE)
+        dx = _dot_dm_fn(dm_res, w_res, w_res_lo, dx, MODE)
+        if ADD:  # the stream's other gradient, summed here instead of in a separate pass
+            dx += tl.load(add_ptr + offs, mask=tmask[:, None], other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
+        dfn_pp = dot_f32_bf16(tl.trans(dm_pp), x, dfn_pp, MODE)
+        dfn_res = dot_f32_bf16(tl.trans(dm_res), x, dfn_res, MODE)
+    R: tl.constexpr = N * N + 2 * N
+    base = dfn_ptr + group * R * K
+    tl.store(base + pp_row[:, None] * K + ks[None, :], dfn_pp, mask=pp_valid[:, None])
+    tl.store(base + res_row[:, None] * K + ks[None, :], dfn_res, mask=res_valid[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _np(n: int) -> int:
+    # tl.dot needs every dimension >= 16, so the NP x NP res block is at least 4 x 4
+    return max(4, next_pow2(n))
+
+
+def empty_coefficient_outputs(x: Tensor) -> tuple[Tensor, ...]:
+    """Uninitialized ``(h_pre, h_post, h_res, m_pp, m_res, rinv)`` fp32 for ``x [T, n, C]``: what the
+    forward launchers write and the fake impls return."""
+    t, n, _ = x.shape
+    np_ = _np(n)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    shapes = ((t, n), (t, n), (t, n, n), (t, PP), (t, np_ * np_), (t,))
+    return tuple(torch.empty(shape, **f32) for shape in shapes)
+
+
+def _token_block(default: int) -> int:
+    # the CPU interpreter pays per element: smallest tile tl.dot accepts
+    return 16 if interpreting() else default
+
+
+def coefficients_fwd(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    iters: int,
+    eps: float,
+    rms_eps: float,
+    post_scale: float,
+    *,
+    block_t: int = 64,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launcher. ``x [T, n, C]`` contiguous (bf16/fp16/fp32, C % 64 == 0, n <= 8),
+    ``fn [n²+2n, n·C]``, ``scale [3]``, ``base [n²+2n]`` fp32 contiguous
+    -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], m_pp [T, 16], m_res [T, NP²], rinv [T])``,
+    all fp32; the last three are what the backward needs. The keyword arguments are tile sizes
+    (tokens and channels per step; ``block_k`` defaults to 128 for 16-bit streams and 64 for fp32,
+    whose staged tiles would not fit in shared memory) and launch options."""
+    t, n, c = x.shape
+    k = n * c
+    np_ = _np(n)
+    h_pre, h_post, h_res, m_pp, m_res, rinv = empty_coefficient_outputs(x)
+    if t == 0:
+        return h_pre, h_post, h_res, m_pp, m_res, rinv
+    bt = _token_block(block_t)
+    mode = precision_mode(x)
+    fn_hi = fn if mode == MODE_FMA else fn.to(torch.bfloat16)
+    fn_lo = fn if mode == MODE_FMA else (fn - fn_hi.float()).to(torch.bfloat16)
+    _coef_fwd_kernel[(triton.cdiv(t, bt),)](
+        x, fn_hi, fn_lo, scale, base, h_pre, h_post, h_res, m_pp, m_res, rinv, t, eps, rms_eps, post_scale,
+        K=k, N=n, NP=np_, ITERS=iters, BT=bt, BK=channel_block(k, block_k or (64 if x.dtype == torch.float32 else 128)),
+        MODE=mode, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return h_pre, h_post, h_res, m_pp, m_res, rinv
+
+
+def coefficients_bwd_tokens(
+    m_pp: Tensor,
+    m_res: Tensor,
+    rinv: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    dh_pre: Tensor,
+    dh_post: Tensor,
+    dh_res: Tensor,
+    k: int,
+    iters: int,
+    eps: float,
+    post_scale: float,
+    *,
+    block_t: int | None = None,
+    num_warps: int = 4,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launcher of backward step 1 (σ' and Sinkhorn backward; reads O(n²) values a token).
+    Saved ``m_pp [T, 16]``, ``m_res [T, NP²]``, ``rinv [T]``; ``dh_pre``/``dh_post [T, n]``,
+    ``dh_res [T, n, n]`` fp32; ``k`` = n·C; ``block_t`` tokens per program (default 64, 32 for n > 4)
+    -> ``(dm_pp [T, 16], dm_res [T, NP²], cx [T], dscale [3], dbase [n²+2n])`` fp32."""
+    t, n = dh_pre.shape
+    np_ = _np(n)
+    dev = m_pp.device
+    bt = _token_block(block_t or (64 if n <= 4 else 32))
+    progs = triton.cdiv(t, bt)
+    dm_pp = torch.empty((t, PP), dtype=torch.float32, device=dev)
+    dm_res = torch.empty((t, np_ * np_), dtype=torch.float32, device=dev)
+    cx = torch.empty((t,), dtype=torch.float32, device=dev)
+    dbase_part = torch.empty((progs, n * n + 2 * n), dtype=torch.float32, device=dev)
+    dscale_part = torch.empty((progs, 4), dtype=torch.float32, device=dev)
+    _coef_bwd_token_kernel[(progs,)](
+        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, dm_pp, dm_res, cx, dbase_part, dscale_part,
+        t, eps, post_scale, K=k, N=n, NP=np_, ITERS=iters, BT=bt, num_warps=num_warps,
+    )  # fmt: skip
+    # fixed-order sums over programs: deterministic
+    return dm_pp, dm_res, cx, dscale_part[:, :3].sum(0), dbase_part.sum(0)
+
+
+def coefficients_bwd_x(
+    x: Tensor,
+    fn: Tensor,
+    dm_pp: Tensor,
+    dm_res: Tensor,
+    cx: Tensor,
+    *,
+    block_t: int = 32,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    add: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
+    ``dm_pp``, ``dm_res``, ``cx`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
+    ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into dx in the same pass."""
+    t, n, c = x.shape
+    k = n * c
+    dx = torch.empty_like(x)
+    bt = _token_block(block_t)
+    # a power of two dividing K (K is a multiple of 64); smaller for fp32 tiles (shared memory) and
+    # for n > 4 (the NP² = 64 gradient tiles spill registers at 256)
+    block_k = channel_block(k, block_k or (256 if x.dtype != torch.float32 and n <= 4 else 128))
+    k_blocks = k // block_k
+    t_blocks = triton.cdiv(t, bt)
+    # enough programs for two waves; TILES is rounded to a power of two so it recompiles rarely
+    groups_wanted = max(1, (2 * num_sms(x.device)) // k_blocks)
+    tiles = next_pow2(triton.cdiv(t_blocks, groups_wanted))
+    groups = triton.cdiv(t_blocks, tiles)
+    dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
+    _coef_bwd_x_kernel[(k_blocks, groups)](
+        x, fn, dm_pp, dm_res, cx, x if add is None else add, dx, dfn_part, t,
+        K=k, N=n, NP=_np(n), BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x), ADD=add is not None,
+        num_warps=num_warps, num_stages=3,
+    )  # fmt: skip
+    return dx, (dfn_part[0] if groups == 1 else dfn_part.sum(0))
+
+
+def coefficients_bwd(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    m_pp: Tensor,
+    m_res: Tensor,
+    rinv: Tensor,
+    dh_pre: Tensor,
+    dh_post: Tensor,
+    dh_res: Tensor,
+    iters: int,
+    eps: float,
+    post_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launcher. The forward's inputs and saved ``(m_pp, m_res, rinv)``, and the fp32 gradients
+    ``dh_pre [T, n]``, ``dh_post [T, n]``, ``dh_res [T, n, n]`` (contiguous)
+    -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C], dscale [3], dbase [n²+2n])`` fp32 parameters' grads."""
+    t, n, c = x.shape
+    if t == 0:
+        return torch.empty_like(x), torch.zeros_like(fn), torch.zeros_like(scale), torch.zeros_like(base)
+    dm_pp, dm_res, cx, dscale, dbase = coefficients_bwd_tokens(
+        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, n * c, iters, eps, post_scale
+    )
+    dx, dfn = coefficients_bwd_x(x, fn, dm_pp, dm_res, cx)
+    return dx, dfn, dscale, dbase
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("torchmhc::mhc_coefficients", mutates_args=())
+def coefficients_op(
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, rms_eps: float, post_scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``x [T, n, C]`` -> ``(h_pre, h_post, h_res, m_pp, m_res, rinv)``; see :func:`coefficients_fwd`."""
+    return coefficients_fwd(x, fn, scale, base, iters, eps, rms_eps, post_scale)
+
+
+@coefficients_op.register_fake
+def _(x, fn, scale, base, iters, eps, rms_eps, post_scale):
+    return empty_coefficient_outputs(x)
+
+
+@torch.library.custom_op("torchmhc::mhc_coefficients_backward", mutates_args=())
+def _coefficients_backward_op(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    m_pp: Tensor,
+    m_res: Tensor,
+    rinv: Tensor,
+    dh_pre: Tensor,
+    dh_post: Tensor,
+    dh_res: Tensor,
+    iters: int,
+    eps: float,
+    post_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return coefficients_bwd(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale)
+
+
+@_coefficients_backward_op.register_fake
+def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale):
+    return torch.empty_like(x), torch.empty_like(fn), torch.empty_like(scale), torch.empty_like(base)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, fn, scale, base, iters, eps, _rms_eps, post_scale = inputs
+    _, _, _, m_pp, m_res, rinv = output
+    ctx.save_for_backward(x, fn, scale, base, m_pp, m_res, rinv)
+    ctx.config = (iters, eps, post_scale)
+
+
+def _grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
+    x, fn, scale, base, m_pp, m_res, rinv = ctx.saved_tensors
+    iters, eps, post_scale = ctx.config
+    t, n, _ = x.shape
+    like_pre = rinv.new_empty((t, n))
+    dx, dfn, dscale, dbase = _coefficients_backward_op(
+        x, fn, scale, base, m_pp, m_res, rinv,
+        _grad_or_zeros(d_pre, like_pre), _grad_or_zeros(d_post, like_pre),
+        _grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,
+    )  # fmt: skip
+    # one gradient per input: (x, fn, scale, base, iters, eps, rms_eps, post_scale)
+    return dx, dfn, dscale, dbase, None, None, None, None
+
+
+coefficients_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,259 @@
+"""Chooses between the fused Triton kernels and the reference math of ``torchmhc.functional``.
+
+Mode, from the innermost :func:`use_kernels` block, else the ``TORCHMHC_KERNELS`` environment
+variable (read at each call), else ``"auto"``:
+
+- ``"auto"``: kernels for CUDA tensors whose shapes they handle, the reference otherwise.
+- ``"triton"``: kernels wherever they can run: CUDA tensors, or any tensors under Triton's CPU
+  interpreter (``TRITON_INTERPRET=1``, how CI tests the kernels); a CPU tensor without the
+  interpreter is an error. Shapes the kernels do not handle still take the reference.
+- ``"reference"``: always the plain-PyTorch reference.
+
+Shapes the kernels handle: n <= 8 streams, C a multiple of 64, bf16/fp16/fp32 streams, fp32
+coefficients and parameters (fp64 inputs, used by gradient checks, take the reference), the
+Sinkhorn manifold. The kernels use no atomics: results are deterministic run to run.
+
+The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
+``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
+made while tracing (guarded on the mode); the custom ops then appear in the graph (fake impls give
+their shapes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from torchmhc import functional as ref
+from torchmhc.kernels._common import CHANNEL_MULTIPLE, MAX_STREAMS, flatten_tokens, interpreting, unflatten_tokens
+
+__all__ = [
+    "KernelMode",
+    "kernel_mode",
+    "use_kernels",
+    "triton_available",
+    "mhc_coefficients",
+    "pre_mix",
+    "post_res",
+    "post_res_coefficients",
+]
+
+KernelMode = Literal["auto", "triton", "reference"]
+_MODES = ("auto", "triton", "reference")
+ENV_VAR = "TORCHMHC_KERNELS"
+_STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The use_kernels() override: a plain module value rather than a ContextVar, because torch.compile
+# can read (and guard on) a global but cannot trace ContextVar.get; a compiled function is
+# re-traced when the mode it was traced under changes.
+_override: str | None = None
+
+
+def _check_mode(mode: object, where: str) -> KernelMode:
+    if mode not in _MODES:
+        raise ValueError(f"{where} must be one of {', '.join(_MODES)}; got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def kernel_mode() -> KernelMode:
+    """The mode in force: innermost :func:`use_kernels`, else ``$TORCHMHC_KERNELS``, else ``"auto"``."""
+    if _override is not None:
+        return _override  # type: ignore[return-value]
+    return _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextmanager
+def use_kernels(mode: KernelMode) -> Iterator[None]:
+    """Forces ``mode`` (``"auto" | "triton" | "reference"``) inside the ``with`` block; overrides
+    the environment variable. Process-wide while the block runs (not per thread)."""
+    global _override
+    previous, _override = _override, _check_mode(mode, "mode")
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def triton_available() -> bool:
+    """True when Triton is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: Tensor, supported: bool) -> bool:
+    mode = kernel_mode()
+    if mode == "reference" or not supported:
+        return False
+    if x.device.type == "cuda":
+        if mode == "triton" and not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed (pip install torchmhc[triton])")
+        return triton_available()
+    if mode == "auto":
+        return False
+    if not interpreting():
+        raise RuntimeError(
+            f"{ENV_VAR}=triton needs CUDA tensors or Triton's CPU interpreter (TRITON_INTERPRET=1); "
+            f"got tensors on {x.device}"
+        )
+    return True
+
+
+def _streams_supported(x: Tensor, *coefficients: Tensor) -> bool:
+    n, c = x.shape[-2:]
+    return (
+        1 <= n <= MAX_STREAMS
+        and c % CHANNEL_MULTIPLE == 0
+        and x.dtype in _STREAM_DTYPES
+        and all(t.dtype == torch.float32 for t in coefficients)
+    )
+
+
+def mhc_coefficients(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    rms_eps: float = 1e-6,
+    post_scale: float = 2.0,
+    manifold: ref.ResidualProjection | None = None,
+) -> ref.Coefficients:
+    """:func:`torchmhc.functional.mhc_coefficients`, fused on the GPU for the Sinkhorn manifold.
+
+    Args:
+        x: streams ``[..., n, C]`` (bf16/fp16/fp32).
+        fn: ``[n*n + 2n, n*C]`` fp32, rows [pre | post | res (comb, [source, destination])].
+        scale: ``[3]`` fp32 (α_pre, α_post, α_res). base: ``[n*n + 2n]`` fp32.
+        iters, eps, rms_eps, post_scale, manifold: as in the reference. The kernels handle
+            ``manifold=None`` and a V4-convention ``manifolds.Sinkhorn`` whose eps equals ``eps``
+            (its ``iters`` is used); other manifolds take the reference.
+
+    Returns:
+        ``Coefficients(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32, paper orientation.
+    """
+    if manifold is not None:
+        from torchmhc.manifolds import Sinkhorn
+
+        if not (isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps):
+            return ref.mhc_coefficients(
+                x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
+            )
+        iters = manifold.iters
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
+    n, c = x.shape[-2:]
+    rows = n * n + 2 * n
+    shapes_ok = (
+        isinstance(fn, Tensor) and tuple(fn.shape) == (rows, n * c)
+        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
+        and isinstance(base, Tensor) and tuple(base.shape) == (rows,)
+    )  # fmt: skip
+    # anything malformed goes to the reference, whose checks name the offending argument
+    if not (shapes_ok and _use_triton(x, _streams_supported(x, fn, scale, base))):
+        return ref.mhc_coefficients(x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if not (fn.device == scale.device == base.device == x.device):
+        raise ValueError(f"fn, scale and base must be on x's device {x.device}")
+    from torchmhc.kernels.coefficients_op import coefficients_op
+
+    lead = x.shape[:-2]
+    h_pre, h_post, h_res, *_saved = coefficients_op(
+        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
+        iters, float(eps), float(rms_eps), float(post_scale),
+    )  # fmt: skip
+    return ref.Coefficients(unflatten_tokens(h_pre, lead), unflatten_tokens(h_post, lead), unflatten_tokens(h_res, lead))
+
+
+def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
+    """:func:`torchmhc.functional.pre_mix`, fused on the GPU: ``x [..., n, C]``, ``h_pre [..., n]``
+    fp32 -> ``[..., C]`` in x.dtype."""
+    ok = isinstance(x, Tensor) and x.dim() >= 2 and isinstance(h_pre, Tensor) and h_pre.shape == x.shape[:-1]
+    if not (ok and x.device == h_pre.device and _use_triton(x, _streams_supported(x, h_pre))):
+        return ref.pre_mix(x, h_pre)
+    from torchmhc.kernels.pre_mix_op import pre_mix_op
+
+    return unflatten_tokens(pre_mix_op(flatten_tokens(x, 2), flatten_tokens(h_pre, 1)), x.shape[:-2])
+
+
+def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """:func:`torchmhc.functional.post_res`, fused on the GPU: ``x [..., n, C]``, ``f_out [..., C]``,
+    ``h_post [..., n]``, ``h_res [..., n, n]`` fp32 -> ``[..., n, C]`` in x.dtype."""
+    ok = (
+        isinstance(x, Tensor) and x.dim() >= 2
+        and isinstance(f_out, Tensor) and f_out.shape == x.shape[:-2] + x.shape[-1:]
+        and f_out.dtype in _STREAM_DTYPES
+        and isinstance(h_post, Tensor) and h_post.shape == x.shape[:-1]
+        and isinstance(h_res, Tensor) and h_res.shape == x.shape[:-1] + x.shape[-2:-1]
+        and x.device == f_out.device == h_post.device == h_res.device
+    )  # fmt: skip
+    if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res))):
+        return ref.post_res(x, f_out, h_post, h_res)
+    from torchmhc.kernels.post_res_op import post_res_op
+
+    out = post_res_op(flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2))
+    return unflatten_tokens(out, x.shape[:-2])
+
+
+def post_res_coefficients(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    rms_eps: float = 1e-6,
+    post_scale: float = 2.0,
+) -> tuple[Tensor, ref.Coefficients]:
+    """Sub-layer l's post-res and sub-layer l+1's coefficients in one pass over the streams.
+
+    Same result as ``x_next = post_res(x, f_out, h_post, h_res)`` followed by
+    ``mhc_coefficients(x_next, fn, scale, base, ...)``, with x_next never read back (see
+    ``post_res_coefficients_op.py``).
+
+    Args:
+        x: streams of sub-layer l ``[..., n, C]``; f_out: its branch output ``[..., C]``;
+            h_post ``[..., n]``, h_res ``[..., n, n]``: its coefficients (fp32).
+        fn, scale, base, iters, eps, rms_eps, post_scale: sub-layer l+1's, as in :func:`mhc_coefficients`.
+
+    Returns:
+        ``(x_next [..., n, C] in x.dtype, Coefficients of sub-layer l+1)``.
+    """
+    ok = (
+        isinstance(x, Tensor) and x.dim() >= 2
+        and isinstance(f_out, Tensor) and f_out.shape == x.shape[:-2] + x.shape[-1:] and f_out.dtype in _STREAM_DTYPES
+        and isinstance(h_post, Tensor) and h_post.shape == x.shape[:-1]
+        and isinstance(h_res, Tensor) and h_res.shape == x.shape[:-1] + x.shape[-2:-1]
+        and isinstance(fn, Tensor) and tuple(fn.shape) == (x.shape[-2] ** 2 + 2 * x.shape[-2], x.shape[-2] * x.shape[-1])
+        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
+        and isinstance(base, Tensor) and tuple(base.shape) == (fn.shape[0],)
+        and len({t.device for t in (x, f_out, h_post, h_res, fn, scale, base)}) == 1
+        and not isinstance(iters, bool) and isinstance(iters, int) and iters >= 1
+    )  # fmt: skip
+    if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res, fn, scale, base))):
+        x_next = ref.post_res(x, f_out, h_post, h_res)
+        coefficients = ref.mhc_coefficients(
+            x_next, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale
+        )
+        return x_next, coefficients
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_op
+
+    lead = x.shape[:-2]
+    x_next, h_pre2, h_post2, h_res2, *_saved = post_res_coefficients_op(
+        flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
+        fn.contiguous(), scale.contiguous(), base.contiguous(), iters, float(eps), float(rms_eps), float(post_scale),
+    )  # fmt: skip
+    coefficients = ref.Coefficients(
+        unflatten_tokens(h_pre2, lead), unflatten_tokens(h_post2, lead), unflatten_tokens(h_res2, lead)
+    )
+    return unflatten_tokens(x_next, lead), coefficients

@@ -1,0 +1,85 @@
+"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10).
+
+Importing this module turns on Triton's CPU interpreter when there is no CUDA device, so that the
+kernels run (slowly) on CPU tensors in CI. The kernel modules are imported lazily by the dispatch,
+after this has run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: fp32 coefficient math against an fp64 reference (SPEC §10)
+FP32_TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def streams(t: int, n: int, c: int, dtype: torch.dtype, device: str = DEVICE) -> Tensor:
+    """Random streams ``[t, n, c]`` (never zeros: they hide unwritten outputs)."""
+    return torch.randn(t, n, c, device=device).to(dtype)
+
+
+def mhc_params(n: int, c: int, device: str = DEVICE) -> tuple[Tensor, Tensor, Tensor]:
+    """fn ``[n²+2n, nC]``, scale ``[3]``, base ``[n²+2n]`` fp32, scaled so that logits have std ~1-3."""
+    rows = n * n + 2 * n
+    fn = torch.randn(rows, n * c, device=device) / (n * c) ** 0.5
+    scale = torch.rand(3, device=device) + 0.5
+    base = torch.randn(rows, device=device)
+    return fn, scale, base
+
+
+def _for_reference(t: Tensor) -> Tensor:
+    # fp32 becomes fp64 (the reference then computes in fp64); low-precision streams stay as they are
+    out = t.detach().double() if t.dtype == torch.float32 else t.detach().clone()
+    return out.requires_grad_(t.requires_grad)
+
+
+def _assert_close(
+    actual: Tensor, expected: Tensor, what: str, fp32_tol: dict, lowp_tol: dict | None, norm_tol: float | None
+) -> None:
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if norm_tol is not None:
+        err = ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+        assert err < norm_tol, f"{what}: relative error {err:.2e} >= {norm_tol:.0e}"
+    elif actual.dtype in (torch.bfloat16, torch.float16):
+        tol = lowp_tol or {}
+        torch.testing.assert_close(actual, expected.to(actual.dtype), **tol, msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(actual.double(), expected.double(), **fp32_tol, msg=lambda m: f"{what}: {m}")
+
+
+def check_fwd_bwd(
+    kernel: Callable[..., Tensor | Sequence[Tensor]],
+    reference: Callable[..., Tensor | Sequence[Tensor]],
+    inputs: Sequence[Tensor],
+    *,
+    fp32_tol: dict = FP32_TOL,
+    grad_tol: dict | None = None,
+    lowp_tol: dict | None = None,
+    norm_tol: float | None = None,
+) -> None:
+    """Runs ``kernel`` and ``reference`` forward and backward on the same inputs and compares every
+    output and every input gradient: fp32 against fp64 with ``fp32_tol`` (``grad_tol`` for
+    gradients), bf16/fp16 with ``lowp_tol`` (default: torch's bf16/fp16 tolerances); with
+    ``norm_tol``, every tensor by its relative error ‖a − e‖ / ‖e‖ instead."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref_leaves = [_for_reference(t) for t in leaves]
+    out = kernel(*leaves)
+    out = [out] if isinstance(out, Tensor) else list(out)
+    ref_out = reference(*ref_leaves)
+    ref_out = [ref_out] if isinstance(ref_out, Tensor) else list(ref_out)
+    grads = [torch.randn(o.shape, device=o.device).to(o.dtype) for o in out]
+    d_in = torch.autograd.grad(out, leaves, grads)
+    d_ref = torch.autograd.grad(ref_out, ref_leaves, [g.to(r.dtype) for g, r in zip(grads, ref_out)])
+    for i, (a, e) in enumerate(zip(out, ref_out)):
+        _assert_close(a, e, f"output {i}", fp32_tol, lowp_tol, norm_tol)
+    for i, (a, e) in enumerate(zip(d_in, d_ref)):
+        _assert_close(a, e, f"gradient of input {i}", grad_tol or fp32_tol, lowp_tol, norm_tol)

@@ -1,0 +1,63 @@
+"""Coefficient kernels (``torchmhc.kernels.coefficients_op``) against ``torchmhc.functional.mhc_coefficients``."""
+
+import pytest
+import torch
+from kernel_cases import check_fwd_bwd, mhc_params, streams
+
+from torchmhc import functional as ref
+from torchmhc.kernels import mhc_coefficients, use_kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64)])
+def test_coefficients_match_reference(n, c, dtype):
+    x = streams(7, n, c, dtype)
+    with use_kernels("triton"):
+        check_fwd_bwd(mhc_coefficients, ref.mhc_coefficients, [x, *mhc_params(n, c)])
+
+
+def test_coefficients_other_hyperparameters():
+    x = streams(5, 4, 64, torch.float32).view(1, 5, 4, 64)
+
+    def kernel(*args):
+        return mhc_coefficients(*args, iters=7, eps=1e-4, rms_eps=1e-3, post_scale=1.5)
+
+    def reference(*args):
+        return ref.mhc_coefficients(*args, iters=7, eps=1e-4, rms_eps=1e-3, post_scale=1.5)
+
+    with use_kernels("triton"):
+        check_fwd_bwd(kernel, reference, [x, *mhc_params(4, 64)])
+
+
+def test_coefficients_finite_for_extreme_logits():
+    # logits of order 1e4: the max-shifted softmax must give exact zeros, never NaN/Inf
+    x = streams(5, 4, 64, torch.float32)
+    fn, scale, base = mhc_params(4, 64)
+    base = base * 1e4
+    with use_kernels("triton"):
+        check_fwd_bwd(mhc_coefficients, ref.mhc_coefficients, [x, fn, scale, base], grad_tol=dict(rtol=1e-4, atol=1e-4))
+
+
+def test_coefficients_are_deterministic():
+    x = streams(7, 4, 64, torch.float32).requires_grad_()
+    params = [p.requires_grad_() for p in mhc_params(4, 64)]
+    runs = []
+    with use_kernels("triton"):
+        for _ in range(2):
+            out = mhc_coefficients(x, *params)
+            loss = sum((o * (i + 1)).sum() for i, o in enumerate(out))
+            runs.append([*out, *torch.autograd.grad(loss, [x, *params])])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_coefficients_op_schema_fake_and_autograd():
+    from torchmhc.kernels.coefficients_op import coefficients_op
+
+    x = streams(5, 2, 64, torch.float32).requires_grad_()
+    params = [p.requires_grad_() for p in mhc_params(2, 64)]
+    torch.library.opcheck(
+        coefficients_op,
+        (x, *params, 20, 1e-6, 1e-6, 2.0),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -1,0 +1,114 @@
+"""Dispatch between kernels and reference (``torchmhc.kernels.dispatch``), the module path, and
+torch.compile over the custom ops."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, check_fwd_bwd, mhc_params, streams
+
+import torchmhc
+from torchmhc import functional as ref
+from torchmhc.kernels import dispatch, kernel_mode, mhc_coefficients, post_res, pre_mix, use_kernels
+
+
+def _forbid_reference(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the reference ran where the kernels should have")
+
+    for name in ("mhc_coefficients", "pre_mix", "post_res"):
+        monkeypatch.setattr(dispatch.ref, name, boom)
+
+
+def test_mode_precedence(monkeypatch):
+    monkeypatch.setenv("TORCHMHC_KERNELS", "reference")
+    assert kernel_mode() == "reference"
+    with use_kernels("triton"):
+        assert kernel_mode() == "triton"
+        with use_kernels("auto"):
+            assert kernel_mode() == "auto"
+    assert kernel_mode() == "reference"
+
+
+def test_bad_modes_raise_value_error(monkeypatch):
+    with pytest.raises(ValueError, match="mode"):
+        with use_kernels("fast"):
+            pass
+    monkeypatch.setenv("TORCHMHC_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="TORCHMHC_KERNELS"):
+        kernel_mode()
+
+
+def test_triton_mode_runs_the_kernels(monkeypatch):
+    _forbid_reference(monkeypatch)
+    x = streams(3, 4, 64, torch.float32)
+    fn, scale, base = mhc_params(4, 64)
+    with use_kernels("triton"):
+        h_pre, h_post, h_res = mhc_coefficients(x, fn, scale, base)
+        post_res(x, pre_mix(x, h_pre), h_post, h_res)
+
+
+def test_reference_mode_and_unsupported_shapes_take_the_reference(monkeypatch):
+    _forbid_reference(monkeypatch)
+    x = streams(3, 4, 64, torch.float32)
+    with use_kernels("reference"), pytest.raises(AssertionError, match="reference ran"):
+        pre_mix(x, torch.rand(3, 4, device=DEVICE))
+    odd = streams(3, 4, 48, torch.float32)  # C not a multiple of 64
+    with use_kernels("triton"), pytest.raises(AssertionError, match="reference ran"):
+        pre_mix(odd, torch.rand(3, 4, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_auto_mode_on_cpu_takes_the_reference(monkeypatch):
+    _forbid_reference(monkeypatch)
+    with use_kernels("auto"), pytest.raises(AssertionError, match="reference ran"):
+        pre_mix(streams(3, 4, 64, torch.float32), torch.rand(3, 4))
+
+
+def test_malformed_input_gets_the_reference_error():
+    with use_kernels("triton"), pytest.raises(ValueError, match="h_pre"):
+        pre_mix(streams(3, 4, 64, torch.float32), torch.rand(3, 5, device=DEVICE))
+
+
+def test_hyper_connection_module_uses_kernels():
+    torch.manual_seed(0)
+    hc = torchmhc.HyperConnection(64, n=4).to(DEVICE)
+    with torch.no_grad():  # non-trivial coefficients
+        hc.fn.normal_(0, 0.05)
+        hc.base.normal_()
+        hc.scale.fill_(0.7)
+    x = streams(5, 4, 64, torch.float32)
+
+    def run(mode):
+        with use_kernels(mode):
+            return hc(x, torch.tanh)
+
+    out_k, out_r = run("triton"), run("reference")
+    torch.testing.assert_close(out_k, out_r, rtol=1e-5, atol=2e-5)
+    g_k = torch.autograd.grad(run("triton").sum(), list(hc.parameters()))
+    g_r = torch.autograd.grad(run("reference").sum(), list(hc.parameters()))
+    for a, b in zip(g_k, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_traces_the_custom_ops():
+    x = streams(5, 2, 64, torch.float32).requires_grad_()
+    fn, scale, base = mhc_params(2, 64)
+
+    def sublayer(x_):
+        h_pre, h_post, h_res = mhc_coefficients(x_, fn, scale, base)
+        return post_res(x_, pre_mix(x_, h_pre), h_post, h_res)
+
+    with use_kernels("triton"):
+        compiled = torch.compile(sublayer, backend="aot_eager", fullgraph=True)
+        check_fwd_bwd(compiled, lambda x_: sublayer_ref(x_, fn, scale, base), [x])
+
+
+def sublayer_ref(x, fn, scale, base):
+    p = [t.double() for t in (fn, scale, base)]
+    h_pre, h_post, h_res = ref.mhc_coefficients(x, *p)
+    return ref.post_res(x, ref.pre_mix(x, h_pre), h_post, h_res)
+
+
+def test_triton_mode_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_kernels("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        pre_mix(streams(3, 4, 64, torch.float32, device="cpu"), torch.rand(3, 4))

@@ -1,0 +1,73 @@
+"""The kernels at real shapes on a CUDA device (skipped without one): accuracy against an fp64
+reference with the TF32-GEMM tolerances of SPEC §10, bf16 tolerances for bf16 outputs, and
+bitwise run-to-run determinism."""
+
+import pytest
+import torch
+from kernel_cases import check_fwd_bwd, mhc_params, streams
+
+from torchmhc import functional as ref
+from torchmhc.kernels import mhc_coefficients, post_res, pre_mix, use_kernels
+
+pytestmark = pytest.mark.gpu
+
+GEMM_TOL = dict(rtol=1e-3, atol=1e-3)
+GEMM_GRAD_TOL = dict(rtol=1e-3, atol=3e-2)
+# bf16 dx of the projection: one TF32 product with cancellation against the 1/r term, then rounding
+GEMM_BF16_TOL = dict(rtol=1.6e-2, atol=1e-3)
+SHAPES = [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", SHAPES)
+def test_gpu_coefficients(t, n, c, dtype):
+    with use_kernels("triton"):
+        check_fwd_bwd(
+            mhc_coefficients, ref.mhc_coefficients, [streams(t, n, c, dtype), *mhc_params(n, c)],
+            fp32_tol=GEMM_TOL, grad_tol=GEMM_GRAD_TOL, lowp_tol=GEMM_BF16_TOL,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", SHAPES)
+def test_gpu_mixes(t, n, c, dtype):
+    x = streams(t, n, c, dtype)
+    f_out = torch.randn(t, c, device="cuda").to(dtype)
+    h_pre, h_post, h_res = torch.rand(t, n, device="cuda"), 2 * torch.rand(t, n, device="cuda"), torch.rand(t, n, n, device="cuda")
+    with use_kernels("triton"):
+        check_fwd_bwd(pre_mix, ref.pre_mix, [x, h_pre], grad_tol=GEMM_TOL)
+        check_fwd_bwd(post_res, ref.post_res, [x, f_out, h_post, h_res], grad_tol=GEMM_TOL)
+
+
+def test_gpu_sublayer_deterministic():
+    x = streams(4096, 4, 1024, torch.bfloat16).requires_grad_()
+    params = [p.requires_grad_() for p in mhc_params(4, 1024)]
+    runs = []
+    with use_kernels("triton"):
+        for _ in range(2):
+            h_pre, h_post, h_res = mhc_coefficients(x, *params)
+            layer_in = pre_mix(x, h_pre)
+            out = post_res(x, layer_in, h_post, h_res)
+            runs.append([out, *torch.autograd.grad(out.float().square().sum(), [x, *params])])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280)])
+def test_gpu_post_res_coefficients(t, n, c):
+    from torchmhc.kernels import post_res_coefficients
+
+    x = streams(t, n, c, torch.bfloat16)
+    f_out = torch.randn(t, c, device="cuda").to(torch.bfloat16)
+    h_post, h_res = 2 * torch.rand(t, n, device="cuda"), torch.rand(t, n, n, device="cuda") / n
+
+    def fused(*args):
+        x_next, coefficients = post_res_coefficients(*args)
+        return (x_next, *coefficients)
+
+    def composed(x_, f_, hp, hr, fn, scale, base):
+        x_next = ref.post_res(x_, f_, hp, hr)
+        return (x_next, *ref.mhc_coefficients(x_next, fn, scale, base))
+
+    with use_kernels("triton"):
+        check_fwd_bwd(fused, composed, [x, f_out, h_post, h_res, *mhc_params(n, c)], norm_tol=1e-2)
