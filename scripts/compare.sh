@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv train,plots
+# PyTorch's OpenMP threads otherwise spin while waiting for a busy core (2-11x slower steps).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec .venv/bin/torchmhc compare "$@"

@@ -43,7 +43,7 @@ def residual_kinds() -> tuple[str, ...]:
 # (docs/init_study.md).
 Init = Literal["uniform", "identity", "onehot"]
 INITS = ("uniform", "identity", "onehot")
-DEFAULT_INIT: Init = "identity"
+DEFAULT_INIT: Init = "onehot"
 
 CoefficientHook = Callable[["HyperConnection", Tensor, Coefficients], None]
 

@@ -1,0 +1,117 @@
+"""``torchmhc`` command line: ``compare``, ``train`` and ``bench``.
+
+    torchmhc compare                          # tiny preset on the CPU: residual vs HC vs mHC
+    torchmhc compare --preset stress          # HC's gain blow-up vs mHC
+    torchmhc train --preset tiny --set model.residual=hc --set train.steps=100
+    torchmhc train --config my.toml --resume  # continue from the run's latest checkpoint
+    torchmhc bench                            # kernel benchmarks (benchmarks/kernels.py)
+"""
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from torchmhc.config import CompareConfig, RunConfig, list_presets, load_config
+from torchmhc.report import run_compare
+from torchmhc.train import CheckpointError, NonFiniteLossError, train
+
+__all__ = ["main"]
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=None,
+                        help=f"named preset from configs/ (default: {default_preset}); one of: "
+                             f"{', '.join(list_presets()) or 'none found'}")
+    source.add_argument("--config", type=Path, default=None, help="path to a TOML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace, default_preset: str) -> RunConfig:
+    source = args.config if args.config is not None else (args.preset or default_preset)
+    try:
+        return load_config(source, args.overrides)
+    except TypeError as exc:  # a wrongly typed value in the file or an override: a user error
+        raise ValueError(str(exc)) from exc
+
+
+def _compare(args: argparse.Namespace) -> int:
+    cfg = _load(args, "tiny")
+    compare = cfg.compare
+    if args.variants:
+        compare = CompareConfig(tuple(v.strip() for v in args.variants.split(",")), compare.report_dir)
+    if args.out:
+        compare = CompareConfig(compare.variants, str(args.out))
+    index = run_compare(replace(cfg, compare=compare), progress=not args.quiet, command=_command(args.argv))
+    print(f"report: {index}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _load(args, "tiny")
+    resume = args.resume_from if args.resume_from is not None else args.resume
+    result = train(cfg, resume=resume, progress=not args.quiet)
+    print(f"run: {result.out_dir}")
+    return 0
+
+
+def _bench(bench_args: list[str]) -> int:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    if not script.is_file():
+        print(f"torchmhc bench: {script} not found (benchmarks ship with the source checkout).", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *bench_args])
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as a user would type it again (shown in the report)."""
+    return "torchmhc " + " ".join(shlex.quote(a) for a in argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchmhc", description="Manifold-Constrained Hyper-Connections for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="train residual / HC / mHC side by side and write a report")
+    _add_config_args(p, "tiny")
+    p.add_argument("--variants", default=None, help="comma-separated variants (default from the preset: residual,hc,mhc)")
+    p.add_argument("--out", type=Path, default=None, help="report directory (default from the preset: report)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("train", help="train one model")
+    _add_config_args(p, "tiny")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT_DIR",
+                   help="continue from this checkpoint directory")
+    p.set_defaults(func=_train)
+
+    # Listed for --help only: main() hands every argument after "bench" to the script untouched.
+    sub.add_parser("bench", help="run the kernel benchmarks (benchmarks/kernels.py; arguments pass through)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchmhc`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, CheckpointError, NonFiniteLossError) as exc:
+        # User mistakes and a diverged run: a sentence, not a traceback.
+        print(f"torchmhc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torchmhc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""A GPT-style decoder whose every sub-layer sits inside a hyper-connection.
+
+Notable features:
+- pre-norm sub-layers (RMSNorm inside the branch), rotary position embeddings, causal attention
+  through ``scaled_dot_product_attention``, SwiGLU feed-forward or a DeepSeek-V3-style MoE;
+- attention and FFN are separate sub-layers, each wrapped by its own
+  ``torchmhc.HyperConnection`` (2 per block, ``layer_index`` 0 .. 2L-1), so ``residual=`` switches
+  the whole model between a plain residual, HC, mHC and the other manifolds;
+- the embedding enters the ``n`` residual streams by ``expand_streams`` (copied, SPEC §7) and
+  leaves through ``StreamHead``; the plain residual uses a single stream.
+
+Legend: B batch, T sequence, V vocab, C model dim (one stream), n streams, h heads, d head dim.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchmhc.config import ModelConfig
+from torchmhc.layers import HyperConnection, StreamHead, expand_streams
+from torchmhc.models.moe import MoE, SwiGLU
+
+__all__ = ["GPT", "Block", "Attention"]
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of rotary embeddings, each ``[max_seq_len, head_dim / 2]`` fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (first half, second half) of ``x [B, h, T, d]`` by position."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, h, T, d/2] each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def isolated_rng(offset: int) -> Iterator[None]:
+    """Run a block of parameter initialization on its own CPU random stream.
+
+    Hyper-connection parameters exist in some variants and not in others; drawing them from a
+    separate stream (seeded from the run seed + ``offset``) leaves every other weight identical
+    across ``residual=`` variants with the same seed, so a comparison changes only the connection.
+    """
+    seed = torch.initial_seed() + 1_000_003 * (offset + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % 2**63)
+        yield
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE: ``[B, T, C] -> [B, T, C]`` (no norm inside)."""
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.dim // cfg.num_heads
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        nn.init.normal_(self.wqkv.weight, std=0.02)
+        nn.init.normal_(self.wo.weight, std=out_std)
+        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Derived from the config: not saved in checkpoints.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=-1)  # [B, T, C] each
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, h, T, d]
+        cos, sin = self.cos[:T], self.sin[:T]  # [T, d/2]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, T, d]
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
+
+
+class Block(nn.Module):
+    """One transformer block = two sub-layers, each inside its own hyper-connection.
+
+    ``x [B, T, n, C] -> [B, T, n, C]``; the branches see one mixed stream ``[B, T, C]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        n = cfg.effective_num_streams
+        # GPT-2's depth scaling of the output projections keeps the residual sum's variance flat.
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        hc_kwargs = {"init": cfg.hc_init} if cfg.hc_init else {}
+        with isolated_rng(2 * index):
+            self.attn_hc = HyperConnection(cfg.dim, n, cfg.residual, layer_index=2 * index, **hc_kwargs)
+        with isolated_rng(2 * index + 1):
+            self.ffn_hc = HyperConnection(cfg.dim, n, cfg.residual, layer_index=2 * index + 1, **hc_kwargs)
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg, out_std=out_std)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
+        if cfg.arch == "moe":
+            self.ffn = MoE(
+                cfg.dim,
+                num_experts=cfg.num_experts,
+                num_shared_experts=cfg.num_shared_experts,
+                top_k=cfg.top_k,
+                hidden=cfg.effective_expert_hidden,
+                bias_rate=cfg.router_bias_rate,
+                out_std=out_std,
+            )
+        else:
+            self.ffn = SwiGLU(cfg.dim, cfg.effective_ffn_hidden, out_std=out_std)
+
+    def attn_branch(self, h: Tensor) -> Tensor:
+        """Sub-layer F of the attention hyper-connection: ``[B, T, C] -> [B, T, C]``."""
+        return self.attn(self.attn_norm(h))
+
+    def ffn_branch(self, h: Tensor) -> Tensor:
+        """Sub-layer F of the FFN hyper-connection: ``[B, T, C] -> [B, T, C]``."""
+        return self.ffn(self.ffn_norm(h))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.attn_hc(x, self.attn_branch)  # [B, T, n, C]
+        x = self.ffn_hc(x, self.ffn_branch)  # [B, T, n, C]
+        return x
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: token ids ``[B, T]`` -> logits ``[B, T, V]``.
+
+    ``cfg.residual`` and ``cfg.num_streams`` choose the residual connection (see
+    :class:`torchmhc.config.ModelConfig`); ``cfg.arch = "moe"`` swaps the FFNs for MoE layers.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_streams = cfg.effective_num_streams
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        # With one stream there is nothing to merge; the head is the identity on stream 0.
+        with isolated_rng(2 * cfg.num_layers):
+            self.stream_head = StreamHead(cfg.dim, self.num_streams) if self.num_streams > 1 else None
+        self.norm = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """``idx`` int64 ``[B, T]`` (T <= max_seq_len) -> logits ``[B, T, V]`` (fp32 on CPU)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape [B, T], got {list(idx.shape)}.")
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"idx has sequence length {idx.shape[1]} > model max_seq_len {self.cfg.max_seq_len}."
+            )
+        x = expand_streams(self.tok_emb(idx), self.num_streams)  # [B, T, n, C]
+        for block in self.blocks:
+            x = block(x)  # [B, T, n, C]
+        h = self.stream_head(x) if self.stream_head is not None else x[..., 0, :]  # [B, T, C]
+        return self.lm_head(self.norm(h))  # [B, T, V]
+
+    def hyper_connections(self) -> list[HyperConnection]:
+        """The 2L hyper-connections in sub-layer order (attention, FFN, attention, ...)."""
+        return [hc for block in self.blocks for hc in (block.attn_hc, block.ffn_hc)]
+
+    def update_router_bias(self) -> None:
+        """Balance MoE routing once per optimizer step (no-op for the dense model)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.update_router_bias()
+
+    def num_params(self) -> int:
+        """Number of parameters (a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,628 @@
+"""Training loop: ``train`` -> ``train_step``, evaluation, metrics and atomic checkpoints.
+
+What a run writes under its ``out_dir``::
+
+    config.json                 the resolved RunConfig
+    metrics.jsonl               one JSON object per logged step ({"kind": "train", ...}) and per
+                                evaluation ({"kind": "eval", ...})
+    summary.json                final numbers (written when the run ends)
+    checkpoints/latest          name of the newest complete checkpoint directory
+    checkpoints/step_000300/    model.safetensors, optimizer.safetensors, state.json
+
+A checkpoint directory is written under a temporary name and renamed into place, and
+``latest`` is replaced atomically afterwards, so an interrupted save never leaves a checkpoint
+that looks complete but is not; ``state.json`` records a SHA-256 of each file, checked on load.
+Training batches are a pure function of ``(seed, step)`` (``torchmhc.data``) and the learning
+rate a pure function of the step, so on the CPU a resumed run is bit-identical to one that never
+stopped (with the same number of threads: reductions split differently give other roundings).
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchmhc.config import OptimConfig, RunConfig, config_to_dict
+from torchmhc.data import TokenData, bits_per_byte, load_data
+from torchmhc.layers import HyperConnection, StreamHead
+from torchmhc.models import GPT, build_model
+
+__all__ = [
+    "NonFiniteLossError",
+    "CheckpointError",
+    "RunResult",
+    "train",
+    "train_step",
+    "evaluate",
+    "learning_rate",
+    "build_optimizer",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+]
+
+_CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/Inf and ``train.on_nonfinite = "stop"``."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, optimizer, schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def require(module: str, extra: str) -> None:
+    """Fail before any work starts when an optional dependency is missing (ImportError naming the fix)."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"this needs the optional package {module!r}: pip install 'torchmhc[{extra}]'")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; other names are checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'.")
+    return device
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``dtype`` "auto" or "bf16"); plain fp32 otherwise."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only.
+
+    Not decayed: norms and other 1-D parameters, and every parameter of the hyper-connections
+    and the stream head: their static parts are the mixing matrices themselves (HC's H_res starts
+    at I), and decaying them toward 0 would change the connection being compared, not regularize.
+    """
+    no_decay_modules = [m for m in model.modules() if isinstance(m, (HyperConnection, StreamHead))]
+    no_decay = {id(p) for m in no_decay_modules for p in m.parameters()}
+    decay, other = [], []
+    for p in model.parameters():  # deduplicated: a tied head appears once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in no_decay else other).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    # foreach=False: one code path on every device keeps CPU runs bit-reproducible across resumes.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule.
+
+    "step" is the mHC paper's recipe: constant, multiplied by ``step_gamma`` at each milestone
+    (fractions of ``total_steps``); "cosine" decays to ``min_lr_ratio * lr``.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        passed = sum(step >= m * total_steps for m in cfg.step_milestones)
+        return cfg.lr * cfg.step_gamma**passed
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step, evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports."""
+
+    loss: float
+    grad_norm: float  # global norm before clipping
+    lr: float
+    skipped: bool  # non-finite loss/gradients and on_nonfinite = "skip"
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def train_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lr: float,
+    grad_clip: float,
+    on_nonfinite: str,
+    autocast: contextlib.AbstractContextManager,
+    step: int,
+) -> StepStats:
+    """Forward, backward, non-finite guard, clip, AdamW step, MoE router-bias update.
+
+    Args:
+        batch: inputs and targets, int64 ``[B, T]`` each, on the model's device.
+        grad_clip: max global gradient norm; 0 = no clipping (the norm is still measured).
+        on_nonfinite: "stop" raises :class:`NonFiniteLossError` before the optimizer touches the
+            weights; "skip" drops this step's gradients and reports ``skipped=True``.
+    """
+    x, y = batch
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss = _loss(model, x, y)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    loss_value = float(loss.detach())
+
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        model.update_router_bias()  # discards the loads counted in this step's forward
+        if on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}. "
+                f"The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
+                f"or set train.on_nonfinite=skip to skip such steps.",
+                step=step,
+            )
+        return StepStats(loss_value, grad_norm, lr, skipped=True)
+
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_router_bias()
+    return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: GPT,
+    data: TokenData,
+    *,
+    num_batches: int,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> float:
+    """Mean validation cross-entropy (nats/token) over the first ``num_batches`` fixed val batches."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(num_batches):
+        x, y = data.get_batch("val", i, batch_size=batch_size, seq_len=seq_len, seed=0)
+        with autocast:
+            total += float(_loss(model, x.to(device), y.to(device)))
+    model.train(was_training)
+    return total / num_batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint of a run directory, or None if it has none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    return pointer.parent / pointer.read_text().strip()
+
+
+def save_checkpoint(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 1
+) -> Path:
+    """Write ``run_dir/checkpoints/step_<step>/`` atomically and point ``latest`` at it.
+
+    Args:
+        state: JSON-serializable training state; must contain ``"step"`` (optimizer steps done).
+        keep: how many step directories to keep (older ones are deleted after the new one is live).
+
+    Returns:
+        The checkpoint directory.
+    """
+    from safetensors.torch import save_file, save_model
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state['step']:06d}"
+    tmp = root / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    save_model(model, str(tmp / "model.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors = {
+        f"state.{index}.{key}": value.detach().cpu().contiguous()
+        for index, entry in opt_state["state"].items()
+        for key, value in entry.items()
+    }
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}
+    meta = {
+        "format": _CHECKPOINT_FORMAT,
+        **state,
+        "param_groups": opt_state["param_groups"],
+        "files": files,
+    }
+    _fsync_write(tmp / "state.json", json.dumps(meta, indent=2))
+
+    final = root / name
+    if final.exists():  # re-saving the same step (e.g. after a stop): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_write(root / ".latest.tmp", name)
+    os.replace(root / ".latest.tmp", root / "latest")
+
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint directory into ``model`` (and ``optimizer``), restore the RNG state.
+
+    Returns:
+        The saved training state (``step``, ``tokens``, ...).
+
+    Raises:
+        CheckpointError: missing files, a checksum mismatch, or tensors that do not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r} (state.json is missing).")
+    try:
+        meta = json.loads(state_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: state.json is not valid JSON ({exc}).") from exc
+    if meta.get("format") != _CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}, expected {_CHECKPOINT_FORMAT}.")
+    for name, digest in meta["files"].items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing.")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {name} does not match its SHA-256 in state.json.")
+
+    device = next(model.parameters()).device
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    except (RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {exc}") from exc
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    if optimizer is not None:
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, index, name = key.split(".", 2)
+                per_param.setdefault(int(index), {})[name] = value
+        try:
+            optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit this model: {exc}") from exc
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return {k: v for k, v in meta.items() if k not in ("format", "files", "param_groups")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+
+
+class _SavedActivationMeter:
+    """Bytes of tensors autograd saves for backward during one forward (distinct storages).
+
+    On the CPU PyTorch has no allocator statistics; weights + gradients + AdamW state + these
+    saved activations estimate the peak of a training step.
+    """
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def _state_bytes(model: nn.Module) -> int:
+    # fp32 weights, gradients and AdamW's two moments: 4 copies of every parameter.
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """Outcome of :func:`train`.
+
+    ``summary`` holds the final numbers: ``steps``, ``train_loss`` (mean of the last 10 logged
+    steps), ``val_loss``, ``val_bpb``, ``tokens_per_s``, ``peak_memory_bytes``,
+    ``peak_memory_kind`` ("cuda" measured / "estimate" on CPU), ``stopped`` (None or the reason).
+    """
+
+    config: RunConfig
+    out_dir: Path
+    model: GPT
+    data: TokenData
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool | str | Path = False,
+    progress: bool = True,
+    desc: str | None = None,
+    data: TokenData | None = None,
+    eval_hook: Callable[[GPT], dict[str, Any]] | None = None,
+) -> RunResult:
+    """Train one model as ``cfg`` says; write metrics, checkpoints and a summary to ``cfg.out_dir``.
+
+    Args:
+        resume: False starts fresh (an existing ``metrics.jsonl`` is overwritten); True continues
+            from ``cfg.out_dir``'s latest checkpoint; a path continues from that checkpoint dir.
+        progress: show a tqdm bar (loss, tokens/s, ETA) on stderr.
+        desc: label of the progress bar (defaults to the run name).
+        data: an already opened corpus (``torchmhc compare`` shares one between variants).
+        eval_hook: called with the model (in eval mode, no grad) at every evaluation; the
+            JSON-serializable dict it returns is merged into that evaluation's metrics row.
+
+    Raises:
+        NonFiniteLossError: with ``train.on_nonfinite = "stop"``; a checkpoint of the last good
+            weights is written first and named in the error.
+        CheckpointError: ``resume`` asked for a checkpoint that is missing or corrupt.
+        ImportError: safetensors or tqdm (the ``train`` extra) is not installed.
+    """
+    require("safetensors", "train")
+    require("tqdm", "train")
+    tc, dc = cfg.train, cfg.data
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = resolve_device(tc.device)
+    autocast = autocast_context(device, tc.dtype)
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+    data = data if data is not None else load_data(dc, progress=progress)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the corpus has token ids up to {data.vocab_size - 1} but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}."
+        )
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+
+    start_step, tokens_seen, train_time, skipped = 0, 0, 0.0, 0
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume:
+        ckpt = latest_checkpoint(out_dir) if resume is True else Path(resume)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {str(out_dir / 'checkpoints')!r}.")
+        state = load_checkpoint(ckpt, model, optimizer)
+        start_step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time_s"]
+        skipped = state["skipped_steps"]
+        if start_step >= tc.steps:
+            raise ValueError(
+                f"the checkpoint {str(ckpt)!r} is at step {start_step}, and train.steps is {tc.steps}: "
+                f"nothing to resume; raise train.steps to train further."
+            )
+    rows = _read_metrics(metrics_path, start_step) if resume else []
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    meter = _SavedActivationMeter()
+    tokens_per_step = dc.batch_size * dc.seq_len
+
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "tokens": tokens_seen, "train_time_s": train_time, "skipped_steps": skipped,
+                 # Batches are a pure function of (seed, step): the step is the data position.
+                 "data_position": step}
+        return save_checkpoint(out_dir, model, optimizer, state, keep=tc.keep_checkpoints)
+
+    def log(row: dict[str, Any]) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval(step: int) -> dict[str, Any]:
+        val_loss = evaluate(
+            model, data, num_batches=tc.eval_batches, batch_size=dc.batch_size,
+            seq_len=dc.seq_len, device=device, autocast=autocast,
+        )
+        row = {"kind": "eval", "step": step, "val_loss": val_loss,
+               "val_bpb": bits_per_byte(val_loss, data.bytes_per_token)}
+        if eval_hook is not None:
+            model.eval()
+            with torch.no_grad():
+                row.update(eval_hook(model))
+            model.train()
+        evals.append(row)
+        log(row)
+        return row
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start_step, desc=desc or cfg.name, disable=not progress,
+               unit="step", dynamic_ncols=True, leave=True)
+    stopped = None
+    if start_step == 0 and tc.eval_interval:
+        run_eval(0)  # the starting point of the validation and gain curves
+    try:
+        for step in range(start_step, tc.steps):
+            x, y = data.get_batch("train", step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed)
+            t0 = time.perf_counter()
+            # Measure saved activations on the first step of this process only (it is not free).
+            with meter.context() if step == start_step else contextlib.nullcontext():
+                stats = train_step(
+                    model, optimizer, (x.to(device), y.to(device)),
+                    lr=learning_rate(step, tc.steps, cfg.optim), grad_clip=cfg.optim.grad_clip,
+                    on_nonfinite=tc.on_nonfinite, autocast=autocast, step=step,
+                )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_seen += tokens_per_step
+            skipped += stats.skipped
+            done = step + 1
+            if done % tc.log_interval == 0 or done == tc.steps:
+                row = {"kind": "train", "step": done, "loss": stats.loss, "grad_norm": stats.grad_norm,
+                       "lr": stats.lr, "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
+                       "skipped": stats.skipped}
+                history.append(row)
+                log(row)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_seen / train_time:,.0f}", refresh=False)
+            bar.update(1)
+            if tc.eval_interval and done % tc.eval_interval == 0 and done < tc.steps:
+                row = run_eval(done)
+                if progress:
+                    bar.write(f"{desc or cfg.name}: step {done} val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}")
+            if tc.checkpoint_interval and done % tc.checkpoint_interval == 0 and done < tc.steps:
+                checkpoint(done)
+    except NonFiniteLossError as exc:
+        # The failed step did not touch the weights: what the model holds now is the last good state.
+        exc.checkpoint = checkpoint(exc.step)
+        exc.args = (f"{exc.args[0]} Last good checkpoint: {exc.checkpoint}",)
+        stopped = str(exc)
+        raise
+    finally:
+        bar.close()
+        if stopped is not None:
+            _write_summary(out_dir, _summary(cfg, model, data, history, evals, tokens_seen, train_time,
+                                             device, meter, skipped, stopped))
+
+    final_eval = run_eval(tc.steps)
+    checkpoint(tc.steps)
+    summary = _summary(cfg, model, data, history, evals, tokens_seen, train_time, device, meter, skipped, None)
+    _write_summary(out_dir, summary)
+    if progress:
+        print(f"{desc or cfg.name}: val_loss {final_eval['val_loss']:.4f}, bpb {final_eval['val_bpb']:.3f}, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s -> {out_dir}")
+    return RunResult(cfg, out_dir, model, data, history, evals, summary)
+
+
+def _summary(
+    cfg: RunConfig,
+    model: GPT,
+    data: TokenData,
+    history: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    tokens_seen: int,
+    train_time: float,
+    device: torch.device,
+    meter: _SavedActivationMeter,
+    skipped: int,
+    stopped: str | None,
+) -> dict[str, Any]:
+    """Final numbers of a run (see :class:`RunResult`)."""
+    last = [r["loss"] for r in history[-10:] if math.isfinite(r["loss"])]
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda"
+    else:
+        peak, kind = _state_bytes(model) + meter.nbytes, "estimate"
+    val = evals[-1] if evals else {}
+    return {
+        "name": cfg.name,
+        "residual": cfg.model.residual,
+        "num_streams": model.num_streams,
+        "num_params": model.num_params(),
+        "steps": history[-1]["step"] if history else 0,
+        "tokens": tokens_seen,
+        "train_loss": sum(last) / len(last) if last else math.nan,
+        "val_loss": val.get("val_loss", math.nan),
+        "val_bpb": val.get("val_bpb", math.nan),
+        "tokens_per_s": tokens_seen / train_time if train_time else math.nan,
+        "train_time_s": train_time,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "skipped_steps": skipped,
+        "stopped": stopped,
+        "corpus": data.source,
+    }
+
+
+def _write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = out_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "summary.json")

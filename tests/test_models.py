@@ -1,0 +1,144 @@
+"""The GPT and MoE models: shapes, causality, hyper-connection wiring, grouped expert products."""
+
+import pytest
+import torch
+
+from torchmhc.config import ModelConfig
+from torchmhc.layers import HyperConnection, StreamHead
+from torchmhc.models import GPT, MoE, build_model, grouped_matmul
+
+SMALL = dict(vocab_size=64, dim=32, num_layers=2, num_heads=2, max_seq_len=16, num_experts=4, top_k=2)
+
+
+def _model(residual="mhc", arch="gpt", **kw):
+    return build_model(ModelConfig(residual=residual, arch=arch, **{**SMALL, **kw}))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "moe"])
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc", "mhc-lite"])
+def test_forward_backward_shapes(arch, residual):
+    model = _model(residual, arch)
+    idx = torch.randint(0, 64, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 64) and logits.dtype == torch.float32
+    logits.logsumexp(-1).mean().backward()
+    hcs = model.hyper_connections()
+    assert [hc.layer_index for hc in hcs] == [0, 1, 2, 3]
+    expected_streams = 1 if residual == "residual" else 4
+    assert all(hc.num_streams == expected_streams for hc in hcs)
+    assert (model.stream_head is None) == (residual == "residual")
+    if residual != "residual":  # every hyper-connection parameter takes part in the loss
+        for p in (p for hc in hcs for p in hc.parameters()):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt", "moe"])
+def test_causal(arch):
+    model = _model("mhc", arch).eval()
+    idx = torch.randint(0, 64, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 64
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_variants_share_the_weights_outside_the_connections():
+    models = {}
+    for residual in ("residual", "hc", "mhc"):
+        torch.manual_seed(3)
+        models[residual] = _model(residual)
+    ref = {k: v for k, v in models["residual"].state_dict().items() if "_hc." not in k}
+    for model in models.values():
+        state = model.state_dict()
+        for key, value in ref.items():
+            assert torch.equal(state[key], value), key
+
+
+def test_tied_and_untied_head():
+    tied, untied = _model(tie_embeddings=True), _model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.num_params() - tied.num_params() == 64 * 32
+
+
+def test_hc_init_is_passed_to_every_hyper_connection():
+    model = _model(hc_init="onehot")
+    assert all(hc.init == "onehot" for hc in model.hyper_connections())
+    assert isinstance(model.stream_head, StreamHead)
+    assert all(isinstance(hc, HyperConnection) for hc in model.hyper_connections())
+
+
+def test_bad_input():
+    model = _model()
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(TypeError, match="ModelConfig"):
+        build_model({"dim": 32})
+
+
+def _grouped_reference(x, weight, counts):
+    out, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        out.append(x[start : start + c] @ weight[e])
+        start += c
+    return torch.cat(out)
+
+
+def test_grouped_matmul_matches_per_group_products():
+    counts = torch.tensor([3, 0, 5, 1])  # an empty group on purpose
+    x = torch.randn(9, 6, requires_grad=True)
+    w = torch.randn(4, 6, 7, requires_grad=True)
+    out = grouped_matmul(x, w, counts)
+    ref = _grouped_reference(x, w, counts)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_moe_matches_a_per_token_reference():
+    moe = MoE(8, num_experts=4, num_shared_experts=1, top_k=2, hidden=16, bias_rate=0.01)
+    x = torch.randn(2, 5, 8)
+    out = moe(x)
+    scores = torch.sigmoid(moe.router(x.reshape(-1, 8)))
+    ref = moe.shared(x.reshape(-1, 8))
+    for t in range(10):
+        chosen = torch.topk(scores[t] + moe.router_bias, 2).indices
+        gates = scores[t, chosen] / scores[t, chosen].sum()
+        for e, g in zip(chosen.tolist(), gates):
+            gate, up = (x.reshape(-1, 8)[t] @ moe.w_gate_up[e]).chunk(2)
+            ref[t] = ref[t] + g * (torch.nn.functional.silu(gate) * up) @ moe.w_down[e]
+    torch.testing.assert_close(out, ref.reshape(2, 5, 8))
+
+
+def test_moe_bias_balancing_moves_toward_even_load():
+    moe = MoE(8, num_experts=4, num_shared_experts=0, top_k=1, hidden=16, bias_rate=0.1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1.0  # expert 0 wins for inputs with a positive first channel
+    x = torch.randn(64, 8).abs()
+    moe(x)
+    load = moe.expert_load.clone()
+    assert load[0] == 64
+    moe.update_router_bias()
+    assert moe.router_bias[0] < 0 and (moe.router_bias[1:] > 0).all()
+    assert moe.expert_load.sum() == 0
+    moe.eval()
+    moe(x)
+    assert moe.expert_load.sum() == 0  # evaluation does not count toward balancing
+    assert "router_bias" in moe.state_dict() and "expert_load" not in moe.state_dict()
+
+
+def test_gpt_update_router_bias_reaches_every_moe_layer():
+    model = _model(arch="moe", router_bias_rate=0.5)
+    model(torch.randint(0, 64, (2, 16)))
+    model.update_router_bias()
+    biases = [m.router_bias for m in model.modules() if isinstance(m, MoE)]
+    assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)
+    assert isinstance(model, GPT)

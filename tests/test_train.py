@@ -1,0 +1,189 @@
+"""The training loop: schedule, exact resume, checkpoints, non-finite losses, metrics."""
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import tiny_config
+
+import torchmhc.train as train_module
+from torchmhc.config import OptimConfig
+from torchmhc.models import build_model
+from torchmhc.train import (
+    CheckpointError,
+    NonFiniteLossError,
+    build_optimizer,
+    latest_checkpoint,
+    learning_rate,
+    load_checkpoint,
+    train,
+)
+
+
+def test_learning_rate_schedules():
+    step = OptimConfig(lr=1.0, warmup_steps=10, schedule="step", step_milestones=(0.5, 0.75), step_gamma=0.1)
+    assert learning_rate(0, 100, step) == pytest.approx(0.1)
+    assert learning_rate(9, 100, step) == pytest.approx(1.0)
+    assert learning_rate(49, 100, step) == pytest.approx(1.0)
+    assert learning_rate(50, 100, step) == pytest.approx(0.1)
+    assert learning_rate(99, 100, step) == pytest.approx(0.01)
+    cos = OptimConfig(lr=1.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(0, 100, cos) == pytest.approx(1.0)
+    assert learning_rate(100, 100, cos) == pytest.approx(0.1)
+    values = [learning_rate(s, 100, cos) for s in range(100)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_hyper_connections_and_norms_are_not_decayed(tmp_path):
+    cfg = tiny_config(tmp_path, "model.residual=hc")
+    model = build_model(cfg.model)
+    decay, no_decay = build_optimizer(model, cfg.optim).param_groups
+    hc_params = {id(p) for hc in model.hyper_connections() for p in hc.parameters()}
+    assert hc_params and not hc_params & {id(p) for p in decay["params"]}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    n_params = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_params
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt", "moe"])
+def test_resume_is_bit_identical(tmp_path, arch):
+    common = [f"model.arch={arch}", "train.steps=4", "train.eval_interval=0", "optim.grad_clip=0.5"]
+    straight = train(tiny_config(tmp_path / "a", *common), progress=False)
+
+    cfg = tiny_config(tmp_path / "b", *common, "train.checkpoint_interval=2")
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after(cfg, steps=2)
+    resumed = train(cfg, resume=True, progress=False)
+
+    a, b = _weights(straight.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in straight.history] == [r["loss"] for r in resumed.history]
+    assert straight.summary["val_loss"] == resumed.summary["val_loss"]
+    rows = [json.loads(line) for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]  # no duplicates
+
+
+def _interrupt_after(cfg, *, steps):
+    """Run ``cfg`` and stop it like Ctrl-C right after optimizer step ``steps``."""
+    original = train_module.train_step
+    calls = {"n": 0}
+
+    def step_then_maybe_stop(*args, **kwargs):
+        if calls["n"] == steps:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    train_module.train_step = step_then_maybe_stop
+    try:
+        train(cfg, progress=False)
+    finally:
+        train_module.train_step = original
+
+
+def test_checkpoint_round_trip_and_retention(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=3", "train.checkpoint_interval=1", "train.keep_checkpoints=2")
+    result = train(cfg, progress=False)
+    ckpt = latest_checkpoint(cfg.out_dir)
+    assert ckpt.name == "step_000003"
+    assert sorted(p.name for p in (cfg.out_dir / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+    model = build_model(cfg.model)
+    state = load_checkpoint(ckpt, model)
+    assert state["step"] == 3 and state["tokens"] == 3 * 2 * 16
+    for key, value in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(cfg, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="state.json is missing"):
+        load_checkpoint(tmp_path / "nowhere", build_model(cfg.model))
+
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(cfg, resume=True, progress=False)
+    ckpt = latest_checkpoint(cfg.out_dir)
+    weights = ckpt / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt: model.safetensors"):
+        train(cfg, resume=True, progress=False)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="incomplete: model.safetensors is missing"):
+        load_checkpoint(ckpt, build_model(cfg.model))
+    (ckpt / "state.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(ckpt, build_model(cfg.model))
+
+
+def test_checkpoint_of_another_model_is_rejected(tmp_path):
+    cfg = tiny_config(tmp_path)
+    train(cfg, progress=False)
+    other = build_model(tiny_config(tmp_path, "model.residual=hc").model)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(latest_checkpoint(cfg.out_dir), other)
+
+
+def _poison_loss_at(monkeypatch, bad_call):
+    """Make the ``bad_call``-th training loss (0-based) NaN."""
+    original = train_module._loss
+    calls = {"n": 0}
+
+    def loss(model, x, y):
+        value = original(model, x, y)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] - 1 == bad_call:
+                return value * math.nan
+        return value
+
+    monkeypatch.setattr(train_module, "_loss", loss)
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.steps=4")
+    _poison_loss_at(monkeypatch, 2)
+    with pytest.raises(NonFiniteLossError, match="step 2") as info:
+        train(cfg, progress=False)
+    ckpt = info.value.checkpoint
+    assert ckpt == latest_checkpoint(cfg.out_dir) and ckpt.name == "step_000002"
+    model = build_model(cfg.model)
+    load_checkpoint(ckpt, model)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    summary = json.loads((cfg.out_dir / "summary.json").read_text())
+    assert summary["stopped"] and summary["steps"] == 2
+
+
+def test_nonfinite_loss_can_skip_the_step(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.steps=3", "train.on_nonfinite=skip")
+    _poison_loss_at(monkeypatch, 1)
+    result = train(cfg, progress=False)
+    assert [r["skipped"] for r in result.history] == [False, True, False]
+    assert result.summary["skipped_steps"] == 1
+    assert math.isfinite(result.summary["val_loss"])
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
+
+
+def test_metrics_and_summary_files(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=3", "train.eval_interval=2")
+    result = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train_rows[0])
+    summary = json.loads((cfg.out_dir / "summary.json").read_text())
+    assert summary["val_loss"] == rows[-1]["val_loss"] == result.summary["val_loss"]
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2))
+    assert summary["peak_memory_bytes"] > 0 and summary["stopped"] is None
+    assert json.loads((cfg.out_dir / "config.json").read_text())["train"]["steps"] == 3
