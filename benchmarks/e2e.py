@@ -6,8 +6,10 @@
 
 For each variant: build the model (same seed), run ``--warmup`` untimed steps, then time
 ``--steps`` full training steps (forward, backward, clip, AdamW) on a fixed random batch.
-Reports median ms/step, tokens/s, peak memory (CUDA allocator) and the overhead against the
-residual baseline — the quantity the mHC paper puts at 6.7% for n = 4 with fused kernels.
+Reports median ms/step, tokens/s, peak memory (CUDA allocator), the overhead against the
+residual baseline — the quantity the mHC paper puts at 6.7% for n = 4 with fused kernels — and
+model FLOP utilization (MFU) against a bf16 matrix product timed in the same run, so that a slow
+baseline (which would make the overhead look small) shows.
 Prints a markdown table; ``--out FILE`` also writes it (results belong in
 ``benchmarks/results/<device>.md``, one file per device).
 """
@@ -24,6 +26,33 @@ import torch
 from torchmhc.config import load_config
 from torchmhc.models import build_model
 from torchmhc.train import autocast_context, build_optimizer, resolve_device, train_step
+
+def matmul_tflops(device: torch.device) -> float:
+    """Measured dense bf16 matmul rate (TFLOP/s) of an 8192³ product, median of 20."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times[5:]) / 1e12
+
+
+def flops_per_token(model: torch.nn.Module, cfg) -> float:
+    """Training FLOPs per token: 6 × parameters a token touches (routed experts at top_k/E) plus
+    causal attention's 6·L·C·T (QKᵀ and AV, half the square, forward and backward)."""
+    params = sum(p.numel() for p in model.parameters())
+    params -= model.tok_emb.weight.numel() * (not cfg.model.tie_embeddings)  # a lookup, not a product
+    m = cfg.model
+    if m.arch == "moe":
+        routed = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("ffn.w_gate_up", "ffn.w_down")))
+        params -= routed * (1 - m.top_k / m.num_experts)
+    return 6 * params + 6 * m.num_layers * m.dim * cfg.data.seq_len
+
 
 def time_variant(cfg, device: torch.device, *, steps: int, warmup: int) -> dict:
     """Median wall time of one training step of ``cfg``'s model, and peak memory."""
@@ -55,6 +84,7 @@ def time_variant(cfg, device: torch.device, *, steps: int, warmup: int) -> dict:
         "tokens_per_s": shape[0] * shape[1] / (ms / 1e3),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "num_params": model.num_params(),
+        "flops_per_token": flops_per_token(model, cfg),
     }
 
 
@@ -77,6 +107,7 @@ def main() -> None:
         name = torch.cuda.get_device_name(device)
     else:
         name = "cpu"
+    peak = matmul_tflops(device) if device.type == "cuda" else None
     rows = {}
     for variant in args.variants.split(","):
         cfg = replace(base, model=replace(base.model, residual=variant))
@@ -89,17 +120,20 @@ def main() -> None:
         "",
         f"Preset `{args.preset}` ({m.arch}, {m.num_layers} blocks, dim {m.dim}, n = {m.num_streams}, "
         f"batch {d.batch_size} x {d.seq_len} tokens, dtype {base.train.dtype}); torch {torch.__version__}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps.",
+        f"median of {args.steps} steps after {args.warmup} warm-up steps."
+        + (f" Measured bf16 matmul rate: {peak:.0f} TFLOP/s." if peak else ""),
         "",
-        "| variant | ms/step | tokens/s | overhead vs residual | peak memory (GiB) | params |",
-        "|---|---|---|---|---|---|",
+        "| variant | ms/step | tokens/s | overhead vs residual | peak memory (GiB) | params | model TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base_ms = rows.get("residual", {}).get("ms_per_step")
     for variant, r in rows.items():
         overhead = f"{100 * (r['ms_per_step'] / base_ms - 1):+.1f}%" if base_ms else "–"
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "–"
+        tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "–"
         lines.append(f"| {variant} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {overhead} | {memory} | "
-                     f"{r['num_params'] / 1e6:.1f} M |")
+                     f"{r['num_params'] / 1e6:.1f} M | {tflops:.0f} | {mfu} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
