@@ -142,3 +142,33 @@ def test_gpt_update_router_bias_reaches_every_moe_layer():
     biases = [m.router_bias for m in model.modules() if isinstance(m, MoE)]
     assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases)
     assert isinstance(model, GPT)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "moe"])
+@pytest.mark.parametrize("residual", ["residual", "mhc"])
+def test_recompute_gives_the_same_logits_and_gradients(arch, residual, monkeypatch):
+    import torchmhc.models.gpt as gpt
+    from torchmhc.recompute import run_sublayers
+
+    calls = []
+    monkeypatch.setattr(gpt, "run_sublayers", lambda *a, **k: calls.append(k) or run_sublayers(*a, **k))
+    torch.manual_seed(0)
+    plain = _model(residual, arch, num_layers=3)
+    torch.manual_seed(0)
+    recomputed = _model(residual, arch, num_layers=3, recompute=True, recompute_block_length=2)
+    recomputed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 64, (2, 16))
+    outputs = []
+    for model in (plain, recomputed):
+        logits = model(idx)
+        logits.logsumexp(-1).mean().backward()
+        outputs.append((logits, {name: p.grad for name, p in model.named_parameters()}))
+    assert calls == [{"block_length": 2}]  # only the recompute model took that path
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    for name, grad in outputs[0][1].items():
+        assert torch.equal(grad, outputs[1][1][name]), name
+
+
+def test_recompute_block_length_is_validated():
+    with pytest.raises(ValueError, match="model.recompute_block_length must be >= 0"):
+        ModelConfig(recompute_block_length=-1)

@@ -74,6 +74,10 @@ class ModelConfig:
     residual: str = "mhc"
     num_streams: int = 4  # n
     hc_init: str = ""  # "" = the library default of HyperConnection; else uniform/identity/onehot
+    # Block recomputation of the mHC operations (torchmhc.recompute, SPEC §9): keep the streams at
+    # each block start and every branch output, replay the rest in backward.
+    recompute: bool = False
+    recompute_block_length: int = 0  # sub-layers per block; 0 = L_r* = sqrt(n·L / (n + 2))
     # Mixture of experts (arch = "moe" only)
     num_experts: int = 8  # routed experts
     num_shared_experts: int = 1
@@ -91,6 +95,10 @@ class ModelConfig:
             self.hc_init in ("",) + INITS,
             f"model.hc_init must be '' (library default) or one of {', '.join(INITS)}; "
             f"got {self.hc_init!r}.",
+        )
+        _check(
+            self.recompute_block_length >= 0,
+            f"model.recompute_block_length must be >= 0 (0 = the optimal length), got {self.recompute_block_length}.",
         )
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "num_streams"):
             _check(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}.")

@@ -14,7 +14,7 @@ Legend: B batch, T sequence, V vocab, C model dim (one stream), n streams, h hea
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmhc.config import ModelConfig
 from torchmhc.layers import HyperConnection, StreamHead, expand_streams
 from torchmhc.models.moe import MoE, SwiGLU
+from torchmhc.recompute import run_sublayers
 
 __all__ = ["GPT", "Block", "Attention"]
 
@@ -160,10 +161,17 @@ class GPT(nn.Module):
                 f"idx has sequence length {idx.shape[1]} > model max_seq_len {self.cfg.max_seq_len}."
             )
         x = expand_streams(self.tok_emb(idx), self.num_streams)  # [B, T, n, C]
-        for block in self.blocks:
-            x = block(x)  # [B, T, n, C]
+        if self.cfg.recompute:  # same values and gradients, fewer saved streams (SPEC §9)
+            x = run_sublayers(x, self.sublayers(), block_length=self.cfg.recompute_block_length or None)
+        else:
+            for block in self.blocks:
+                x = block(x)  # [B, T, n, C]
         h = self.stream_head(x) if self.stream_head is not None else x[..., 0, :]  # [B, T, C]
         return self.lm_head(self.norm(h))  # [B, T, V]
+
+    def sublayers(self) -> list[tuple[HyperConnection, Callable[[Tensor], Tensor]]]:
+        """The 2L (hyper-connection, branch) pairs in order: what ``Block.forward`` runs."""
+        return [pair for b in self.blocks for pair in ((b.attn_hc, b.attn_branch), (b.ffn_hc, b.ffn_branch))]
 
     def hyper_connections(self) -> list[HyperConnection]:
         """The 2L hyper-connections in sub-layer order (attention, FFN, attention, ...)."""
