@@ -176,10 +176,15 @@ class HyperConnection(nn.Module):
         """``x [..., n, C]`` -> (layer input ``[..., C]`` in x.dtype, context for :meth:`post`)."""
         self._check_input(x)
         if self.residual == "residual" and not self._coefficient_hooks:
-            return x[..., 0, :], HyperConnectionContext(x, None, None)
+            return self.mix_in(x, None)  # nothing to compute or record
         coefficients = self.coefficients(x)
         for hook in self._coefficient_hooks.values():
             hook(self, x, coefficients)
+        return self.mix_in(x, coefficients)
+
+    def mix_in(self, x: Tensor, coefficients: Coefficients | None) -> tuple[Tensor, HyperConnectionContext]:
+        """:meth:`pre` after the coefficients (no checks, no hooks); ``coefficients`` may be None
+        for ``residual="residual"``. Block recomputation replays sub-layers through this."""
         if self.residual == "residual":
             return x[..., 0, :], HyperConnectionContext(x, None, None)
         return kernels.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from torchmhc import kernels
 from torchmhc.layers import HyperConnection
 
 __all__ = ["SubLayer", "RecomputeStats", "optimal_block_length", "block_starts", "run_sublayers"]
@@ -88,14 +87,10 @@ class _Block:
             with torch.no_grad():
                 for hc, f_out in self.steps:
                     xs.append(x)
-                    # what HyperConnection.pre / post compute, without its analysis hooks
-                    if hc.residual == "residual":
-                        us.append(x[..., 0, :])
-                        x = x + f_out.unsqueeze(-2)
-                    else:
-                        c = hc.coefficients(x)
-                        us.append(kernels.pre_mix(x, c.h_pre))
-                        x = kernels.post_res(x, f_out, c.h_post, c.h_res)
+                    # HyperConnection.pre / post without the analysis hooks (already called once)
+                    layer_input, ctx = hc.mix_in(x, hc.coefficients(x))
+                    us.append(layer_input)
+                    x = hc.post(ctx, f_out)
             self.replayed = (xs, us)
         return self.replayed
 

@@ -67,22 +67,3 @@ def dot_f32_bf16(a, b, acc, MODE: tl.constexpr):
         acc = tl.dot(a_hi, b_lo, acc)
         acc = tl.dot(a_lo, b_hi, acc)
     return acc
-
-
-@triton.jit
-def dot_bf16_f32(a, b, acc, MODE: tl.constexpr):
-    """acc += a @ b for a stream tile ``a`` (bf16 in MODE_BF16) and an fp32 tile ``b``."""
-    if MODE == 0:
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
-    elif MODE == 1:
-        b1, b2, b3 = split3(b)
-        acc = tl.dot(a, b1, acc)
-        acc = tl.dot(a, b2, acc)
-        acc = tl.dot(a, b3, acc)
-    else:
-        a_hi, a_lo = split2(a.to(tl.float32))
-        b_hi, b_lo = split2(b)
-        acc = tl.dot(a_hi, b_hi, acc)
-        acc = tl.dot(a_hi, b_lo, acc)
-        acc = tl.dot(a_lo, b_hi, acc)
-    return acc

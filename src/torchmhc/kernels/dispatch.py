@@ -112,6 +112,33 @@ def _streams_supported(x: Tensor, *coefficients: Tensor) -> bool:
     )
 
 
+def _coefficient_args_ok(x: Tensor, fn: object, scale: object, base: object) -> bool:
+    """``fn [n²+2n, n·C]``, ``scale [3]``, ``base [n²+2n]`` on x's device (x already ``[..., n, C]``)."""
+    n, c = x.shape[-2:]
+    rows = n * n + 2 * n
+    return (
+        isinstance(fn, Tensor) and tuple(fn.shape) == (rows, n * c)
+        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
+        and isinstance(base, Tensor) and tuple(base.shape) == (rows,)
+    )  # fmt: skip
+
+
+def _post_res_args_ok(x: object, f_out: object, h_post: object, h_res: object) -> bool:
+    """``x [..., n, C]``, ``f_out [..., C]``, ``h_post [..., n]``, ``h_res [..., n, n]``, one device."""
+    return (
+        isinstance(x, Tensor) and x.dim() >= 2
+        and isinstance(f_out, Tensor) and f_out.shape == x.shape[:-2] + x.shape[-1:]
+        and f_out.dtype in _STREAM_DTYPES
+        and isinstance(h_post, Tensor) and h_post.shape == x.shape[:-1]
+        and isinstance(h_res, Tensor) and h_res.shape == x.shape[:-1] + x.shape[-2:-1]
+        and x.device == f_out.device == h_post.device == h_res.device
+    )  # fmt: skip
+
+
+def _unflatten_coefficients(h_pre: Tensor, h_post: Tensor, h_res: Tensor, lead: torch.Size) -> ref.Coefficients:
+    return ref.Coefficients(*(unflatten_tokens(t, lead) for t in (h_pre, h_post, h_res)))
+
+
 def mhc_coefficients(
     x: Tensor,
     fn: Tensor,
@@ -147,15 +174,8 @@ def mhc_coefficients(
         iters = manifold.iters
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
-    n, c = x.shape[-2:]
-    rows = n * n + 2 * n
-    shapes_ok = (
-        isinstance(fn, Tensor) and tuple(fn.shape) == (rows, n * c)
-        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
-        and isinstance(base, Tensor) and tuple(base.shape) == (rows,)
-    )  # fmt: skip
     # anything malformed goes to the reference, whose checks name the offending argument
-    if not (shapes_ok and _use_triton(x, _streams_supported(x, fn, scale, base))):
+    if not (_coefficient_args_ok(x, fn, scale, base) and _use_triton(x, _streams_supported(x, fn, scale, base))):
         return ref.mhc_coefficients(x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
@@ -163,12 +183,11 @@ def mhc_coefficients(
         raise ValueError(f"fn, scale and base must be on x's device {x.device}")
     from torchmhc.kernels.coefficients_op import coefficients_op
 
-    lead = x.shape[:-2]
     h_pre, h_post, h_res, *_saved = coefficients_op(
         flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
         iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip
-    return ref.Coefficients(unflatten_tokens(h_pre, lead), unflatten_tokens(h_post, lead), unflatten_tokens(h_res, lead))
+    return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
 
 
 def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
@@ -185,15 +204,7 @@ def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
 def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """:func:`torchmhc.functional.post_res`, fused on the GPU: ``x [..., n, C]``, ``f_out [..., C]``,
     ``h_post [..., n]``, ``h_res [..., n, n]`` fp32 -> ``[..., n, C]`` in x.dtype."""
-    ok = (
-        isinstance(x, Tensor) and x.dim() >= 2
-        and isinstance(f_out, Tensor) and f_out.shape == x.shape[:-2] + x.shape[-1:]
-        and f_out.dtype in _STREAM_DTYPES
-        and isinstance(h_post, Tensor) and h_post.shape == x.shape[:-1]
-        and isinstance(h_res, Tensor) and h_res.shape == x.shape[:-1] + x.shape[-2:-1]
-        and x.device == f_out.device == h_post.device == h_res.device
-    )  # fmt: skip
-    if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res))):
+    if not (_post_res_args_ok(x, f_out, h_post, h_res) and _use_triton(x, _streams_supported(x, h_post, h_res))):
         return ref.post_res(x, f_out, h_post, h_res)
     from torchmhc.kernels.post_res_op import post_res_op
 
@@ -230,14 +241,9 @@ def post_res_coefficients(
         ``(x_next [..., n, C] in x.dtype, Coefficients of sub-layer l+1)``.
     """
     ok = (
-        isinstance(x, Tensor) and x.dim() >= 2
-        and isinstance(f_out, Tensor) and f_out.shape == x.shape[:-2] + x.shape[-1:] and f_out.dtype in _STREAM_DTYPES
-        and isinstance(h_post, Tensor) and h_post.shape == x.shape[:-1]
-        and isinstance(h_res, Tensor) and h_res.shape == x.shape[:-1] + x.shape[-2:-1]
-        and isinstance(fn, Tensor) and tuple(fn.shape) == (x.shape[-2] ** 2 + 2 * x.shape[-2], x.shape[-2] * x.shape[-1])
-        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
-        and isinstance(base, Tensor) and tuple(base.shape) == (fn.shape[0],)
-        and len({t.device for t in (x, f_out, h_post, h_res, fn, scale, base)}) == 1
+        _post_res_args_ok(x, f_out, h_post, h_res)
+        and _coefficient_args_ok(x, fn, scale, base)
+        and fn.device == scale.device == base.device == x.device
         and not isinstance(iters, bool) and isinstance(iters, int) and iters >= 1
     )  # fmt: skip
     if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res, fn, scale, base))):
@@ -248,12 +254,9 @@ def post_res_coefficients(
         return x_next, coefficients
     from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_op
 
-    lead = x.shape[:-2]
     x_next, h_pre2, h_post2, h_res2, *_saved = post_res_coefficients_op(
         flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
         fn.contiguous(), scale.contiguous(), base.contiguous(), iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip
-    coefficients = ref.Coefficients(
-        unflatten_tokens(h_pre2, lead), unflatten_tokens(h_post2, lead), unflatten_tokens(h_res2, lead)
-    )
-    return unflatten_tokens(x_next, lead), coefficients
+    lead = x.shape[:-2]
+    return unflatten_tokens(x_next, lead), _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
