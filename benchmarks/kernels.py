@@ -22,7 +22,7 @@ import torch
 import triton.testing
 
 from torchmhc import functional as ref
-from torchmhc.kernels import mhc_coefficients, post_res, pre_mix, use_kernels
+from torchmhc.kernels import mhc_coefficients, mhc_pre, post_res, pre_mix, use_kernels
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
 from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
@@ -62,15 +62,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sublayer(impl, x, fn, scale, base):
-    """One mHC sub-layer with an identity branch: F(y) = y."""
-    h_pre, h_post, h_res = impl.mhc_coefficients(x, fn, scale, base)
-    return impl.post_res(x, impl.pre_mix(x, h_pre), h_post, h_res)
+    """One mHC sub-layer with an identity branch: F(y) = y. ``impl.pre`` returns (layer input,
+    streams for the post-res, coefficients), as ``torchmhc.kernels.mhc_pre`` does."""
+    layer_input, x_for_post, (_h_pre, h_post, h_res) = impl.pre(x, fn, scale, base)
+    return impl.post_res(x_for_post, layer_input, h_post, h_res)
 
 
 class _Fused:
-    mhc_coefficients = staticmethod(mhc_coefficients)
-    pre_mix = staticmethod(pre_mix)
+    """torchmhc's kernels as HyperConnection runs them: coefficients + pre-mix with chained x-gradients."""
+
+    pre = staticmethod(mhc_pre)
     post_res = staticmethod(post_res)
+
+
+class _FusedUnchained:
+    """The same kernels, x's three gradients summed by autograd (two extra passes over dx)."""
+
+    @staticmethod
+    def pre(x, fn, scale, base):
+        coefficients = mhc_coefficients(x, fn, scale, base)
+        return pre_mix(x, coefficients.h_pre), x, coefficients
+
+    post_res = staticmethod(post_res)
+
+
+class _Reference:
+    """The plain-PyTorch reference ops."""
+
+    @staticmethod
+    def pre(x, fn, scale, base):
+        coefficients = ref.mhc_coefficients(x, fn, scale, base)
+        return ref.pre_mix(x, coefficients.h_pre), x, coefficients
+
+    post_res = staticmethod(ref.post_res)
 
 
 def check(x, fn, scale, base) -> dict[str, float]:
@@ -80,7 +104,7 @@ def check(x, fn, scale, base) -> dict[str, float]:
     with use_kernels("triton"):
         out = sublayer(_Fused, *leaves)
         coef = mhc_coefficients(*leaves)
-    ref_out = sublayer(ref, *ref_leaves)
+    ref_out = sublayer(_Reference, *ref_leaves)
     ref_coef = ref.mhc_coefficients(*ref_leaves)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, g)
@@ -136,7 +160,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     steps = bwd_tokens()
     ops += [
         ("  coefficients bwd: σ'+Sinkhorn step", small, bwd_tokens),
-        ("  coefficients bwd: dx+dfn step", 2 * tok, lambda: coefficients_bwd_x(x, fn, *steps[:3])),
+        ("  coefficients bwd: dx+dfn step", 2 * tok, lambda: coefficients_bwd_x(x, fn, *steps[:2])),
     ]
     # cross-sub-layer fusion: post-res of sub-layer l + coefficients of l+1 (same parameters here)
     ops.append((
@@ -178,9 +202,12 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
 
     # whole sub-layer, identity branch, forward + backward
     sub_bytes = (5 * n + 2) * ch + (13 * n + 3) * ch  # the unfused decomposition's traffic (reference only)
-    for impl_name, impl, wrap in [("torchmhc triton", _Fused, lambda f: f), ("torch eager", ref, lambda f: f)] + (
-        [("torch.compile", ref, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []
-    ):
+    # (the unchained kernels only show what the gradient chaining saves)
+    for impl_name, impl, wrap in [
+        ("torchmhc triton", _Fused, lambda f: f),
+        ("torchmhc triton, unchained", _FusedUnchained, lambda f: f),
+        ("torch eager", _Reference, lambda f: f),
+    ] + ([("torch.compile", _Reference, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []):
         params = [p.detach().requires_grad_() for p in (fn, scale, base)]
         xr = x.detach().requires_grad_()
         f = wrap(lambda x_, *p: sublayer(impl, x_, *p))
@@ -189,7 +216,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
             out = f(xr, *params)
             torch.autograd.grad(out, [xr, *params], g_nc)
 
-        with use_kernels("triton" if impl is _Fused else "reference"):
+        with use_kernels("reference" if impl is _Reference else "triton"):
             rows.append(Row("sub-layer fwd+bwd", shape, impl_name, bench(step), sub_bytes))
 
 

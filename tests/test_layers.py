@@ -137,6 +137,23 @@ def test_coefficient_hook_sees_every_call_and_can_be_removed():
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("residual", residual_kinds())
+def test_pre_with_coefficients_is_pre_without_hooks(residual):
+    # the mHC path runs the coefficients and the pre-mix as one op (kernels.mhc_pre); same values
+    hc = mhc.HyperConnection(8, 2, residual)
+    x = torch.randn(3, hc.num_streams, 8)
+    seen = []
+    hc.register_coefficient_hook(lambda module, x_, c: seen.append(c))
+    layer_input, ctx = hc.pre(x)
+    layer_input2, ctx2, coefficients = hc.pre_with_coefficients(x)
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], coefficients))
+    assert torch.equal(layer_input, layer_input2) and torch.equal(ctx.x, x) and torch.equal(ctx2.x, x)
+    if residual != "residual":
+        expected = hc.mix_in(x, hc.coefficients(x))
+        assert torch.equal(layer_input, expected[0])
+        assert torch.equal(ctx.h_post, expected[1].h_post) and torch.equal(ctx.h_res, expected[1].h_res)
+
+
 def test_expand_streams_copies_without_scaling():
     h = torch.randn(2, 3, 8, requires_grad=True)
     x = mhc.expand_streams(h, 4)

@@ -177,14 +177,30 @@ class HyperConnection(nn.Module):
         self._check_input(x)
         if self.residual == "residual" and not self._coefficient_hooks:
             return self.mix_in(x, None)  # nothing to compute or record
-        coefficients = self.coefficients(x)
+        layer_input, ctx, coefficients = self.pre_with_coefficients(x)
         for hook in self._coefficient_hooks.values():
             hook(self, x, coefficients)
-        return self.mix_in(x, coefficients)
+        return layer_input, ctx
+
+    def pre_with_coefficients(self, x: Tensor) -> tuple[Tensor, HyperConnectionContext, Coefficients]:
+        """:meth:`pre` without the input check and the hooks, also returning the coefficients.
+        Block recomputation replays sub-layers through this.
+
+        For mHC the coefficients and the pre-mix run as one op (``kernels.mhc_pre``) and the
+        context holds its pass-through view of x, so that in backward the three gradients of x
+        (coefficients, pre-mix, post-res) are summed inside the kernels' dx passes."""
+        if self.manifold is None:  # residual, hc
+            coefficients = self.coefficients(x)
+            return (*self.mix_in(x, coefficients), coefficients)
+        layer_input, x_for_post, coefficients = kernels.mhc_pre(
+            x, self.fn, self.scale, self.base,
+            eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
+        )  # fmt: skip
+        return layer_input, HyperConnectionContext(x_for_post, coefficients.h_post, coefficients.h_res), coefficients
 
     def mix_in(self, x: Tensor, coefficients: Coefficients | None) -> tuple[Tensor, HyperConnectionContext]:
-        """:meth:`pre` after the coefficients (no checks, no hooks); ``coefficients`` may be None
-        for ``residual="residual"``. Block recomputation replays sub-layers through this."""
+        """The pre-mix for coefficients computed elsewhere (no checks, no hooks, no gradient
+        chaining); ``coefficients`` may be None for ``residual="residual"``."""
         if self.residual == "residual":
             return x[..., 0, :], HyperConnectionContext(x, None, None)
         return kernels.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)

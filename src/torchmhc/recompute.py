@@ -88,7 +88,7 @@ class _Block:
                 for hc, f_out in self.steps:
                     xs.append(x)
                     # HyperConnection.pre / post without the analysis hooks (already called once)
-                    layer_input, ctx = hc.mix_in(x, hc.coefficients(x))
+                    layer_input, ctx, _ = hc.pre_with_coefficients(x)
                     us.append(layer_input)
                     x = hc.post(ctx, f_out)
             self.replayed = (xs, us)
@@ -177,4 +177,7 @@ def run_sublayers(
             f_out = branch(layer_input)
             x = hc.post(ctx, f_out)
         block.steps.append((hc, f_out))
+        # autograd keeps `pack` (and its `current`) as long as the saved tensors: without this,
+        # the streams and layer inputs it left out would stay alive through it
+        current["x"] = current["u"] = None
     return x

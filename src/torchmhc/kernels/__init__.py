@@ -5,13 +5,15 @@ One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Si
 ``post_res_coefficients_op.py`` (post-res of sub-layer l + coefficients of l+1 in one pass over the
 streams). ``dispatch.py`` picks kernels on CUDA and the
 reference (``torchmhc.functional``) elsewhere; ``TORCHMHC_KERNELS=auto|triton|reference`` or
-:func:`use_kernels` forces either. Importing this package does not import Triton.
+:func:`use_kernels` forces either. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
+chained x-gradients (what ``HyperConnection`` uses). Importing this package does not import Triton.
 """
 
 from torchmhc.kernels.dispatch import (
     KernelMode,
     kernel_mode,
     mhc_coefficients,
+    mhc_pre,
     post_res,
     post_res_coefficients,
     pre_mix,
@@ -25,6 +27,7 @@ __all__ = [
     "use_kernels",
     "triton_available",
     "mhc_coefficients",
+    "mhc_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",

@@ -67,3 +67,24 @@ def dot_f32_bf16(a, b, acc, MODE: tl.constexpr):
         acc = tl.dot(a_hi, b_lo, acc)
         acc = tl.dot(a_lo, b_hi, acc)
     return acc
+
+
+@triton.jit
+def dot_bf16_f32(b, a, acc, MODE: tl.constexpr):
+    """acc += b @ a for a stream tile ``b`` and an fp32 tile ``a``, with the stream as the left
+    operand, so that a wide stream tile gives the large M that Hopper's warp-group products need.
+    ``a`` keeps ~16 bits (two parts; a bf16 ``b`` is exact): made for weight gradients, which sum
+    many such products and tolerate far less precision (SPEC §10 allows TF32's 10 bits)."""
+    if MODE == 0:
+        acc = tl.dot(b.to(tl.float32), a, acc, input_precision="ieee")
+    elif MODE == 1:
+        a_hi, a_lo = split2(a)
+        acc = tl.dot(b, a_hi, acc)
+        acc = tl.dot(b, a_lo, acc)
+    else:
+        a_hi, a_lo = split2(a)
+        b_hi, b_lo = split2(b.to(tl.float32))
+        acc = tl.dot(b_hi, a_hi, acc)
+        acc = tl.dot(b_lo, a_hi, acc)
+        acc = tl.dot(b_hi, a_lo, acc)
+    return acc

@@ -7,8 +7,8 @@ registers. The kernel keeps ``m = m̂/r`` (n² + 2n values a token) and ``1/r`` 
 Backward, two kernels:
 
 1. per token (reads only the saved m and the output gradients): σ' and the Sinkhorn backward,
-   which replays the iteration on-chip and walks it in reverse (step q's input is recomputed from
-   the start, O(t_max²) small steps, nothing stored), giving ``dm̂`` and the 1/r coefficient;
+   which replays the iteration on-chip and walks it in reverse (segments of ~sqrt(2·t_max) steps,
+   each replayed from the start: O(t_max^1.5) small steps, nothing stored), giving ``dm̂`` and the 1/r coefficient;
    α and b gradients are reduced per program and summed over programs by torch (deterministic).
 2. per block of channels: ``dx = dm̂ @ fn + c_t·x`` and ``dfn = dm̂ᵀ @ x`` from one read of x;
    each program owns its columns of dfn for a fixed run of tokens (no atomics: deterministic).
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from torchmhc.kernels._common import channel_block, interpreting, next_pow2, num_sms
-from torchmhc.kernels._precision import MODE_FMA, dot_f32_bf16, precision_mode, split2
+from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2
 
 __all__ = [
     "coefficients_fwd",
@@ -68,6 +68,21 @@ def _res_rows(N: tl.constexpr, NP: tl.constexpr):
     i = p // NP
     j = p % NP
     return 2 * N + j * N + i, (i < N) & (j < N)
+
+
+@triton.jit
+def _merged_rows(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr):
+    """Merged column p of ``[pre/post (16) | res (NP²) | padding]`` (W wide) -> (fn row, valid):
+    the backward's gradient products run on this one block instead of two narrow ones."""
+    p = tl.arange(0, W)
+    is_pp = p < 16
+    q = tl.where(is_pp, 0, p - 16)  # res column i·NP + j
+    i = q // NP
+    j = q % NP
+    pp_row = tl.where(p < 8, p, N + p - 8)
+    pp_valid = tl.where(p < 8, p < N, p - 8 < N)
+    res_valid = (q < NP * NP) & (i < N) & (j < N)
+    return tl.where(is_pp, pp_row, 2 * N + j * N + i), tl.where(is_pp, pp_valid, res_valid)
 
 
 @triton.jit
@@ -118,10 +133,11 @@ def _sk_softmax(logits, valid):
 @triton.jit
 def _sk_step(v, q, eps):
     """Normalization step q: even q divides rows (sum over axis 2), odd q columns (axis 1)."""
+    # one reciprocal per row/column and multiplies: a division per entry costs several times more
     if q % 2 == 0:
-        v = v / (tl.sum(v, axis=2)[:, :, None] + eps)
+        v = v * (1.0 / (tl.sum(v, axis=2) + eps))[:, :, None]
     else:
-        v = v / (tl.sum(v, axis=1)[:, None, :] + eps)
+        v = v * (1.0 / (tl.sum(v, axis=1) + eps))[:, None, :]
     return v
 
 
@@ -133,11 +149,11 @@ def _sk_step_bwd(v, g, q, valid, eps):
     be divided by ε again at every step and overflow."""
     # (distinct names per branch: compiled Triton needs a variable to keep one shape across branches)
     if q % 2 == 0:
-        den_row = tl.sum(v, axis=2)[:, :, None] + eps
-        g = (g - tl.sum(g * (v / den_row), axis=2)[:, :, None]) / den_row
+        inv_row = (1.0 / (tl.sum(v, axis=2) + eps))[:, :, None]
+        g = (g - tl.sum(g * (v * inv_row), axis=2)[:, :, None]) * inv_row
     else:
-        den_col = tl.sum(v, axis=1)[:, None, :] + eps
-        g = (g - tl.sum(g * (v / den_col), axis=1)[:, None, :]) / den_col
+        inv_col = (1.0 / (tl.sum(v, axis=1) + eps))[:, None, :]
+        g = (g - tl.sum(g * (v * inv_col), axis=1)[:, None, :]) * inv_col
     return tl.where(valid, g, 0.0)
 
 
@@ -151,21 +167,41 @@ def _sinkhorn_fwd(logits, valid, eps, ITERS: tl.constexpr):
 
 
 @triton.jit
-def _sinkhorn_bwd(logits, valid, g, eps, ITERS: tl.constexpr):
-    """d logits from dH, replaying the forward: step q's input is recomputed from the start."""
+def _sinkhorn_bwd(logits, valid, g, eps, ITERS: tl.constexpr, SEG: tl.constexpr):
+    """d logits from dH, replaying the forward on-chip (nothing stored). The 2·ITERS − 1 steps are
+    walked back in segments of SEG: a segment's first input is replayed from the start, then each of
+    its steps' inputs from the segment start, about 2·Q·sqrt(Q) small steps for Q steps instead of
+    the Q²/2 of replaying every step from the start (SEG ≈ sqrt(Q), chosen by the launcher)."""
+    Q: tl.constexpr = 2 * ITERS - 1
+    NSEG: tl.constexpr = (Q + SEG - 1) // SEG
     p = _sk_softmax(logits, valid)
     v0 = tl.where(valid, p + eps, 0.0)
     g = tl.where(valid, g, 0.0)
-    for r in range(2 * ITERS - 1):
-        q = 2 * ITERS - 2 - r
-        v = v0
+    for seg_r in range(NSEG):
+        start = (NSEG - 1 - seg_r) * SEG
+        v_start = v0
         s = 0
-        while s < q:
-            v = _sk_step(v, s, eps)
+        while s < start:
+            v_start = _sk_step(v_start, s, eps)
             s += 1
-        g = _sk_step_bwd(v, g, q, valid, eps)
+        q = tl.minimum(start + SEG, Q) - 1
+        while q >= start:
+            v = v_start
+            s = start
+            while s < q:
+                v = _sk_step(v, s, eps)
+                s += 1
+            g = _sk_step_bwd(v, g, q, valid, eps)
+            q -= 1
     # +ε is additive; softmax over axis 1: dℓ = (g − Σ(g·p))·p
     return (g - tl.sum(g * p, axis=1)[:, None, :]) * p
+
+
+def sinkhorn_segment(iters: int) -> int:
+    """Segment length of the Sinkhorn backward's replay: ceil(sqrt(2·iters − 1))."""
+    steps = 2 * iters - 1
+    seg = int(steps**0.5)
+    return seg if seg * seg >= steps else seg + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,8 +311,7 @@ def _coef_bwd_token_kernel(
     dhpre_ptr,  # [T, n] fp32
     dhpost_ptr,  # [T, n] fp32
     dhres_ptr,  # [T, n, n] fp32
-    dmpp_ptr,  # [T, 16] fp32 out: dL/dm̂ (packed)
-    dmres_ptr,  # [T, NP²] fp32 out
+    dm_ptr,  # [T, W] fp32 out: dL/dm̂, merged columns [pre/post | res | padding never read]
     cx_ptr,  # [T] fp32 out: coefficient of x in dx (from 1/r)
     dbase_ptr,  # [programs, n²+2n] fp32 out: per-program partial sums
     dscale_ptr,  # [programs, 4] fp32 out: per-program partial sums (3 used)
@@ -287,7 +322,9 @@ def _coef_bwd_token_kernel(
     N: tl.constexpr,
     NP: tl.constexpr,
     ITERS: tl.constexpr,
+    SEG: tl.constexpr,
     BT: tl.constexpr,
+    W: tl.constexpr,
 ):
     # grid (cdiv(T, BT),): BT tokens per program; touches only O(n²) values per token
     pid = tl.program_id(0)
@@ -323,14 +360,14 @@ def _coef_bwd_token_kernel(
     jj = tl.arange(0, NP)[None, None, :]
     valid = (ii < N) & (jj < N)
     g_res = tl.load(dhres_ptr + toks[:, None, None] * (N * N) + ii * N + jj, mask=valid & tmask[:, None, None], other=0.0)
-    dl = tl.reshape(_sinkhorn_bwd(logits, valid, g_res, eps, ITERS), (BT, NP * NP))
+    dl = tl.reshape(_sinkhorn_bwd(logits, valid, g_res, eps, ITERS, SEG), (BT, NP * NP))
     dm_res = dl * s2
 
     # m = m̂·(1/r): dm̂ = dm/r; d(1/r) = Σ dm·m̂ = r·Σ dm·m; d(1/r)/dx = −(1/r)³·x/K
     dot_mm = tl.sum(dm_pp * m_pp, axis=1) + tl.sum(dm_res * m_res, axis=1)
     tl.store(cx_ptr + toks, -dot_mm * rinv * rinv / K, mask=tmask)
-    tl.store(dmpp_ptr + toks[:, None] * 16 + pp[None, :], dm_pp * rinv[:, None], mask=tmask[:, None])
-    tl.store(dmres_ptr + toks[:, None] * (NP * NP) + rr[None, :], dm_res * rinv[:, None], mask=tmask[:, None])
+    tl.store(dm_ptr + toks[:, None] * W + pp[None, :], dm_pp * rinv[:, None], mask=tmask[:, None])
+    tl.store(dm_ptr + toks[:, None] * W + 16 + rr[None, :], dm_res * rinv[:, None], mask=tmask[:, None])
 
     # α and b: partial sums over this program's tokens (padding tokens contribute exact zeros)
     dsc_pre = tl.sum(tl.sum(tl.where(is_pre[None, :], dz * m_pp, 0.0), axis=1), axis=0)
@@ -348,8 +385,7 @@ def _coef_bwd_token_kernel(
 def _coef_bwd_x_kernel(
     x_ptr,  # [T, K] stream dtype
     fn_ptr,  # [n²+2n, K] fp32
-    dmpp_ptr,  # [T, 16] fp32
-    dmres_ptr,  # [T, NP²] fp32
+    dm_ptr,  # [T, W] fp32 (merged columns)
     cx_ptr,  # [T] fp32
     add_ptr,  # [T, K] stream dtype: a gradient to add into dx when ADD (else unused)
     dx_ptr,  # [T, K] stream dtype out
@@ -358,6 +394,7 @@ def _coef_bwd_x_kernel(
     K: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
+    W: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     TILES: tl.constexpr,
@@ -368,42 +405,32 @@ def _coef_bwd_x_kernel(
     # so x is read once for both products and dfn needs no atomics
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
     group = tl.program_id(1)
-    pp = tl.arange(0, 16)
-    rr = tl.arange(0, NP * NP)
-    pp_row, pp_valid, is_pre = _pp_rows(N)
-    res_row, res_valid = _res_rows(N, NP)
-    # fnᵀ tiles [16, BK] / [NP², BK], resident for the whole token loop
-    w_pp = tl.load(fn_ptr + pp_row[:, None] * K + ks[None, :], mask=pp_valid[:, None], other=0.0)
-    w_res = tl.load(fn_ptr + res_row[:, None] * K + ks[None, :], mask=res_valid[:, None], other=0.0)
-    if MODE != 0:  # bf16 parts, split once for the whole token loop
-        w_pp, w_pp_lo = split2(w_pp)
-        w_res, w_res_lo = split2(w_res)
+    cols = tl.arange(0, W)
+    rows, valid = _merged_rows(N, NP, W)
+    # fnᵀ tile [W, BK], resident for the whole token loop (bf16 parts split once)
+    w = tl.load(fn_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None], other=0.0)
+    if MODE != 0:
+        w, w_lo = split2(w)
     else:
-        w_pp_lo = w_pp
-        w_res_lo = w_res
-    dfn_pp = tl.zeros([16, BK], dtype=tl.float32)
-    dfn_res = tl.zeros([NP * NP, BK], dtype=tl.float32)
+        w_lo = w
+    # dfnᵀ = xᵀ·dm accumulated as [BK, W]: the stream tile is the left operand, so M = BK is
+    # large enough for warp-group tensor-core products
+    dfn_t = tl.zeros([BK, W], dtype=tl.float32)
+    dm_mask = cols < 16 + NP * NP  # the padding columns are never written
     for it in range(TILES):
         toks = (group * TILES + it) * BT + tl.arange(0, BT)
         tmask = toks < T
         toks = toks.to(tl.int64)
         offs = toks[:, None] * K + ks[None, :]
         x = tl.load(x_ptr + offs, mask=tmask[:, None], other=0.0)
-        dm_pp = tl.load(dmpp_ptr + toks[:, None] * 16 + pp[None, :], mask=tmask[:, None], other=0.0)
-        dm_res = tl.load(dmres_ptr + toks[:, None] * (NP * NP) + rr[None, :], mask=tmask[:, None], other=0.0)
+        dm = tl.load(dm_ptr + toks[:, None] * W + cols[None, :], mask=tmask[:, None] & dm_mask[None, :], other=0.0)
         cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)
-        dx = cx[:, None] * x.to(tl.float32)
-        dx = _dot_dm_fn(dm_pp, w_pp, w_pp_lo, dx, MODE)
-        dx = _dot_dm_fn(dm_res, w_res, w_res_lo, dx, MODE)
+        dx = _dot_dm_fn(dm, w, w_lo, cx[:, None] * x.to(tl.float32), MODE)
         if ADD:  # the stream's other gradient, summed here instead of in a separate pass
             dx += tl.load(add_ptr + offs, mask=tmask[:, None], other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
-        dfn_pp = dot_f32_bf16(tl.trans(dm_pp), x, dfn_pp, MODE)
-        dfn_res = dot_f32_bf16(tl.trans(dm_res), x, dfn_res, MODE)
-    R: tl.constexpr = N * N + 2 * N
-    base = dfn_ptr + group * R * K
-    tl.store(base + pp_row[:, None] * K + ks[None, :], dfn_pp, mask=pp_valid[:, None])
-    tl.store(base + res_row[:, None] * K + ks[None, :], dfn_res, mask=res_valid[:, None])
+        dfn_t = dot_bf16_f32(tl.trans(x), dm, dfn_t, MODE)
+    tl.store(dfn_ptr + group * (N * N + 2 * N) * K + rows[None, :] * K + ks[:, None], dfn_t, mask=valid[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,24 +468,29 @@ def coefficients_fwd(
     rms_eps: float,
     post_scale: float,
     *,
-    block_t: int = 64,
+    block_t: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher. ``x [T, n, C]`` contiguous (bf16/fp16/fp32, C % 64 == 0, n <= 8),
     ``fn [n²+2n, n·C]``, ``scale [3]``, ``base [n²+2n]`` fp32 contiguous
     -> ``(h_pre [T, n], h_post [T, n], h_res [T, n, n], m_pp [T, 16], m_res [T, NP²], rinv [T])``,
     all fp32; the last three are what the backward needs. The keyword arguments are tile sizes
     (tokens and channels per step; ``block_k`` defaults to 128 for 16-bit streams and 64 for fp32,
-    whose staged tiles would not fit in shared memory) and launch options."""
+    whose staged tiles would not fit in shared memory) and launch options. Defaults: the fastest of
+    ``benchmarks/tune.py`` on an H100 (128 tokens, 8 warps, 4 stages for 16-bit streams and n <= 4
+    when that still gives every multiprocessor a program; 64, 4, 3 otherwise)."""
     t, n, c = x.shape
     k = n * c
     np_ = _np(n)
     h_pre, h_post, h_res, m_pp, m_res, rinv = empty_coefficient_outputs(x)
     if t == 0:
         return h_pre, h_post, h_res, m_pp, m_res, rinv
-    bt = _token_block(block_t)
+    wide = n <= 4 and x.dtype != torch.float32 and triton.cdiv(t, 128) >= num_sms(x.device)
+    bt = _token_block(block_t or (128 if wide else 64))
+    num_warps = num_warps or (8 if wide else 4)
+    num_stages = num_stages or (4 if wide else 3)
     mode = precision_mode(x)
     fn_hi = fn if mode == MODE_FMA else fn.to(torch.bfloat16)
     fn_lo = fn if mode == MODE_FMA else (fn - fn_hi.float()).to(torch.bfloat16)
@@ -484,64 +516,81 @@ def coefficients_bwd_tokens(
     eps: float,
     post_scale: float,
     *,
-    block_t: int | None = None,
-    num_warps: int = 4,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    block_t: int = 16,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launcher of backward step 1 (σ' and Sinkhorn backward; reads O(n²) values a token).
     Saved ``m_pp [T, 16]``, ``m_res [T, NP²]``, ``rinv [T]``; ``dh_pre``/``dh_post [T, n]``,
-    ``dh_res [T, n, n]`` fp32; ``k`` = n·C; ``block_t`` tokens per program (default 64, 32 for n > 4)
-    -> ``(dm_pp [T, 16], dm_res [T, NP²], cx [T], dscale [3], dbase [n²+2n])`` fp32."""
+    ``dh_res [T, n, n]`` fp32; ``k`` = n·C; ``block_t`` tokens per program; ``num_warps``
+    (default 1 for n <= 4, else 2) -> ``(dm [T, W], cx [T], dscale [3], dbase [n²+2n])`` fp32, with dm
+    in the merged column layout of :func:`merged_width`."""
     t, n = dh_pre.shape
+    if block_t < 16:  # with 2 warps, 8-token tiles gave wrong gradients on an H100 (Triton 3.6)
+        raise ValueError(f"block_t must be >= 16, got {block_t}")
     np_ = _np(n)
     dev = m_pp.device
-    bt = _token_block(block_t or (64 if n <= 4 else 32))
+    bt = _token_block(block_t)
     progs = triton.cdiv(t, bt)
-    dm_pp = torch.empty((t, PP), dtype=torch.float32, device=dev)
-    dm_res = torch.empty((t, np_ * np_), dtype=torch.float32, device=dev)
+    width = merged_width(n)
+    dm = torch.empty((t, width), dtype=torch.float32, device=dev)
     cx = torch.empty((t,), dtype=torch.float32, device=dev)
     dbase_part = torch.empty((progs, n * n + 2 * n), dtype=torch.float32, device=dev)
     dscale_part = torch.empty((progs, 4), dtype=torch.float32, device=dev)
     _coef_bwd_token_kernel[(progs,)](
-        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, dm_pp, dm_res, cx, dbase_part, dscale_part,
-        t, eps, post_scale, K=k, N=n, NP=np_, ITERS=iters, BT=bt, num_warps=num_warps,
+        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, dm, cx, dbase_part, dscale_part,
+        t, eps, post_scale, K=k, N=n, NP=np_, ITERS=iters, SEG=sinkhorn_segment(iters), BT=bt, W=width,
+        num_warps=num_warps or (1 if n <= 4 else 2),
     )  # fmt: skip
     # fixed-order sums over programs: deterministic
-    return dm_pp, dm_res, cx, dscale_part[:, :3].sum(0), dbase_part.sum(0)
+    return dm, cx, dscale_part[:, :3].sum(0), dbase_part.sum(0)
+
+
+def merged_width(n: int) -> int:
+    """Columns of the backward's merged gradient block: [pre/post (16) | res (NP²)], padded to a
+    power of two (32 for n <= 4, 128 for n = 8)."""
+    return next_pow2(PP + _np(n) ** 2)
 
 
 def coefficients_bwd_x(
     x: Tensor,
     fn: Tensor,
-    dm_pp: Tensor,
-    dm_res: Tensor,
+    dm: Tensor,
     cx: Tensor,
     *,
-    block_t: int = 32,
+    block_t: int = 64,
     block_k: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
+    waves: int = 2,
     add: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
-    ``dm_pp``, ``dm_res``, ``cx`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
-    ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into dx in the same pass."""
+    ``dm [T, W]``, ``cx [T]`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
+    Tile sizes and launch options as keywords (``block_k`` defaults to 128, 64 for fp32 streams and
+    for n > 4, whose 128-wide gradient block would spill registers); ``waves``: programs per
+    multiprocessor to aim for. ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into
+    dx in the same pass."""
     t, n, c = x.shape
     k = n * c
     dx = torch.empty_like(x)
     bt = _token_block(block_t)
-    # a power of two dividing K (K is a multiple of 64); smaller for fp32 tiles (shared memory) and
-    # for n > 4 (the NP² = 64 gradient tiles spill registers at 256)
-    block_k = channel_block(k, block_k or (256 if x.dtype != torch.float32 and n <= 4 else 128))
+    # a power of two dividing K (K is a multiple of 64)
+    block_k = channel_block(k, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
     k_blocks = k // block_k
     t_blocks = triton.cdiv(t, bt)
-    # enough programs for two waves; TILES is rounded to a power of two so it recompiles rarely
-    groups_wanted = max(1, (2 * num_sms(x.device)) // k_blocks)
-    tiles = next_pow2(triton.cdiv(t_blocks, groups_wanted))
+    # enough programs for `waves` waves. TILES is a compile-time constant: rounding it up to a
+    # multiple of an eighth of its power of two keeps the distinct values (compilations) few while
+    # the last wave stays at most 1/8 short (a power of two left whole waves idle at C = 1280)
+    groups_wanted = max(1, (waves * num_sms(x.device)) // k_blocks)
+    tiles = triton.cdiv(t_blocks, groups_wanted)
+    quantum = max(1, next_pow2(tiles) // 8)
+    tiles = triton.cdiv(tiles, quantum) * quantum
     groups = triton.cdiv(t_blocks, tiles)
     dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
     _coef_bwd_x_kernel[(k_blocks, groups)](
-        x, fn, dm_pp, dm_res, cx, x if add is None else add, dx, dfn_part, t,
-        K=k, N=n, NP=_np(n), BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x), ADD=add is not None,
-        num_warps=num_warps, num_stages=3,
+        x, fn, dm, cx, x if add is None else add, dx, dfn_part, t,
+        K=k, N=n, NP=_np(n), W=dm.shape[1], BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
+        ADD=add is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return dx, (dfn_part[0] if groups == 1 else dfn_part.sum(0))
 
@@ -560,17 +609,20 @@ def coefficients_bwd(
     iters: int,
     eps: float,
     post_scale: float,
+    *,
+    add: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launcher. The forward's inputs and saved ``(m_pp, m_res, rinv)``, and the fp32 gradients
     ``dh_pre [T, n]``, ``dh_post [T, n]``, ``dh_res [T, n, n]`` (contiguous)
-    -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C], dscale [3], dbase [n²+2n])`` fp32 parameters' grads."""
+    -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C], dscale [3], dbase [n²+2n])`` fp32 parameters' grads.
+    ``add [T, n, C]`` (contiguous), when given, is x's other gradient, summed into dx in the dx pass."""
     t, n, c = x.shape
     if t == 0:
         return torch.empty_like(x), torch.zeros_like(fn), torch.zeros_like(scale), torch.zeros_like(base)
-    dm_pp, dm_res, cx, dscale, dbase = coefficients_bwd_tokens(
+    dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, n * c, iters, eps, post_scale
     )
-    dx, dfn = coefficients_bwd_x(x, fn, dm_pp, dm_res, cx)
+    dx, dfn = coefficients_bwd_x(x, fn, dm, cx, add=add)
     return dx, dfn, dscale, dbase
 
 
@@ -607,12 +659,16 @@ def _coefficients_backward_op(
     iters: int,
     eps: float,
     post_scale: float,
+    add: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return coefficients_bwd(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale)
+    """:func:`coefficients_bwd`; ``add`` (or None) is x's other gradient, summed into dx."""
+    return coefficients_bwd(
+        x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=add
+    )
 
 
 @_coefficients_backward_op.register_fake
-def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale):
+def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=None):
     return torch.empty_like(x), torch.empty_like(fn), torch.empty_like(scale), torch.empty_like(base)
 
 

@@ -13,6 +13,13 @@ Shapes the kernels handle: n <= 8 streams, C a multiple of 64, bf16/fp16/fp32 st
 coefficients and parameters (fp64 inputs, used by gradient checks, take the reference), the
 Sinkhorn manifold. The kernels use no atomics: results are deterministic run to run.
 
+Gradient chaining (:func:`mhc_pre`): one sub-layer reads its streams x in three ops (coefficients,
+pre-mix, post-res), so autograd would sum three dx tensors in two extra elementwise passes (each
+reads 2·nC and writes nC). :func:`mhc_pre` runs the coefficients and the pre-mix as one autograd
+node that also hands x on as a pass-through output for the post-res; in backward the post-res
+gradient of that output is added inside the pre-mix backward's dx pass, and that sum inside the
+coefficient backward's dx pass: no separate additions.
+
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
 made while tracing (guarded on the mode); the custom ops then appear in the graph (fake impls give
@@ -39,6 +46,7 @@ __all__ = [
     "use_kernels",
     "triton_available",
     "mhc_coefficients",
+    "mhc_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",
@@ -79,9 +87,14 @@ def use_kernels(mode: KernelMode) -> Iterator[None]:
         _override = previous
 
 
+# Looked up once, at import (find_spec does not import Triton): torch.compile cannot trace find_spec,
+# and CUDA tensors reach this check while a graph is traced.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when Triton is installed."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def _use_triton(x: Tensor, supported: bool) -> bool:
@@ -139,6 +152,30 @@ def _unflatten_coefficients(h_pre: Tensor, h_post: Tensor, h_res: Tensor, lead: 
     return ref.Coefficients(*(unflatten_tokens(t, lead) for t in (h_pre, h_post, h_res)))
 
 
+def _coefficient_kernel_iters(
+    x: Tensor, fn: object, scale: object, base: object, iters: int, eps: float, manifold: ref.ResidualProjection | None
+) -> int | None:
+    """The Sinkhorn iteration count the coefficient kernels run with, or None where the reference must
+    run (a manifold other than V4 Sinkhorn with ``eps``, malformed arguments, unsupported shapes or
+    mode). Raises ValueError for arguments that the kernels would take but that are invalid."""
+    if manifold is not None:
+        from torchmhc.manifolds import Sinkhorn
+
+        if not (isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps):
+            return None
+        iters = manifold.iters
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
+    # anything malformed goes to the reference, whose checks name the offending argument
+    if not (_coefficient_args_ok(x, fn, scale, base) and _use_triton(x, _streams_supported(x, fn, scale, base))):
+        return None
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if not (fn.device == scale.device == base.device == x.device):
+        raise ValueError(f"fn, scale and base must be on x's device {x.device}")
+    return iters
+
+
 def mhc_coefficients(
     x: Tensor,
     fn: Tensor,
@@ -164,30 +201,113 @@ def mhc_coefficients(
     Returns:
         ``Coefficients(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32, paper orientation.
     """
-    if manifold is not None:
-        from torchmhc.manifolds import Sinkhorn
-
-        if not (isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps):
-            return ref.mhc_coefficients(
-                x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
-            )
-        iters = manifold.iters
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
-    # anything malformed goes to the reference, whose checks name the offending argument
-    if not (_coefficient_args_ok(x, fn, scale, base) and _use_triton(x, _streams_supported(x, fn, scale, base))):
-        return ref.mhc_coefficients(x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if not (fn.device == scale.device == base.device == x.device):
-        raise ValueError(f"fn, scale and base must be on x's device {x.device}")
+    kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
+    if kernel_iters is None:
+        return ref.mhc_coefficients(
+            x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
+        )
     from torchmhc.kernels.coefficients_op import coefficients_op
 
     h_pre, h_post, h_res, *_saved = coefficients_op(
         flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
-        iters, float(eps), float(rms_eps), float(post_scale),
+        kernel_iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip
     return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
+
+
+class _ChainedPre(torch.autograd.Function):
+    """Coefficients and pre-mix of one sub-layer as one node whose backward chains x's gradients.
+
+    Forward (``x [T, n, C]``): the coefficient and pre-mix custom ops, unchanged; returns
+    ``(y [T, C], x_pass, h_pre, h_post, h_res)`` where ``x_pass`` is x itself (autograd makes it a
+    view of x with this node as its grad_fn), for the post-res to read. Backward: the pre-mix
+    backward computes ``h_pre ⊗ dy + d x_pass`` in its one pass over dx, the coefficient backward
+    adds that into its own dx pass; what reaches x is the sum of all three ops' gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, rms_eps: float, post_scale: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        from torchmhc.kernels.coefficients_op import coefficients_op
+        from torchmhc.kernels.pre_mix_op import pre_mix_op
+
+        h_pre, h_post, h_res, m_pp, m_res, rinv = coefficients_op(x, fn, scale, base, iters, eps, rms_eps, post_scale)
+        y = pre_mix_op(x, h_pre)
+        ctx.save_for_backward(x, fn, scale, base, h_pre, m_pp, m_res, rinv)
+        ctx.config = (iters, eps, post_scale)
+        # absent gradients stay None: no zero tensors to read for an unused output
+        ctx.set_materialize_grads(False)
+        return y, x, h_pre, h_post, h_res
+
+    @staticmethod
+    def backward(
+        ctx, dy: Tensor | None, d_pass: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        from torchmhc.kernels.coefficients_op import _coefficients_backward_op
+        from torchmhc.kernels.pre_mix_op import _pre_mix_backward_op
+
+        x, fn, scale, base, h_pre, m_pp, m_res, rinv = ctx.saved_tensors
+        iters, eps, post_scale = ctx.config
+        dx = None if d_pass is None else d_pass.contiguous()
+        if dy is not None:  # pre-mix backward, adding the post-res gradient of x in its dx pass
+            dx, dh_mix = _pre_mix_backward_op(dy.contiguous(), x, h_pre, dx)
+            d_pre = dh_mix if d_pre is None else d_pre + dh_mix
+        if d_pre is None and d_post is None and d_res is None:  # the coefficients were not used
+            return dx, None, None, None, None, None, None, None
+
+        def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+            return h_pre.new_zeros(shape) if g is None else g.contiguous()
+
+        t, n = h_pre.shape
+        dx, dfn, dscale, dbase = _coefficients_backward_op(
+            x, fn, scale, base, m_pp, m_res, rinv, grad(d_pre, (t, n)), grad(d_post, (t, n)),
+            grad(d_res, (t, n, n)), iters, eps, post_scale, dx,
+        )  # fmt: skip
+        # one gradient per input: (x, fn, scale, base, iters, eps, rms_eps, post_scale)
+        return dx, dfn, dscale, dbase, None, None, None, None
+
+
+def mhc_pre(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    rms_eps: float = 1e-6,
+    post_scale: float = 2.0,
+    manifold: ref.ResidualProjection | None = None,
+) -> tuple[Tensor, Tensor, ref.Coefficients]:
+    """The first half of an mHC sub-layer: coefficients and layer input, with chained x-gradients.
+
+    Same values as ``c = mhc_coefficients(x, ...)``, ``layer_input = pre_mix(x, c.h_pre)``. Where
+    the coefficient kernels apply, both run as one autograd node and ``x_for_post`` is a view of x
+    produced by that node: pass it (not x) to :func:`post_res`, and the post-res gradient of the
+    streams is summed into dx inside the kernels' backward passes instead of by autograd (see the
+    module docstring). Elsewhere ``x_for_post`` is x itself and the ops are the unchained ones.
+
+    Args:
+        x, fn, scale, base, iters, eps, rms_eps, post_scale, manifold: as in :func:`mhc_coefficients`.
+
+    Returns:
+        ``(layer_input [..., C] in x.dtype, x_for_post [..., n, C], Coefficients(h_pre [..., n],
+        h_post [..., n], h_res [..., n, n]) fp32)``.
+    """
+    kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
+    if kernel_iters is None:
+        coefficients = ref.mhc_coefficients(
+            x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
+        )
+        return pre_mix(x, coefficients.h_pre), x, coefficients
+    lead = x.shape[:-2]
+    y, x_pass, h_pre, h_post, h_res = _ChainedPre.apply(
+        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
+        kernel_iters, float(eps), float(rms_eps), float(post_scale),
+    )  # fmt: skip
+    coefficients = _unflatten_coefficients(h_pre, h_post, h_res, lead)
+    return unflatten_tokens(y, lead), unflatten_tokens(x_pass, lead), coefficients
 
 
 def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:

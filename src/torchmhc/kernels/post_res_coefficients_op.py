@@ -199,12 +199,11 @@ def _post_res_coefficients_backward_op(
     if t == 0:
         zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
         return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res), *zeros
-    dm_pp, dm_res, cx, dscale, dbase = coefficients_bwd_tokens(
+    dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, d_pre, d_post, d_res, n * c, iters, eps, post_scale
     )
     # total gradient of x_{l+1}: the coefficient pass's share plus what came from downstream
-    # (channel tiles of 128: with the extra operand, 256 spills registers)
-    d_total, dfn = coefficients_bwd_x(x_next, fn, dm_pp, dm_res, cx, block_k=128, add=d_next)
+    d_total, dfn = coefficients_bwd_x(x_next, fn, dm, cx, add=d_next)
     dx, df, dh_post, dh_res = post_res_bwd(d_total, x, f_out, h_post, h_res)
     return dx, df, dh_post, dh_res, dfn, dscale, dbase
 

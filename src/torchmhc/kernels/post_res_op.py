@@ -103,16 +103,29 @@ def _post_res_bwd_kernel(
     tl.store(dhpost_ptr + tok64 * N + stream, tl.sum(acc_post, axis=1), mask=rvalid)
 
 
-def post_res_fwd(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+def post_res_fwd(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    *,
+    block_c: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
     """Launcher. ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]`` (any float dtype),
-    ``h_post [T, n]`` fp32, ``h_res [T, n, n]`` fp32, all contiguous -> ``[T, n, C]`` in x.dtype."""
+    ``h_post [T, n]`` fp32, ``h_res [T, n, n]`` fp32, all contiguous -> ``[T, n, C]`` in x.dtype.
+    ``block_c``: channels per step (at most; default 8192 // n for n <= 4, else 4096 // n, rounded
+    to a power of two dividing C); ``num_warps`` defaults to one per 1024 tile values, at least 4
+    (H100, ``benchmarks/tune.py``: 2048 channels x 8 warps at C = 4096, n = 4; 8 warps on the
+    1024-channel tiles of C = 7168 lost 20%)."""
     t, n, c = x.shape
     out = torch.empty_like(x)
     if t == 0:
         return out
     np_ = next_pow2(n)
-    block_c = channel_block(c, max(64, 4096 // np_))
-    _post_res_fwd_kernel[(t,)](x, f_out, h_post, h_res, out, C=c, N=n, NP=np_, BLOCK_C=block_c, num_warps=4)
+    block_c = channel_block(c, block_c or max(64, (8192 if n <= 4 else 4096) // np_))
+    num_warps = num_warps or max(4, min(8, np_ * block_c // 1024))
+    _post_res_fwd_kernel[(t,)](x, f_out, h_post, h_res, out, C=c, N=n, NP=np_, BLOCK_C=block_c, num_warps=num_warps)
     return out
 
 
@@ -123,8 +136,9 @@ def post_res_bwd(
     h_post: Tensor,
     h_res: Tensor,
     *,
-    block_c: int = 64,
-    num_warps: int = 2,
+    block_c: int = 128,
+    num_warps: int = 1,
+    num_stages: int = 3,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launcher. ``grad [T, n, C]`` (dL/dout) and the forward's inputs, all contiguous
     -> ``(dx [T, n, C] x.dtype, df [T, C] f_out.dtype, dh_post [T, n] fp32, dh_res [T, n, n] fp32)``.
@@ -142,7 +156,7 @@ def post_res_bwd(
     mode = MODE_BF16 if precision_mode(x) == MODE_BF16 else MODE_FMA
     _post_res_bwd_kernel[(triton.cdiv(t, tpb),)](
         grad, x, f_out, h_post, h_res, dx, df, dh_post, dh_res, t,
-        C=c, N=n, TPB=tpb, BLOCK_C=channel_block(c, block_c), MODE=mode, num_warps=num_warps,
+        C=c, N=n, TPB=tpb, BLOCK_C=channel_block(c, block_c), MODE=mode, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return dx, df, dh_post, dh_res
 

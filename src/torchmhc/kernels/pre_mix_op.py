@@ -2,6 +2,8 @@
 
 Forward reads the n·C stream values once and writes C; backward reads x (n·C) and dy (C) once,
 writes dx (n·C) and reduces ``dh_pre[j] = Σ_c dy[c]·x[j, c]`` on-chip (no atomics: deterministic).
+The backward can add another gradient of x into dx in the same pass (``add``, n·C more read): the
+chained sub-layer (``dispatch.mhc_pre``) hands it the post-res gradient of the streams this way.
 
 Legend: T tokens, n streams (NP = n padded to a power of two), C channels.
 """
@@ -33,7 +35,17 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr,
 
 @triton.jit
 def _pre_mix_bwd_kernel(
-    g_ptr, x_ptr, h_ptr, dx_ptr, dh_ptr, C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr
+    g_ptr,  # [T, C] dL/dy
+    x_ptr,  # [T, n, C]
+    h_ptr,  # [T, n] fp32
+    add_ptr,  # [T, n, C]: a gradient to add into dx when ADD (else unused)
+    dx_ptr,  # [T, n, C] out
+    dh_ptr,  # [T, n] fp32 out
+    C: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ADD: tl.constexpr,
 ):
     # grid (T,): one token per program, looping over C so that dh_pre is reduced in registers.
     # C is a compile-time constant: loop bounds from runtime scalars break the CPU interpreter
@@ -50,7 +62,10 @@ def _pre_mix_bwd_kernel(
         g = tl.load(g_ptr + t * C + cols).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
         acc += x * g[None, :]
-        tl.store(dx_ptr + offs, (h[:, None] * g[None, :]).to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+        dx = h[:, None] * g[None, :]
+        if ADD:  # x's other gradient, summed in fp32 here instead of in a separate pass
+            dx += tl.load(add_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(dh_ptr + t * N + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -66,9 +81,10 @@ def pre_mix_fwd(x: Tensor, h_pre: Tensor) -> Tensor:
     return out
 
 
-def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor, *, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Launcher. ``grad [T, C]`` (dL/dy), ``x [T, n, C]``, ``h_pre [T, n]`` fp32, all contiguous
-    -> ``(dx [T, n, C] in x.dtype, dh_pre [T, n] fp32)``."""
+    -> ``(dx [T, n, C] in x.dtype, dh_pre [T, n] fp32)``. ``add [T, n, C]`` (any float dtype,
+    contiguous), when given, is added into dx in the same pass: ``dx = h_pre ⊗ grad + add``."""
     t, n, c = x.shape
     dx = torch.empty_like(x)
     dh = torch.empty((t, n), dtype=torch.float32, device=x.device)
@@ -76,7 +92,10 @@ def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]
         return dx, dh
     np_ = next_pow2(n)
     block_c = channel_block(c, max(64, 4096 // np_))
-    _pre_mix_bwd_kernel[(t,)](grad, x, h_pre, dx, dh, C=c, N=n, NP=np_, BLOCK_C=block_c, num_warps=4)
+    _pre_mix_bwd_kernel[(t,)](
+        grad, x, h_pre, x if add is None else add, dx, dh,
+        C=c, N=n, NP=np_, BLOCK_C=block_c, ADD=add is not None, num_warps=4,
+    )  # fmt: skip
     return dx, dh
 
 
@@ -97,12 +116,13 @@ def _(x: Tensor, h_pre: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("torchmhc::pre_mix_backward", mutates_args=())
-def _pre_mix_backward_op(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    return pre_mix_bwd(grad, x, h_pre)
+def _pre_mix_backward_op(grad: Tensor, x: Tensor, h_pre: Tensor, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dx, dh_pre)`` of :func:`pre_mix_bwd`; ``add`` (or None) is summed into dx."""
+    return pre_mix_bwd(grad, x, h_pre, add=add)
 
 
 @_pre_mix_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+def _(grad: Tensor, x: Tensor, h_pre: Tensor, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), h_pre.new_empty(h_pre.shape)
 
 

@@ -1,0 +1,57 @@
+"""Host (CPU) time per call of each fused op's entry point, beside its GPU time (GPU).
+
+A launch path whose host time exceeds the kernel's GPU time makes the GPU wait; this shows where
+the host time goes for the coefficient op (dispatch -> custom op -> launcher -> Triton launch).
+
+    PYTHONPATH=src python benchmarks/overhead.py
+"""
+
+import cProfile
+import pstats
+import time
+
+import torch
+import triton.testing
+
+from torchmhc.kernels import mhc_coefficients, use_kernels
+from torchmhc.kernels.coefficients_op import coefficients_fwd, coefficients_op
+
+
+def host_us(fn, calls: int = 50) -> float:
+    # few calls: their launches must fit the launch queue, else host time is GPU time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return host * 1e6
+
+
+def main() -> None:
+    t, n, c = 16384, 4, 4096
+    x = torch.randn(t, n, c, device="cuda", dtype=torch.bfloat16)
+    rows = n * n + 2 * n
+    fn = torch.randn(rows, n * c, device="cuda") / (n * c) ** 0.5
+    scale, base = torch.rand(3, device="cuda") + 0.5, torch.randn(rows, device="cuda")
+    cases = {
+        "launcher coefficients_fwd": lambda: coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
+        "custom op coefficients_op": lambda: coefficients_op(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
+        "dispatch mhc_coefficients": lambda: mhc_coefficients(x, fn, scale, base),
+    }
+    with use_kernels("triton"):
+        for name, f in cases.items():
+            gpu = triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3
+            print(f"{name:28s} host {host_us(f):7.1f} µs/call   do_bench {gpu:7.1f} µs", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            mhc_coefficients(x, fn, scale, base)
+        prof.disable()
+        torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Launch-configuration sweep of the fused kernels (GPU): how the launchers' defaults were chosen.
+
+For each kernel, every combination of its tile sizes and launch options in GRIDS runs at one shape;
+each result is checked against the launcher's default configuration, then timed (median, L2
+flushed). Compilation runs first in parallel worker processes (filling Triton's disk cache), so
+the timing pass in this process only loads compiled kernels. Prints, per kernel, the default and
+the fastest configurations with µs and % of a device-to-device copy measured in the same run.
+
+    PYTHONPATH=src python benchmarks/tune.py [--shape 16384x4096] [--streams 4] [--kernels coef_bwd_x ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "post_res_fwd", "post_res_bwd")
+
+#: Keyword arguments of each launcher that the sweep varies, and their candidate values.
+GRIDS: dict[str, dict[str, tuple]] = {
+    "coef_fwd": {"block_t": (64, 128), "block_k": (128, 256), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    "coef_bwd_tokens": {"block_t": (16, 32), "num_warps": (1, 2, 4)},
+    "coef_bwd_x": {
+        "block_t": (64, 128),
+        "block_k": (64, 128),
+        "num_warps": (4, 8),
+        "num_stages": (3,),
+        "dfn_parts": (2, 3),
+        "dx_tf32": (False, True),
+    },
+    "post_res_fwd": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8, 16)},
+    "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
+}
+
+
+def configs(kernel: str) -> list[dict]:
+    grid = GRIDS[kernel]
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object], int]:
+    """``(run(**config) -> outputs, bytes the kernel must move)`` on fresh random inputs."""
+    from torchmhc.kernels.coefficients_op import (
+        coefficients_bwd_tokens,
+        coefficients_bwd_x,
+        coefficients_fwd,
+    )
+    from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(t, n, c, device=dev, dtype=torch.bfloat16)
+    rows = n * n + 2 * n
+    fn = torch.randn(rows, n * c, device=dev) / (n * c) ** 0.5
+    scale = torch.rand(3, device=dev) + 0.5
+    base = torch.randn(rows, device=dev)
+    stream_bytes = t * n * c * 2
+    channel_bytes = t * c * 2
+    small = t * (3 * n * n + 4 * n + 40) * 4
+    if kernel == "coef_fwd":
+        return (lambda **kw: coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0, **kw)), stream_bytes + small
+    saved = coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0)[3:]
+    d_h = (torch.randn(t, n, device=dev), torch.randn(t, n, device=dev), torch.randn(t, n, n, device=dev))
+    if kernel == "coef_bwd_tokens":
+        return (lambda **kw: coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0, **kw)), small
+    if kernel == "coef_bwd_x":
+        dm = coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0)[:2]
+        return (lambda **kw: coefficients_bwd_x(x, fn, *dm, **kw)), 2 * stream_bytes + small
+    f_out = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    h_post = 2 * torch.rand(t, n, device=dev)
+    h_res = torch.rand(t, n, n, device=dev)
+    if kernel == "post_res_fwd":
+        return (lambda **kw: post_res_fwd(x, f_out, h_post, h_res, **kw)), 2 * stream_bytes + channel_bytes
+    g = torch.randn_like(x)
+    return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
+
+
+def _compile_worker(job: tuple[str, int, int, int, list[dict]]) -> list[str]:
+    """Runs each configuration once (compiling it into Triton's disk cache); returns errors."""
+    kernel, t, c, n, cfgs = job
+    run, _ = make_case(kernel, t, c, n)
+    errors = []
+    for cfg in cfgs:
+        try:
+            run(**cfg)
+        except Exception as e:  # out of shared memory or registers: reported, then skipped
+            errors.append(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    torch.cuda.synchronize()
+    return errors
+
+
+def precompile(kernel: str, t: int, c: int, n: int, workers: int) -> None:
+    cfgs = configs(kernel)
+    chunks = [cfgs[i::workers] for i in range(workers) if cfgs[i::workers]]
+    with mp.get_context("spawn").Pool(len(chunks)) as pool:
+        for errors in pool.map(_compile_worker, [(kernel, t, c, n, chunk) for chunk in chunks]):
+            for e in errors:
+                print(f"  compile failed {e}", flush=True)
+
+
+def _tuple(out: object) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def sweep(kernel: str, t: int, c: int, n: int, copy_tbps: float) -> None:
+    import triton.testing
+
+    run, nbytes = make_case(kernel, t, c, n)
+    reference = run()
+    results = []
+    for cfg in configs(kernel):
+        try:
+            out = run(**cfg)
+        except Exception:
+            continue  # reported by the compile pass
+        err = max(rel_err(a, b) for a, b in zip(_tuple(out), _tuple(reference)))
+        ms = triton.testing.do_bench(lambda: run(**cfg), warmup=10, rep=50, return_mode="median")
+        results.append((ms, cfg, err))
+    default_ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+
+    def line(label: str, ms: float, cfg: object, err: float | None = None) -> str:
+        pct = 100 * nbytes / (ms * 1e-3) / 1e12 / copy_tbps
+        tail = "" if err is None else f"  rel. err vs default {err:.1e}"
+        return f"  {label:8s} {ms * 1e3:8.1f} µs {pct:5.1f}% of copy  {cfg}{tail}"
+
+    print(f"{kernel} [T={t} C={c} n={n}] {len(results)} configurations", flush=True)
+    print(line("default", default_ms, "launcher defaults"))
+    for ms, cfg, err in sorted(results, key=lambda r: r[0])[:6]:
+        print(line("", ms, cfg, err) + ("  <-- MISMATCH" if err > 2e-2 else ""), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="16384x4096", help="TxC")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/tune.py needs a CUDA device")
+    from kernels import copy_rate  # benchmarks/kernels.py, beside this file
+
+    t, c = (int(v) for v in args.shape.lower().split("x"))
+    copy_tbps = copy_rate()
+    print(f"{torch.cuda.get_device_name()}: copy {copy_tbps:.2f} TB/s", flush=True)
+    for kernel in args.kernels:
+        t0 = time.time()
+        precompile(kernel, t, c, args.streams, args.workers)
+        print(f"{kernel}: compiled {len(configs(kernel))} configurations in {time.time() - t0:.0f} s", flush=True)
+        sweep(kernel, t, c, args.streams, copy_tbps)
+
+
+if __name__ == "__main__":
+    main()
