@@ -1,48 +1,108 @@
-"""End-to-end training step time: residual vs HC vs mHC in the same language model.
+"""End-to-end training step: residual vs HC vs mHC in the same language model, with memory and floor.
 
-    python benchmarks/e2e.py                         # gpu-small preset on the GPU
-    python benchmarks/e2e.py --preset tiny --device cpu --steps 5 --warmup 2
-    python benchmarks/e2e.py --set model.arch=moe --set data.batch_size=16
+    python benchmarks/e2e.py --preset gpu-moe-3b --variants residual,mhc,mhc:recompute --out moe.md
+    python benchmarks/e2e.py --preset tiny --device cpu --steps 3 --warmup 1      # CPU smoke run
+    python benchmarks/e2e.py --preset gpu-small --set train.compile=false         # eager
 
-For each variant: build the model (same seed), run ``--warmup`` untimed steps, then time
-``--steps`` full training steps (forward, backward, clip, AdamW) on a fixed random batch.
-Reports median ms/step, tokens/s, peak memory (CUDA allocator), the overhead against the
-residual baseline — the quantity the mHC paper puts at 6.7% for n = 4 with fused kernels — and
-model FLOP utilization (MFU) against a bf16 matrix product timed in the same run, so that a slow
-baseline (which would make the overhead look small) shows.
-Prints a markdown table; ``--out FILE`` also writes it (results belong in
-``benchmarks/results/<device>.md``, one file per device).
+A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`` turns on block
+recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
+of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both. Every
+variant gets the same preset, seed, batch and ``train.compile`` setting (the GPU benchmark presets
+compile, block by block: ``torchmhc.train.apply_compile``).
+
+For each variant, in one process: build the model on the device, ``--warmup`` untimed steps (the
+first one compiles; its time is reported), ``--steps`` timed training steps (forward, backward,
+clip, fused AdamW) on a fixed random batch, then one instrumented step for memory:
+
+- activations: bytes allocated between the start and the end of the forward, i.e. what the
+  forward leaves alive for the backward (saved tensors, bf16 weight copies, the loss). CUDA
+  allocator statistics on the GPU; on the CPU the storages created during the forward that are
+  still alive after it (a dispatch mode records them), the same quantity.
+- peak: the CUDA allocator's peak over that step (weights, AdamW state, gradients, activations).
+
+Three reports follow the step-time table (overhead vs residual, MFU against a bf16 matmul timed in
+the same run, so that a slow baseline shows):
+
+- memory: each variant's activations next to the formula for what the mHC connections keep
+  (SPEC §9: the streams x_l, n·C per sub-layer; the layer input H_pre·x_l and the branch output
+  f_l, C each; the fused kernels' fp32 coefficients) — and, for every ``X`` run with and without
+  ``:recompute``, the measured saving against the formula's: recomputation drops x_l except at
+  each block start and every H_pre·x_l.
+- floor: the bytes the mHC operations must move per training step (per sub-layer and token, the
+  per-kernel counts of benchmarks/kernels.py), divided by a device-to-device copy rate measured in
+  the same run: the overhead that memory traffic alone explains, next to the measured overhead.
+
+Prints progress as it goes; ``--out FILE`` gets the markdown report (rewritten after every
+variant, so a run cut short keeps what it measured). Results belong in
+``benchmarks/results/<device>.md``.
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
+import gc
 import json
+import math
 import statistics
 import time
-from dataclasses import replace
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from torchmhc.config import load_config
+from torchmhc.config import RunConfig, load_config
+from torchmhc.kernels import kernel_mode, use_kernels
 from torchmhc.models import build_model
-from torchmhc.train import autocast_context, build_optimizer, resolve_device, train_step
+from torchmhc.recompute import block_starts, optimal_block_length
+from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
+
+GiB = 2**30
+MODIFIERS = ("recompute", "reference")
+
+# ----------------------------------------------------------------------------------------------
+# Rates of the device, measured in the same run
+# ----------------------------------------------------------------------------------------------
+
+
+def _median_cuda_seconds(fn, *, repeats: int, skip: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times[skip:])
+
 
 def matmul_tflops(device: torch.device) -> float:
     """Measured dense bf16 matmul rate (TFLOP/s) of an 8192³ product, median of 20."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times[5:]) / 1e12
+    return 2 * 8192**3 / _median_cuda_seconds(lambda: a @ b, repeats=25, skip=5) / 1e12
 
 
-def flops_per_token(model: torch.nn.Module, cfg) -> float:
+def copy_tbps(device: torch.device) -> float:
+    """Measured device-to-device copy rate in TB/s (bytes read + written) of 512 MiB of bf16, as
+    ``benchmarks/kernels.py`` measures it."""
+    src = torch.randn(2**28, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds = _median_cuda_seconds(lambda: dst.copy_(src), repeats=30, skip=5)
+    return 2 * src.numel() * src.element_size() / seconds / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model must compute, keep and move (pure arithmetic; tests/test_e2e_bench.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def flops_per_token(model: torch.nn.Module, cfg: RunConfig) -> float:
     """Training FLOPs per token: 6 × parameters a token touches (routed experts at top_k/E) plus
     causal attention's 6·L·C·T (QKᵀ and AV, half the square, forward and backward)."""
     params = sum(p.numel() for p in model.parameters())
@@ -54,90 +114,423 @@ def flops_per_token(model: torch.nn.Module, cfg) -> float:
     return 6 * params + 6 * m.num_layers * m.dim * cfg.data.seq_len
 
 
-def time_variant(cfg, device: torch.device, *, steps: int, warmup: int) -> dict:
-    """Median wall time of one training step of ``cfg``'s model, and peak memory."""
+def coefficient_bytes_kept(n: int) -> int:
+    """fp32 bytes per token and sub-layer that the fused kernels' autograd keeps besides the
+    streams: h_pre, h_post [n], h_res [n²] and the coefficient backward's m_pp [16], m_res [NP²],
+    1/r [1] (``kernels/coefficients_op.py``: ``empty_coefficient_outputs``; NP = max(4, n rounded
+    up to a power of two))."""
+    np_ = max(4, 1 << (n - 1).bit_length())
+    return 4 * (2 * n + n * n + 16 + np_ * np_ + 1)
+
+
+@dataclass
+class ConnectionMemory:
+    """Per-token bytes that the hyper-connections of a model keep for the backward (SPEC §9).
+
+    ``kept``: without recomputation: every sub-layer's streams x_l (n·C), its layer input
+    H_pre·x_l (C; saved by the branch's pre-norm), its branch output f_l (C; saved by the post-res)
+    and the fp32 coefficients; and the last streams x_L (n·C), the stream head's input.
+    ``kept_recompute``: with block recomputation: x_l only at block starts, no layer inputs.
+    ``saving`` = ``kept - kept_recompute``. ``residual``: what the plain residual keeps of its
+    stream (the pre-norm's input, C per sub-layer), so that ``kept - residual`` is mHC's extra
+    over the baseline (the final norm keeps C in both).
+    """
+
+    kept: int
+    kept_recompute: int
+    residual: int
+    num_blocks: int
+
+    @property
+    def saving(self) -> int:
+        return self.kept - self.kept_recompute
+
+
+def connection_memory(
+    *, num_streams: int, dim: int, num_sublayers: int, elem_bytes: int, block_length: int = 0
+) -> ConnectionMemory:
+    """:class:`ConnectionMemory` for n = ``num_streams``, C = ``dim``, L = ``num_sublayers`` and streams
+    of ``elem_bytes`` bytes; ``block_length`` 0 takes the recomputation default L_r*."""
+    n, c, L, e = num_streams, dim, num_sublayers, elem_bytes
+    length = block_length or optimal_block_length(n, L)
+    blocks = len(block_starts(L, length))
+    coef = coefficient_bytes_kept(n)
+    head = n * c * e
+    kept = L * (n * c * e + 2 * c * e + coef) + head
+    kept_recompute = blocks * n * c * e + L * (c * e + coef) + head
+    return ConnectionMemory(kept=kept, kept_recompute=kept_recompute, residual=L * c * e, num_blocks=blocks)
+
+
+def mhc_traffic_bytes(*, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False) -> dict[str, int]:
+    """Bytes the mHC operations of one sub-layer must move per token, by pass (the per-kernel counts
+    of benchmarks/kernels.py: every input read once, every output written once).
+
+    forward: coefficients read nC; pre-mix read nC, write C; post-res read nC + C, write nC
+    (SPEC §9: (3n+1)C read, (n+1)C write). backward: coefficients read x, write dx (2nC);
+    pre-mix read dy and x, write dx (2nC + C); post-res read dout, x, f, write dx, df (3nC + 2C);
+    gradient sum: the chained backward adds the post-res and pre-mix gradients of x inside the next
+    dx pass (one more nC read each). fp32 coefficient traffic, (3n² + 4n + 40)·4 bytes per
+    coefficient pass, forward and backward. recompute: the forward of the connections once more in
+    the backward (block recomputation replays coefficients, pre-mix and post-res). ``residual``:
+    the plain residual's own add (read 2C, write C), which mHC replaces.
+    """
+    n, c, e = num_streams, dim, elem_bytes
+    small = (3 * n * n + 4 * n + 40) * 4
+    out = {
+        "forward": (4 * n + 2) * c * e + small,
+        "backward": (7 * n + 3) * c * e + small,
+        "gradient_sum": 2 * n * c * e,
+        "recompute": (4 * n + 2) * c * e + small if recompute else 0,
+    }
+    out["total"] = sum(out.values())
+    out["residual"] = 3 * c * e
+    return out
+
+
+@dataclass
+class Floor:
+    """The memory-traffic floor of the mHC connections for one training step."""
+
+    bytes_per_step: int  # mHC operations, all sub-layers and tokens
+    net_bytes_per_step: int  # minus the residual adds they replace
+    copy_tbps: float
+
+    @property
+    def ms(self) -> float:
+        return self.net_bytes_per_step / (self.copy_tbps * 1e12) * 1e3
+
+
+def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, recompute: bool = False) -> Floor:
+    """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block)."""
+    m = cfg.model
+    per = mhc_traffic_bytes(num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=recompute)
+    units = 2 * m.num_layers * cfg.data.batch_size * cfg.data.seq_len  # sub-layer-tokens
+    return Floor(per["total"] * units, (per["total"] - per["residual"]) * units, copy_tbps)
+
+
+def stream_bytes(cfg: RunConfig, device: torch.device) -> int:
+    """Bytes of one stream element: the autocast dtype (the model casts the embedding), else fp32."""
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    return 2 if bf16 else 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+class NewStorages(TorchDispatchMode):
+    """Records the storages that tensor operations create while active (CPU activation memory).
+
+    :meth:`alive_bytes` sums those still alive: after a forward, what it left for the backward.
+    Nested ``saved_tensors_hooks`` (block recomputation uses them) do not hide anything from it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                known = self.storages.get(ptr)
+                if known is None or known[0].expired():  # new, or freed memory reused
+                    self.storages[ptr] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive_bytes(self) -> int:
+        return sum(nbytes for ref, nbytes in self.storages.values() if not ref.expired())
+
+
+@dataclass
+class Variant:
+    """One row: a ``model.residual`` name and its modifiers (``mhc:recompute:reference``)."""
+
+    spec: str
+    residual: str
+    recompute: bool = False
+    reference: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        residual, *mods = spec.strip().split(":")
+        bad = [m for m in mods if m not in MODIFIERS]
+        if bad or not residual:
+            raise ValueError(f"variant {spec!r}: expected NAME[:recompute][:reference], got modifiers {bad}")
+        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods)
+
+    def config(self, base: RunConfig) -> RunConfig:
+        return replace(base, model=replace(base.model, residual=self.residual, recompute=self.recompute))
+
+
+@dataclass
+class Result:
+    spec: str
+    num_params: int = 0
+    flops_per_token: float = 0.0
+    first_step_s: float = math.nan  # includes compiling
+    ms_per_step: float = math.nan
+    ms_min: float = math.nan
+    tokens_per_s: float = math.nan
+    activation_bytes: int | None = None
+    peak_bytes: int | None = None
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_step(model, optimizer, batch, cfg: RunConfig, device: torch.device, autocast) -> tuple[int, int | None]:
+    """One training step split at the end of the forward: (activation bytes, peak bytes or None)."""
+    x, y = batch
+    # Garbage in reference cycles (frames, closures) would otherwise be freed at a random point.
+    gc.collect()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with autocast:
+            loss = lm_loss(model, x, y)
+        gc.collect()
+        _sync(device)
+        activations = torch.cuda.memory_allocated(device) - before
+    else:
+        meter = NewStorages()
+        with meter, autocast:
+            loss = lm_loss(model, x, y)
+        gc.collect()
+        activations = meter.alive_bytes()
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_router_bias()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return activations, peak
+
+
+def run_variant(variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int) -> Result:
+    """Build, (compile,) time and measure one variant."""
+    cfg = variant.config(base)
+    result = Result(variant.spec)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    with torch.device(device):  # parameters initialized on the device (same weights for every variant)
+        model = build_model(cfg.model)
+    model.train()
     optimizer = build_optimizer(model, cfg.optim)
+    if cfg.train.compile:
+        apply_compile(model)
+    result.num_params = model.num_params()
+    result.flops_per_token = flops_per_token(model, cfg)
     autocast = autocast_context(device, cfg.train.dtype)
     shape = (cfg.data.batch_size, cfg.data.seq_len)
-    x = torch.randint(0, cfg.model.vocab_size, shape, device=device)
-    y = torch.randint(0, cfg.model.vocab_size, shape, device=device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    batch = tuple(torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(2))
+    kernels = use_kernels("reference") if variant.reference else contextlib.nullcontext()
     times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        train_step(model, optimizer, (x, y), lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
-                   on_nonfinite="skip", autocast=autocast, step=i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    return {
-        "ms_per_step": ms,
-        "ms_min": min(times) * 1e3,
-        "tokens_per_s": shape[0] * shape[1] / (ms / 1e3),
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "num_params": model.num_params(),
-        "flops_per_token": flops_per_token(model, cfg),
-    }
+    with kernels:
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            train_step(model, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
+                       on_nonfinite="skip", autocast=autocast, step=i)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if i == 0:
+                result.first_step_s = dt
+                print(f"  {variant.spec}: first step {dt:.1f} s" + (" (compiling)" if cfg.train.compile else ""), flush=True)
+            if i >= warmup:
+                times.append(dt)
+        result.activation_bytes, result.peak_bytes = memory_step(model, optimizer, batch, cfg, device, autocast)
+    result.ms_per_step = statistics.median(times) * 1e3
+    result.ms_min = min(times) * 1e3
+    result.tokens_per_s = shape[0] * shape[1] / (result.ms_per_step / 1e3)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: float | None) -> str:
+    """GiB with 2 decimals; small amounts (CPU smoke runs) in MiB."""
+    if nbytes is None:
+        return "–"
+    return f"{nbytes / GiB:.2f}" if abs(nbytes) >= GiB / 8 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}%"
+
+
+def report(args, base: RunConfig, device: torch.device, name: str, rates: dict, results: dict[str, Result]) -> str:
+    """The markdown report: step times, memory, floor."""
+    m, d = base.model, base.data
+    elem = stream_bytes(base, device)
+    lines = [
+        f"# End-to-end training step, {name}",
+        "",
+        f"Preset `{args.preset}` ({m.arch}, {m.num_layers} blocks, dim {m.dim}, n = {m.num_streams}, "
+        f"batch {d.batch_size} x {d.seq_len} tokens, dtype {base.train.dtype}, streams {8 * elem}-bit, "
+        f"compile {'on' if base.train.compile else 'off'}); torch {torch.__version__}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps (the first compiles)."
+        + (f" Measured bf16 matmul: {rates['matmul_tflops']:.0f} TFLOP/s." if rates.get("matmul_tflops") else "")
+        + (f" Measured device-to-device copy: {rates['copy_tbps']:.2f} TB/s." if rates.get("copy_tbps") else ""),
+    ]
+    ok = {spec: r for spec, r in results.items() if not r.error}
+    base_ms = ok["residual"].ms_per_step if "residual" in ok else None
+    lines += _speed_table(results, base_ms, rates.get("matmul_tflops"))
+    lines += _memory_tables(base, device, elem, ok)
+    if rates.get("copy_tbps") and base_ms:
+        lines += _floor_table(base, elem, ok, base_ms, rates["copy_tbps"])
+    return "\n".join(lines) + "\n"
+
+
+def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops: float | None) -> list[str]:
+    lines = [
+        "",
+        "| variant | ms/step | tokens/s | overhead vs residual | first step (s) | params | model TFLOP/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for spec, r in results.items():
+        if r.error:
+            lines.append(f"| {spec} | {r.error} | | | | | | |")
+            continue
+        overhead = _pct(r.ms_per_step / base_ms - 1) if base_ms and spec != "residual" else "–"
+        tflops = r.tokens_per_s * r.flops_per_token / 1e12
+        mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "–"
+        lines.append(f"| {spec} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | {overhead} | {r.first_step_s:.1f} | "
+                     f"{r.num_params / 1e6:.1f} M | {tflops:.0f} | {mfu} |")
+    return lines
+
+
+def _memory_tables(base: RunConfig, device: torch.device, elem: int, ok: dict[str, Result]) -> list[str]:
+    """Measured activations vs the connection formula; recomputation's saving vs the formula's."""
+    m, tokens = base.model, base.data.batch_size * base.data.seq_len
+    cm = connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers,
+                           elem_bytes=elem, block_length=m.recompute_block_length)
+    kind = "CUDA allocator" if device.type == "cuda" else "storages alive after the forward (CPU)"
+    lines = [
+        "",
+        f"## Memory (activations: bytes the forward leaves for the backward, {kind})",
+        "",
+        "| variant | activations (GiB) | peak (GiB) | minus residual's activations (GiB) | formula: connections' extra (GiB) | measured / formula |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    res_act = ok["residual"].activation_bytes if "residual" in ok else None
+    fused = device.type == "cuda" or kernel_mode() == "triton"  # else "mhc" runs the reference too
+    for spec, r in ok.items():
+        variant = Variant.parse(spec)
+        extra = r.activation_bytes - res_act if res_act is not None and variant.residual != "residual" else None
+        formula = None  # the formula describes the fused kernels' autograd, not HC's or the reference's
+        if variant.residual not in ("residual", "hc") and not variant.reference and fused:
+            formula = ((cm.kept_recompute if variant.recompute else cm.kept) - cm.residual) * tokens
+        ratio = f"{extra / formula:.2f}" if extra is not None and formula else "–"
+        lines.append(f"| {spec} | {_gib(r.activation_bytes)} | {_gib(r.peak_bytes)} | {_gib(extra)} | "
+                     f"{_gib(formula)} | {ratio} |")
+    pairs = [(s, s.replace(":recompute", "")) for s in ok if ":recompute" in s and s.replace(":recompute", "") in ok]
+    if not pairs:
+        return lines
+    lines += [
+        "",
+        f"Recomputation ({cm.num_blocks} blocks): measured saving (without minus with `:recompute`) vs the "
+        "formula's (the streams x_l except at block starts, every layer input H_pre·x_l).",
+        "",
+        "| variant | saving: activations (GiB) | saving: peak (GiB) | formula (GiB) | measured / formula |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for with_rc, without in pairs:
+        a, b = ok[without], ok[with_rc]
+        # the formula is mHC's; a plain residual or HC run shows its measured saving only
+        formula = cm.saving * tokens if Variant.parse(with_rc).residual not in ("residual", "hc") else None
+        saving = a.activation_bytes - b.activation_bytes
+        peak = a.peak_bytes - b.peak_bytes if a.peak_bytes is not None and b.peak_bytes is not None else None
+        ratio = f"{saving / formula:.2f}" if formula else "–"
+        lines.append(f"| {with_rc} | {_gib(saving)} | {_gib(peak)} | {_gib(formula)} | {ratio} |")
+        if formula and saving < formula / 2:
+            lines.append(f"\n**{with_rc} freed less than half of what it drops from autograd: something still "
+                         "references the dropped streams (see tests/test_e2e_bench.py).**\n")
+    return lines
+
+
+def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: float, copy: float) -> list[str]:
+    """Memory traffic of the mHC operations (at the measured copy rate) vs the measured overhead."""
+    lines = [
+        "",
+        "## Floor: the overhead that the mHC operations' memory traffic explains",
+        "",
+        "Bytes per step = per sub-layer and token (benchmarks/kernels.py counts: forward (4n+2)·C, backward "
+        "(7n+3)·C, gradient sum 2n·C stream elements, plus fp32 coefficients; with recomputation the forward "
+        "once more) × sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
+        "",
+        "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for spec, r in ok.items():
+        variant = Variant.parse(spec)
+        if variant.residual in ("residual", "hc"):
+            continue
+        floor = mhc_floor(base, copy_tbps=copy, elem_bytes=elem, recompute=variant.recompute)
+        overhead_ms = r.ms_per_step - base_ms
+        share = f"{100 * floor.ms / overhead_ms:.0f}%" if overhead_ms > 0 else "–"
+        lines.append(f"| {spec} | {floor.net_bytes_per_step / 1e9:.1f} | {floor.ms:.1f} | {_pct(floor.ms / base_ms)} | "
+                     f"{_pct(overhead_ms / base_ms)} | {share} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpu-small")
-    parser.add_argument("--variants", default="residual,hc,mhc")
+    parser.add_argument("--variants", default="residual,hc,mhc", help="comma-separated NAME[:recompute][:reference]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    parser.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1 (the first step compiles and is never timed)")
+    variants = [Variant.parse(s) for s in args.variants.split(",")]
 
     base = load_config(args.preset, [f"train.device={args.device}", *args.overrides])
     device = resolve_device(base.train.device)
     if base.train.num_threads:
         torch.set_num_threads(base.train.num_threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"e2e: preset {args.preset} on {name}, variants {[v.spec for v in variants]}", flush=True)
+    rates = {}
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = "cpu"
-    peak = matmul_tflops(device) if device.type == "cuda" else None
-    rows = {}
-    for variant in args.variants.split(","):
-        cfg = replace(base, model=replace(base.model, residual=variant))
-        rows[variant] = time_variant(cfg, device, steps=args.steps, warmup=args.warmup)
-        print(variant, json.dumps(rows[variant]), flush=True)
-
-    m, d = base.model, base.data
-    lines = [
-        f"# End-to-end training step, {name}",
-        "",
-        f"Preset `{args.preset}` ({m.arch}, {m.num_layers} blocks, dim {m.dim}, n = {m.num_streams}, "
-        f"batch {d.batch_size} x {d.seq_len} tokens, dtype {base.train.dtype}); torch {torch.__version__}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps."
-        + (f" Measured bf16 matmul rate: {peak:.0f} TFLOP/s." if peak else ""),
-        "",
-        "| variant | ms/step | tokens/s | overhead vs residual | peak memory (GiB) | params | model TFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    base_ms = rows.get("residual", {}).get("ms_per_step")
-    for variant, r in rows.items():
-        overhead = f"{100 * (r['ms_per_step'] / base_ms - 1):+.1f}%" if base_ms else "–"
-        memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "–"
-        tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "–"
-        lines.append(f"| {variant} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {overhead} | {memory} | "
-                     f"{r['num_params'] / 1e6:.1f} M | {tflops:.0f} | {mfu} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+        rates = {"matmul_tflops": matmul_tflops(device), "copy_tbps": copy_tbps(device)}
+        print(f"  bf16 matmul {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_tbps']:.2f} TB/s", flush=True)
+    results: dict[str, Result] = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        try:
+            results[variant.spec] = run_variant(variant, base, device, steps=args.steps, warmup=args.warmup)
+        except torch.cuda.OutOfMemoryError as exc:
+            results[variant.spec] = Result(variant.spec, error="out of memory")
+            print(f"  {variant.spec}: OUT OF MEMORY: {str(exc).splitlines()[0]}", flush=True)
+        except Exception as exc:  # report it loudly, keep the other variants' results
+            results[variant.spec] = Result(variant.spec, error=f"failed: {type(exc).__name__}")
+            print(f"  {variant.spec}: FAILED\n{traceback.format_exc()}", flush=True)
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r = results[variant.spec]
+        print(f"  {variant.spec} ({time.perf_counter() - t0:.0f} s): {json.dumps(vars(r))}", flush=True)
+        table = report(args, base, device, name, rates, results)
+        if args.out:
+            Path(args.out).write_text(table)
+    print(table, flush=True)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_cli_user_errors_are_one_sentence(argv, message, capsys):
 def test_a_diverging_variant_is_reported_not_fatal(tmp_path, monkeypatch):
     import torchmhc.train as train_module
 
-    original = train_module._loss
+    original = train_module.lm_loss
     calls = {"n": 0}
 
     def loss(model, x, y):  # the second training step of the second variant (hc) turns NaN
@@ -100,7 +100,7 @@ def test_a_diverging_variant_is_reported_not_fatal(tmp_path, monkeypatch):
                 return value * math.nan
         return value
 
-    monkeypatch.setattr(train_module, "_loss", loss)
+    monkeypatch.setattr(train_module, "lm_loss", loss)
     index = run_compare(tiny_config(tmp_path), progress=False)
     data = json.loads((index.parent / "data.json").read_text())
     hc = data["variants"]["hc"]

@@ -172,3 +172,35 @@ def test_recompute_gives_the_same_logits_and_gradients(arch, residual, monkeypat
 def test_recompute_block_length_is_validated():
     with pytest.raises(ValueError, match="model.recompute_block_length must be >= 0"):
         ModelConfig(recompute_block_length=-1)
+
+
+def test_moe_router_update_without_load_keeps_the_bias():
+    # update_router_bias has no `if load.sum() > 0` (a host sync): sign(mean - load) is 0 then
+    moe = MoE(8, num_experts=4, num_shared_experts=0, top_k=1, hidden=16, bias_rate=0.1)
+    moe.router_bias.copy_(torch.tensor([0.5, -0.5, 0.0, 1.0]))
+    moe.update_router_bias()
+    assert torch.equal(moe.router_bias, torch.tensor([0.5, -0.5, 0.0, 1.0]))
+
+
+def test_moe_counts_every_assignment_once():
+    moe = MoE(8, num_experts=4, num_shared_experts=1, top_k=2, hidden=16, bias_rate=0.01)
+    moe(torch.randn(3, 5, 8))
+    assert moe.expert_load.sum() == 3 * 5 * 2
+
+
+@pytest.mark.parametrize("residual", ["residual", "mhc"])
+def test_streams_are_in_the_autocast_dtype(residual):
+    # SPEC §1: the streams live in the activation dtype (bf16 under autocast), for every variant
+    model = _model(residual)
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 16)))
+    model(torch.randint(0, 64, (2, 16)))
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_models_built_on_another_default_device_put_everything_there():
+    with torch.device("meta"):
+        model = _model("mhc", "moe")
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}

@@ -137,7 +137,7 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path):
 
 def _poison_loss_at(monkeypatch, bad_call):
     """Make the ``bad_call``-th training loss (0-based) NaN."""
-    original = train_module._loss
+    original = train_module.lm_loss
     calls = {"n": 0}
 
     def loss(model, x, y):
@@ -148,7 +148,7 @@ def _poison_loss_at(monkeypatch, bad_call):
                 return value * math.nan
         return value
 
-    monkeypatch.setattr(train_module, "_loss", loss)
+    monkeypatch.setattr(train_module, "lm_loss", loss)
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
@@ -187,3 +187,42 @@ def test_metrics_and_summary_files(tmp_path):
     assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2))
     assert summary["peak_memory_bytes"] > 0 and summary["stopped"] is None
     assert json.loads((cfg.out_dir / "config.json").read_text())["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_apply_compile_gives_the_eager_losses_and_keeps_parameter_names(tmp_path, recompute):
+    from torchmhc.train import apply_compile, autocast_context, train_step
+
+    cfg = tiny_config(tmp_path, "model.residual=mhc", f"model.recompute={str(recompute).lower()}", "model.num_layers=2")
+    batch = (torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16)))
+    losses, names = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(model, cfg.optim)
+        if compiled:
+            apply_compile(model, backend="aot_eager")
+        names.append(list(model.state_dict()))
+        losses.append([
+            train_step(model, optimizer, batch, lr=1e-3, grad_clip=1.0, on_nonfinite="stop",
+                       autocast=autocast_context(torch.device("cpu"), "fp32"), step=i).loss
+            for i in range(2)
+        ])
+    assert names[0] == names[1]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert losses[1][1] < losses[1][0]  # the compiled model trains
+
+
+def test_a_checkpoint_keeps_the_loading_optimizers_implementation(tmp_path):
+    # a GPU run saves fused=True in its param groups; loaded on the CPU the plain loop must stay
+    from torchmhc.train import save_checkpoint
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model)
+    saving = build_optimizer(model, cfg.optim)
+    for group in saving.param_groups:
+        group["foreach"], group["lr"] = True, 0.123
+    ckpt = save_checkpoint(tmp_path / "run", model, saving, {"step": 1})
+    loading = build_optimizer(model, cfg.optim)
+    load_checkpoint(ckpt, model, loading)
+    assert all(g["foreach"] is False and g["lr"] == 0.123 for g in loading.param_groups)

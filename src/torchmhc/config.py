@@ -227,6 +227,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # autocast dtype: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # torch.compile the model, block by block (torchmhc.train.apply_compile); every residual
+    # variant alike. Off by default: on the CPU compiling costs more than it saves.
+    compile: bool = False
     eval_interval: int = 100  # steps between validation passes (and at the end); 0 = end only
     eval_batches: int = 8
     log_interval: int = 1  # steps between metric lines

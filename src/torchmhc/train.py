@@ -48,6 +48,8 @@ __all__ = [
     "evaluate",
     "learning_rate",
     "build_optimizer",
+    "apply_compile",
+    "lm_loss",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -115,8 +117,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": other, "weight_decay": 0.0},
     ]
-    # foreach=False: one code path on every device keeps CPU runs bit-reproducible across resumes.
+    if all(p.is_cuda for group in groups for p in group["params"]):
+        # One fused kernel per step instead of ~10 elementwise passes per parameter tensor.
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    # CPU: the plain per-parameter loop keeps runs bit-reproducible across resumes.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def apply_compile(model: GPT, *, backend: str = "inductor") -> None:
+    """``torch.compile`` the model in place, one transformer block at a time (as torchtitan does).
+
+    Every block has the same code, so one compiled graph serves all of them and compile time is
+    that of one block. The hyper-connections' fused kernels are ``torch.library`` custom ops with
+    fake implementations, so they sit in the graph as opaque nodes. With ``model.recompute`` the
+    blocks are not called as a whole (``torchmhc.recompute.run_sublayers`` runs connections and
+    branches itself): the branches (pre-norm + attention, pre-norm + FFN) are compiled instead and
+    the connections run eager. The stream head is compiled on its own (its reference math would
+    otherwise keep two fp32 copies of the bf16 streams for the backward); embedding, LM head and
+    loss stay eager. Parameter names (state dicts, checkpoints) do not change.
+    """
+    for block in model.blocks:
+        if model.cfg.recompute:
+            block.compile_branches(backend=backend)
+        else:
+            block.compile(backend=backend)
+    if model.stream_head is not None:
+        model.stream_head.compile(backend=backend)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -152,7 +178,8 @@ class StepStats:
     skipped: bool  # non-finite loss/gradients and on_nonfinite = "skip"
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32 scalar) of ``model`` on inputs/targets ``[B, T]``."""
     logits = model(x)  # [B, T, V]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -180,12 +207,13 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast:
-        loss = _loss(model, x, y)
+        loss = lm_loss(model, x, y)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    loss_value = float(loss.detach())
+    grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # The step's one wait for the device: the non-finite guard needs both numbers on the host.
+    loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
 
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -223,7 +251,7 @@ def evaluate(
     for i in range(num_batches):
         x, y = data.get_batch("val", i, batch_size=batch_size, seq_len=seq_len, seed=0)
         with autocast:
-            total += float(_loss(model, x.to(device), y.to(device)))
+            total += float(lm_loss(model, x.to(device), y.to(device)))
     model.train(was_training)
     return total / num_batches
 
@@ -350,8 +378,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if key.startswith("state."):
                 _, index, name = key.split(".", 2)
                 per_param.setdefault(int(index), {})[name] = value
+        groups = meta["param_groups"]
+        if len(groups) == len(optimizer.param_groups):
+            # Hyperparameters come from the checkpoint; the implementation (fused on CUDA, the plain
+            # loop on CPU) stays this optimizer's, so a checkpoint moves between devices.
+            impl = ("foreach", "fused", "capturable")
+            groups = [{**g, **{k: cur[k] for k in impl if k in cur}} for g, cur in zip(groups, optimizer.param_groups)]
         try:
-            optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+            optimizer.load_state_dict({"state": per_param, "param_groups": groups})
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit this model: {exc}") from exc
     torch.set_rng_state(tensors["rng.cpu"])
@@ -470,6 +504,8 @@ def train(
     model = build_model(cfg.model).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
+    if tc.compile:
+        apply_compile(model)
 
     start_step, tokens_seen, train_time, skipped = 0, 0, 0.0, 0
     metrics_path = out_dir / "metrics.jsonl"

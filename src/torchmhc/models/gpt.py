@@ -51,7 +51,10 @@ def isolated_rng(offset: int) -> Iterator[None]:
     across ``residual=`` variants with the same seed, so a comparison changes only the connection.
     """
     seed = torch.initial_seed() + 1_000_003 * (offset + 1)
-    with torch.random.fork_rng(devices=[]):
+    # Models built under ``with torch.device("cuda"):`` draw from the CUDA generator: fork that too.
+    device = torch.get_default_device()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
         torch.manual_seed(seed % 2**63)
         yield
 
@@ -122,6 +125,13 @@ class Block(nn.Module):
         """Sub-layer F of the FFN hyper-connection: ``[B, T, C] -> [B, T, C]``."""
         return self.ffn(self.ffn_norm(h))
 
+    def compile_branches(self, **compile_kwargs) -> None:
+        """``torch.compile`` the two branches in place (for block recomputation, which calls the
+        connections and the branches itself); the connections stay eager."""
+        # Instance attributes shadow the methods, so Block.forward and GPT.sublayers use them.
+        self.attn_branch = torch.compile(self.attn_branch, **compile_kwargs)
+        self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.attn_hc(x, self.attn_branch)  # [B, T, n, C]
         x = self.ffn_hc(x, self.ffn_branch)  # [B, T, n, C]
@@ -160,7 +170,12 @@ class GPT(nn.Module):
             raise ValueError(
                 f"idx has sequence length {idx.shape[1]} > model max_seq_len {self.cfg.max_seq_len}."
             )
-        x = expand_streams(self.tok_emb(idx), self.num_streams)  # [B, T, n, C]
+        h = self.tok_emb(idx)  # [B, T, C] fp32 (embedding lookups are not autocast)
+        if torch.is_autocast_enabled(h.device.type):
+            # The streams live in the activation dtype (SPEC §1), for every residual variant alike:
+            # without this cast they would be fp32 under autocast, doubling the stream traffic.
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        x = expand_streams(h, self.num_streams)  # [B, T, n, C]
         if self.cfg.recompute:  # same values and gradients, fewer saved streams (SPEC §9)
             x = run_sublayers(x, self.sublayers(), block_length=self.cfg.recompute_block_length or None)
         else:

@@ -99,31 +99,41 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, C]
+        if torch.is_autocast_enabled(x.device.type):
+            # The token copies below are made in the autocast dtype (half the bytes of fp32).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         scores = torch.sigmoid(self.router(x).float())  # [N, E] fp32
         # The bias steers which experts are chosen, not how much they contribute.
         _, expert = torch.topk(scores + self.router_bias, self.top_k, dim=-1)  # [N, k]
         gate = scores.gather(-1, expert)  # [N, k]
         gate = gate / gate.sum(-1, keepdim=True)
+        flat = expert.flatten()  # [N*k]
+        # Rows per expert, counted on the device: torch.bincount would wait for the GPU (it sizes
+        # its output from the data), and neither its shape nor the sync suits torch.compile.
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
         if self.training:
-            self.expert_load += torch.bincount(expert.flatten(), minlength=self.num_experts)
+            self.expert_load += counts
 
         # Sort the N*k (token, expert) assignments by expert so each expert's rows are contiguous.
-        flat = expert.flatten()  # [N*k]
         order = flat.argsort(stable=True)  # [N*k]
         token = order // self.top_k  # [N*k] token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         h = grouped_matmul(x[token], self.w_gate_up, counts)  # [N*k, 2H]
         g, u = h.chunk(2, dim=-1)
-        y = grouped_matmul(F.silu(g) * u, self.w_down, counts)  # [N*k, C]
-        y = y * gate.flatten()[order, None].to(y.dtype)
-        out = torch.zeros(x.shape, dtype=y.dtype, device=x.device).index_add_(0, token, y)  # [N, C]
+        y = grouped_matmul(F.silu(g) * u, self.w_down, counts)  # [N*k, C], sorted by expert
+        # Back to (token, choice) order, then each token's k rows weighted by its gates in one
+        # batched product: no atomics (index_add_ would use them), deterministic.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        y = y[inverse].view(-1, self.top_k, shape[-1])  # [N, k, C]
+        out = torch.bmm(gate.to(y.dtype).unsqueeze(1), y).squeeze(1)  # [N, C]
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
 
     @torch.no_grad()
     def update_router_bias(self) -> None:
-        """Auxiliary-loss-free balancing step: ``b_e += u * sign(mean load - load_e)``; resets loads."""
-        if self.expert_load.sum() > 0:
-            self.router_bias += self.bias_rate * torch.sign(self.expert_load.mean() - self.expert_load)
+        """Auxiliary-loss-free balancing step: ``b_e += u * sign(mean load - load_e)``; resets loads.
+
+        No host sync: with no load counted (every entry 0) the sign is 0 and the bias stays."""
+        self.router_bias += self.bias_rate * torch.sign(self.expert_load.mean() - self.expert_load)
         self.expert_load.zero_()

@@ -1,0 +1,127 @@
+"""benchmarks/e2e.py: the memory and traffic formulas, the variant syntax, the report, and the CPU
+measurement of activation memory against the formula (the fused kernels under Triton's interpreter)."""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from torchmhc.config import load_config
+from torchmhc.kernels import use_kernels
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
+_spec = importlib.util.spec_from_file_location("e2e_bench", _PATH)
+e2e = importlib.util.module_from_spec(_spec)
+sys.modules["e2e_bench"] = e2e  # dataclasses look their module up
+_spec.loader.exec_module(e2e)
+
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter")
+
+
+def test_coefficient_bytes_are_what_the_kernels_keep():
+    pytest.importorskip("triton")
+    from torchmhc.kernels.coefficients_op import empty_coefficient_outputs
+
+    for n in range(1, 9):
+        kept = empty_coefficient_outputs(torch.empty(1, n, 64))  # (h_pre, h_post, h_res, m_pp, m_res, 1/r)
+        assert e2e.coefficient_bytes_kept(n) == sum(t.numel() * t.element_size() for t in kept), n
+    assert e2e.coefficient_bytes_kept(4) == 4 * (4 + 4 + 16 + 16 + 16 + 1)
+
+
+def test_connection_memory_counts_streams_layer_inputs_branch_outputs_and_coefficients():
+    n, c, L, e = 4, 128, 8, 2
+    cm = e2e.connection_memory(num_streams=n, dim=c, num_sublayers=L, elem_bytes=e)
+    assert cm.num_blocks == 4  # L_r* = round(sqrt(4 * 8 / 6)) = 2
+    coef = e2e.coefficient_bytes_kept(n)
+    assert cm.kept == L * (n * c * e + c * e + c * e + coef) + n * c * e
+    assert cm.kept_recompute == 4 * n * c * e + L * (c * e + coef) + n * c * e
+    assert cm.saving == (L - 4) * n * c * e + L * c * e  # x_l off the block starts, every H_pre·x_l
+    assert cm.residual == L * c * e
+    one_block = e2e.connection_memory(num_streams=n, dim=c, num_sublayers=L, elem_bytes=e, block_length=L)
+    assert one_block.num_blocks == 1 and one_block.saving > cm.saving
+
+
+def test_traffic_follows_spec_and_kernel_counts():
+    n, c, e = 4, 1280, 2
+    plain = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e)
+    small = (3 * n * n + 4 * n + 40) * 4
+    # SPEC §9 forward: read (3n+1)C, write (n+1)C
+    assert plain["forward"] - small == ((3 * n + 1) + (n + 1)) * c * e
+    assert plain["backward"] - small == (7 * n + 3) * c * e
+    assert plain["total"] == plain["forward"] + plain["backward"] + plain["gradient_sum"]
+    assert plain["residual"] == 3 * c * e
+    again = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, recompute=True)
+    assert again["total"] == plain["total"] + plain["forward"]
+
+
+def test_floor_of_a_preset():
+    cfg = load_config("gpu-moe-3b")
+    floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2)
+    units = 24 * 2 * 4096  # sub-layers x tokens
+    assert floor.bytes_per_step == per["total"] * units
+    assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units
+    assert floor.ms == pytest.approx(floor.net_bytes_per_step / 3e12 * 1e3)
+    assert 5 < floor.ms < 15  # about 28 GB at 3 TB/s
+
+
+def test_variant_syntax():
+    v = e2e.Variant.parse("mhc:recompute:reference")
+    assert (v.residual, v.recompute, v.reference) == ("mhc", True, True)
+    assert e2e.Variant.parse(" residual ").spec == "residual"
+    with pytest.raises(ValueError, match="NAME\\[:recompute\\]"):
+        e2e.Variant.parse("mhc:fast")
+    cfg = v.config(load_config("tiny"))
+    assert cfg.model.residual == "mhc" and cfg.model.recompute
+
+
+def test_report_renders_gpu_results_and_failures():
+    base = load_config("gpu-moe-3b")
+    results = {
+        "residual": e2e.Result("residual", 2.9e9, 1.1e10, 60.0, 150.0, 148.0, 54613.0, 20 * 2**30, 60 * 2**30),
+        "mhc": e2e.Result("mhc", 2.9e9, 1.1e10, 70.0, 160.0, 158.0, 51200.0, 22 * 2**30, 62 * 2**30),
+        "mhc:recompute": e2e.Result("mhc:recompute", 2.9e9, 1.1e10, 70.0, 165.0, 160.0, 49648.0, 21 * 2**30, 61 * 2**30),
+        "hc": e2e.Result("hc", error="out of memory"),
+    }
+    args = SimpleNamespace(preset="gpu-moe-3b", steps=10, warmup=3)
+    text = e2e.report(args, base, torch.device("cuda"), "H100", {"matmul_tflops": 740.0, "copy_tbps": 3.0}, results)
+    assert "| mhc | 160.0 | 51,200 | +6.7% |" in text
+    assert "| hc | out of memory |" in text
+    assert "## Floor" in text and "| mhc:recompute |" in text.split("## Floor")[1]
+    assert "Recomputation" in text
+
+
+def _measure(spec, overrides=(), *, seq_len=8):
+    base = load_config("tiny", ["model.dim=64", "model.num_layers=2", "model.num_heads=2", f"data.seq_len={seq_len}",
+                                "data.batch_size=1", "train.num_threads=1", *overrides])
+    return base, e2e.run_variant(e2e.Variant.parse(spec), base, torch.device("cpu"), steps=1, warmup=1)
+
+
+@INTERPRETER
+def test_cpu_measurement_of_the_connections_memory_matches_the_formula():
+    with use_kernels("triton"):
+        # 16 tokens: the few fixed-size buffers of a step stay small next to the per-token bytes
+        base, residual = _measure("residual", seq_len=16)
+        _, mhc = _measure("mhc", seq_len=16)
+    assert residual.error is None and mhc.error is None and math.isfinite(mhc.ms_per_step)
+    m = base.model
+    cm = e2e.connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=4)
+    predicted = (cm.kept - cm.residual) * base.data.batch_size * base.data.seq_len
+    assert mhc.activation_bytes - residual.activation_bytes == pytest.approx(predicted, rel=0.05)
+
+
+@INTERPRETER
+def test_cpu_measurement_of_the_recompute_saving_matches_the_formula():
+    with use_kernels("triton"):
+        base, plain = _measure("mhc")
+        _, recomputed = _measure("mhc:recompute", ["model.recompute_block_length=2"])
+    m = base.model
+    cm = e2e.connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=4,
+                               block_length=2)
+    predicted = cm.saving * base.data.batch_size * base.data.seq_len
+    assert plain.activation_bytes - recomputed.activation_bytes == pytest.approx(predicted, rel=0.05)
