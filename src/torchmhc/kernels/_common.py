@@ -6,6 +6,7 @@ leading dims ``[...]`` are folded into ``T`` and :func:`unflatten_tokens` the on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache  # asked on every launch: keep the host path short
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count (a small stand-in under the interpreter, to keep CPU tests fast)."""
     if device.type == "cuda":

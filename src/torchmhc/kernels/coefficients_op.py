@@ -10,7 +10,8 @@ Backward, two kernels:
    which replays the iteration on-chip and walks it in reverse (segments of ~sqrt(2·t_max) steps,
    each replayed from the start: O(t_max^1.5) small steps, nothing stored), giving ``dm̂`` and the 1/r coefficient;
    α and b gradients are reduced per program and summed over programs by torch (deterministic).
-2. per block of channels: ``dx = dm̂ @ fn + c_t·x`` and ``dfn = dm̂ᵀ @ x`` from one read of x;
+2. per block of channels: ``dx = dm̂ @ fn + c_t·x`` and ``dfn = dm̂ᵀ @ x`` from one read of x, on
+   the merged gradient block; dfn accumulates transposed (``xᵀ @ dm̂``, so M = the channel tile);
    each program owns its columns of dfn for a fixed run of tokens (no atomics: deterministic).
 
 Precision (see ``_precision.py``): the products run on bf16 tensor cores with fp32 operands split
@@ -20,6 +21,7 @@ backward's fp32 gradients into two or three parts. Nothing goes through one-pass
 Packed column layouts used inside the kernels (``fn`` itself stays in DeepSeek-V4's layout):
     pp  [16]:   column p < 8 is pre stream p, column 8 + i is post stream i (padding masked)
     res [NP²]:  column i·NP + j is H_res[i, j] (paper orientation), i.e. fn row 2n + j·n + i
+    merged [W]: the backward's ``[pp | res | padding]``, W = 16 + NP² rounded to a power of two
 Legend: T tokens, n streams, NP = max(4, n padded to a power of two), K = n·C.
 """
 
