@@ -16,7 +16,7 @@ def test_coefficients_match_reference(n, c, dtype):
         check_fwd_bwd(mhc_coefficients, ref.mhc_coefficients, [x, *mhc_params(n, c)])
 
 
-@pytest.mark.parametrize("iters", [1, 2, 7])  # the backward replays Sinkhorn in segments: uneven splits
+@pytest.mark.parametrize("iters", [1, 2, 7])  # the kernels unroll 2·iters − 1 steps; iters = 1 is one step
 def test_coefficients_other_hyperparameters(iters):
     x = streams(5, 4, 64, torch.float32).view(1, 5, 4, 64)
 
@@ -62,3 +62,4 @@ def test_coefficients_op_schema_fake_and_autograd():
         (x, *params, 20, 1e-6, 1e-6, 2.0),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+

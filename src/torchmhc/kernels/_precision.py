@@ -42,6 +42,24 @@ def split2(a):
 
 
 @triton.jit
+def _split_bf16_kernel(a_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    hi, lo = split2(tl.load(a_ptr + offs, mask=mask))
+    tl.store(out_ptr + offs, hi, mask=mask)
+    tl.store(out_ptr + numel + offs, lo, mask=mask)
+
+
+def split_bf16(a: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 ``a`` (contiguous) -> its bf16 (hi, lo) parts (:func:`split2`), each shaped like ``a``,
+    in one kernel (for parameters that many programs read as tensor-core operands)."""
+    out = torch.empty((2, *a.shape), dtype=torch.bfloat16, device=a.device)
+    block = 1024
+    _split_bf16_kernel[(triton.cdiv(a.numel(), block),)](a, out, a.numel(), BLOCK=block)
+    return out[0], out[1]
+
+
+@triton.jit
 def split3(a):
     """fp32 -> three bf16 parts whose sum is exactly a (normal range)."""
     p1 = a.to(tl.bfloat16)

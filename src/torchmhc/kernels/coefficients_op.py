@@ -7,8 +7,8 @@ registers. The kernel keeps ``m = m̂/r`` (n² + 2n values a token) and ``1/r`` 
 Backward, two kernels:
 
 1. per token (reads only the saved m and the output gradients): σ' and the Sinkhorn backward,
-   which replays the iteration on-chip and walks it in reverse (segments of ~sqrt(2·t_max) steps,
-   each replayed from the start: O(t_max^1.5) small steps, nothing stored), giving ``dm̂`` and the 1/r coefficient;
+   which runs the iteration again on-chip keeping every step's output in registers, then walks it
+   in reverse (nothing stored in memory), giving ``dm̂`` and the 1/r coefficient;
    α and b gradients are reduced per program and summed over programs by torch (deterministic).
 2. per block of channels: ``dx = dm̂ @ fn + c_t·x`` and ``dfn = dm̂ᵀ @ x`` from one read of x, on
    the merged gradient block; dfn accumulates transposed (``xᵀ @ dm̂``, so M = the channel tile);
@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from torchmhc.kernels._common import channel_block, interpreting, next_pow2, num_sms
-from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2
+from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2, split_bf16
 
 __all__ = [
     "coefficients_fwd",
@@ -90,8 +90,10 @@ def _merged_rows(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr):
 @triton.jit
 def _dot_fn(x, fn_ptrs, lo_ptrs, mask, acc, MODE: tl.constexpr):
     """acc += x @ fn-tile. MODE_FMA: fp32 fn at ``fn_ptrs``. Else ``fn_ptrs``/``lo_ptrs`` hold fn's
-    bf16 hi and lo parts (split once by the launcher: no conversions in the loop, 4 bytes a value);
-    a bf16 x is exact, an fp16/fp32 x is split in two: 2 or 3 bf16 tensor-core products."""
+    bf16 hi and lo parts, split once by the launcher: the tiles then go from memory to shared
+    memory asynchronously (pipelined) for the tensor cores; an fp32 tile split in registers each
+    step cost 28% at T = 16384, C = 4096 (H100). A bf16 x is exact, an fp16/fp32 x is split in two:
+    2 or 3 bf16 tensor-core products."""
     w = tl.load(fn_ptrs, mask=mask, other=0.0)
     if MODE == 0:
         acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
@@ -133,29 +135,27 @@ def _sk_softmax(logits, valid):
 
 
 @triton.jit
-def _sk_step(v, q, eps):
-    """Normalization step q: even q divides rows (sum over axis 2), odd q columns (axis 1)."""
+def _sk_inv(v, q: tl.constexpr, eps):
+    """1/(row sums + ε) for even steps q (sum over axis 2), 1/(column sums + ε) for odd (axis 1),
+    shaped to broadcast against v."""
     # one reciprocal per row/column and multiplies: a division per entry costs several times more
     if q % 2 == 0:
-        v = v * (1.0 / (tl.sum(v, axis=2) + eps))[:, :, None]
+        inv = (1.0 / (tl.sum(v, axis=2) + eps))[:, :, None]
     else:
-        v = v * (1.0 / (tl.sum(v, axis=1) + eps))[:, None, :]
-    return v
+        inv = (1.0 / (tl.sum(v, axis=1) + eps))[:, None, :]
+    return inv
 
 
 @triton.jit
-def _sk_step_bwd(v, g, q, valid, eps):
-    """Gradient through step q given its input v: y = v/(Σv+ε)  =>  dv = (g − Σ(g·y))/(Σv+ε).
+def _sk_step_bwd(y, inv, g, q: tl.constexpr, valid):
+    """Gradient through step q from its output y = v·inv: dv = (g − Σ(g·y))·inv (sums as in step q).
 
     Padding entries are constants (always 0): their gradient is dropped, else a padded column would
     be divided by ε again at every step and overflow."""
-    # (distinct names per branch: compiled Triton needs a variable to keep one shape across branches)
     if q % 2 == 0:
-        inv_row = (1.0 / (tl.sum(v, axis=2) + eps))[:, :, None]
-        g = (g - tl.sum(g * (v * inv_row), axis=2)[:, :, None]) * inv_row
+        g = (g - tl.sum(g * y, axis=2)[:, :, None]) * inv
     else:
-        inv_col = (1.0 / (tl.sum(v, axis=1) + eps))[:, None, :]
-        g = (g - tl.sum(g * (v * inv_col), axis=1)[:, None, :]) * inv_col
+        g = (g - tl.sum(g * y, axis=1)[:, None, :]) * inv
     return tl.where(valid, g, 0.0)
 
 
@@ -163,47 +163,31 @@ def _sk_step_bwd(v, g, q, valid, eps):
 def _sinkhorn_fwd(logits, valid, eps, ITERS: tl.constexpr):
     """V4 convention: softmax over columns, +ε, then 2·ITERS − 1 alternating row/column steps."""
     v = tl.where(valid, _sk_softmax(logits, valid) + eps, 0.0)
-    for q in range(2 * ITERS - 1):
-        v = _sk_step(v, q, eps)
+    for q in tl.static_range(2 * ITERS - 1):  # unrolled: each step's axis is known at compile time
+        v = v * _sk_inv(v, q, eps)
     return v
 
 
 @triton.jit
-def _sinkhorn_bwd(logits, valid, g, eps, ITERS: tl.constexpr, SEG: tl.constexpr):
-    """d logits from dH, replaying the forward on-chip (nothing stored). The 2·ITERS − 1 steps are
-    walked back in segments of SEG: a segment's first input is replayed from the start, then each of
-    its steps' inputs from the segment start, about 2·Q·sqrt(Q) small steps for Q steps instead of
-    the Q²/2 of replaying every step from the start (SEG ≈ sqrt(Q), chosen by the launcher)."""
+def _sinkhorn_bwd(logits, valid, g, eps, ITERS: tl.constexpr):
+    """d logits from dH, nothing stored in memory: the forward runs again on-chip and keeps every
+    step's output and reciprocal sums (compile-time tuples: registers), then the 2·ITERS − 1 steps
+    are walked back, one reduction each. The chain of dependent steps is 2·(2·ITERS − 1) long."""
     Q: tl.constexpr = 2 * ITERS - 1
-    NSEG: tl.constexpr = (Q + SEG - 1) // SEG
     p = _sk_softmax(logits, valid)
-    v0 = tl.where(valid, p + eps, 0.0)
+    v = tl.where(valid, p + eps, 0.0)
+    outs = ()
+    invs = ()
+    for q in tl.static_range(Q):
+        inv = _sk_inv(v, q, eps)
+        v = v * inv
+        outs = outs + (v,)
+        invs = invs + (inv,)
     g = tl.where(valid, g, 0.0)
-    for seg_r in range(NSEG):
-        start = (NSEG - 1 - seg_r) * SEG
-        v_start = v0
-        s = 0
-        while s < start:
-            v_start = _sk_step(v_start, s, eps)
-            s += 1
-        q = tl.minimum(start + SEG, Q) - 1
-        while q >= start:
-            v = v_start
-            s = start
-            while s < q:
-                v = _sk_step(v, s, eps)
-                s += 1
-            g = _sk_step_bwd(v, g, q, valid, eps)
-            q -= 1
+    for r in tl.static_range(Q):
+        g = _sk_step_bwd(outs[Q - 1 - r], invs[Q - 1 - r], g, Q - 1 - r, valid)
     # +ε is additive; softmax over axis 1: dℓ = (g − Σ(g·p))·p
     return (g - tl.sum(g * p, axis=1)[:, None, :]) * p
-
-
-def sinkhorn_segment(iters: int) -> int:
-    """Segment length of the Sinkhorn backward's replay: ceil(sqrt(2·iters − 1))."""
-    steps = 2 * iters - 1
-    seg = int(steps**0.5)
-    return seg if seg * seg >= steps else seg + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +299,7 @@ def _coef_bwd_token_kernel(
     dhres_ptr,  # [T, n, n] fp32
     dm_ptr,  # [T, W] fp32 out: dL/dm̂, merged columns [pre/post | res | padding never read]
     cx_ptr,  # [T] fp32 out: coefficient of x in dx (from 1/r)
-    dbase_ptr,  # [programs, n²+2n] fp32 out: per-program partial sums
-    dscale_ptr,  # [programs, 4] fp32 out: per-program partial sums (3 used)
+    part_ptr,  # [programs, n²+2n+3] fp32 out: per-program partial sums of [dbase | dscale]
     T,
     eps,
     post_scale,
@@ -324,7 +307,6 @@ def _coef_bwd_token_kernel(
     N: tl.constexpr,
     NP: tl.constexpr,
     ITERS: tl.constexpr,
-    SEG: tl.constexpr,
     BT: tl.constexpr,
     W: tl.constexpr,
 ):
@@ -361,8 +343,17 @@ def _coef_bwd_token_kernel(
     ii = tl.arange(0, NP)[None, :, None]
     jj = tl.arange(0, NP)[None, None, :]
     valid = (ii < N) & (jj < N)
-    g_res = tl.load(dhres_ptr + toks[:, None, None] * (N * N) + ii * N + jj, mask=valid & tmask[:, None, None], other=0.0)
-    dl = tl.reshape(_sinkhorn_bwd(logits, valid, g_res, eps, ITERS, SEG), (BT, NP * NP))
+    # loaded as [BT, NP²] and reshaped like the logits: both then share one register layout (a 3-D
+    # load got another, and every Sinkhorn step paid a layout conversion through shared memory)
+    res_i = rr // NP
+    res_j = rr % NP
+    g_res = tl.load(
+        dhres_ptr + toks[:, None] * (N * N) + (res_i * N + res_j)[None, :],
+        mask=tmask[:, None] & ((res_i < N) & (res_j < N))[None, :],
+        other=0.0,
+    )
+    g_res = tl.reshape(g_res, (BT, NP, NP))
+    dl = tl.reshape(_sinkhorn_bwd(logits, valid, g_res, eps, ITERS), (BT, NP * NP))
     dm_res = dl * s2
 
     # m = m̂·(1/r): dm̂ = dm/r; d(1/r) = Σ dm·m̂ = r·Σ dm·m; d(1/r)/dx = −(1/r)³·x/K
@@ -375,12 +366,13 @@ def _coef_bwd_token_kernel(
     dsc_pre = tl.sum(tl.sum(tl.where(is_pre[None, :], dz * m_pp, 0.0), axis=1), axis=0)
     dsc_post = tl.sum(tl.sum(tl.where(is_pre[None, :], 0.0, dz * m_pp), axis=1), axis=0)
     dsc_res = tl.sum(tl.sum(dl * m_res, axis=1), axis=0)
-    tl.store(dscale_ptr + pid * 4, dsc_pre)
-    tl.store(dscale_ptr + pid * 4 + 1, dsc_post)
-    tl.store(dscale_ptr + pid * 4 + 2, dsc_res)
     R: tl.constexpr = N * N + 2 * N
-    tl.store(dbase_ptr + pid * R + pp_row, tl.sum(dz, axis=0), mask=pp_valid)
-    tl.store(dbase_ptr + pid * R + res_row, tl.sum(dl, axis=0), mask=res_valid)
+    row = part_ptr + pid * (R + 3)
+    tl.store(row + R, dsc_pre)
+    tl.store(row + R + 1, dsc_post)
+    tl.store(row + R + 2, dsc_res)
+    tl.store(row + pp_row, tl.sum(dz, axis=0), mask=pp_valid)
+    tl.store(row + res_row, tl.sum(dl, axis=0), mask=res_valid)
 
 
 @triton.jit
@@ -485,23 +477,19 @@ def coefficients_fwd(
     when that still gives every multiprocessor a program; 64, 4, 3 otherwise)."""
     t, n, c = x.shape
     k = n * c
-    np_ = _np(n)
-    h_pre, h_post, h_res, m_pp, m_res, rinv = empty_coefficient_outputs(x)
+    outs = empty_coefficient_outputs(x)
     if t == 0:
-        return h_pre, h_post, h_res, m_pp, m_res, rinv
+        return outs
     wide = n <= 4 and x.dtype != torch.float32 and triton.cdiv(t, 128) >= num_sms(x.device)
     bt = _token_block(block_t or (128 if wide else 64))
-    num_warps = num_warps or (8 if wide else 4)
-    num_stages = num_stages or (4 if wide else 3)
     mode = precision_mode(x)
-    fn_hi = fn if mode == MODE_FMA else fn.to(torch.bfloat16)
-    fn_lo = fn if mode == MODE_FMA else (fn - fn_hi.float()).to(torch.bfloat16)
+    fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
     _coef_fwd_kernel[(triton.cdiv(t, bt),)](
-        x, fn_hi, fn_lo, scale, base, h_pre, h_post, h_res, m_pp, m_res, rinv, t, eps, rms_eps, post_scale,
-        K=k, N=n, NP=np_, ITERS=iters, BT=bt, BK=channel_block(k, block_k or (64 if x.dtype == torch.float32 else 128)),
-        MODE=mode, num_warps=num_warps, num_stages=num_stages,
+        x, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
+        K=k, N=n, NP=_np(n), ITERS=iters, BT=bt, BK=channel_block(k, block_k or (64 if x.dtype == torch.float32 else 128)),
+        MODE=mode, num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if wide else 3),
     )  # fmt: skip
-    return h_pre, h_post, h_res, m_pp, m_res, rinv
+    return outs
 
 
 def coefficients_bwd_tokens(
@@ -518,15 +506,17 @@ def coefficients_bwd_tokens(
     eps: float,
     post_scale: float,
     *,
-    block_t: int = 16,
+    block_t: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launcher of backward step 1 (σ' and Sinkhorn backward; reads O(n²) values a token).
     Saved ``m_pp [T, 16]``, ``m_res [T, NP²]``, ``rinv [T]``; ``dh_pre``/``dh_post [T, n]``,
-    ``dh_res [T, n, n]`` fp32; ``k`` = n·C; ``block_t`` tokens per program; ``num_warps``
-    (default 1 for n <= 4, else 2) -> ``(dm [T, W], cx [T], dscale [3], dbase [n²+2n])`` fp32, with dm
+    ``dh_res [T, n, n]`` fp32; ``k`` = n·C; ``block_t`` tokens per program and ``num_warps``
+    (defaults from ``benchmarks/tune.py``, H100: 32 and 4 for n <= 4; 16 and 8 for n > 4, whose
+    kept Sinkhorn steps need the registers) -> ``(dm [T, W], cx [T], dscale [3], dbase [n²+2n])`` fp32, with dm
     in the merged column layout of :func:`merged_width`."""
     t, n = dh_pre.shape
+    block_t = block_t or (32 if n <= 4 else 16)
     if block_t < 16:  # with 2 warps, 8-token tiles gave wrong gradients on an H100 (Triton 3.6)
         raise ValueError(f"block_t must be >= 16, got {block_t}")
     np_ = _np(n)
@@ -536,15 +526,16 @@ def coefficients_bwd_tokens(
     width = merged_width(n)
     dm = torch.empty((t, width), dtype=torch.float32, device=dev)
     cx = torch.empty((t,), dtype=torch.float32, device=dev)
-    dbase_part = torch.empty((progs, n * n + 2 * n), dtype=torch.float32, device=dev)
-    dscale_part = torch.empty((progs, 4), dtype=torch.float32, device=dev)
+    rows = n * n + 2 * n
+    part = torch.empty((progs, rows + 3), dtype=torch.float32, device=dev)
     _coef_bwd_token_kernel[(progs,)](
-        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, dm, cx, dbase_part, dscale_part,
-        t, eps, post_scale, K=k, N=n, NP=np_, ITERS=iters, SEG=sinkhorn_segment(iters), BT=bt, W=width,
-        num_warps=num_warps or (1 if n <= 4 else 2),
+        m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, dm, cx, part,
+        t, eps, post_scale, K=k, N=n, NP=np_, ITERS=iters, BT=bt, W=width,
+        num_warps=num_warps or (4 if n <= 4 else 8),
     )  # fmt: skip
-    # fixed-order sums over programs: deterministic
-    return dm, cx, dscale_part[:, :3].sum(0), dbase_part.sum(0)
+    # fixed-order sums over programs: deterministic (two reductions: views of one sum would alias
+    # the custom op's outputs, which torch.library forbids)
+    return dm, cx, part[:, rows:].sum(0), part[:, :rows].sum(0)
 
 
 def merged_width(n: int) -> int:
@@ -563,14 +554,15 @@ def coefficients_bwd_x(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    waves: int = 2,
+    waves: int | None = None,
     add: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
     ``dm [T, W]``, ``cx [T]`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
     Tile sizes and launch options as keywords (``block_k`` defaults to 128, 64 for fp32 streams and
     for n > 4, whose 128-wide gradient block would spill registers); ``waves``: programs per
-    multiprocessor to aim for. ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into
+    multiprocessor to aim for (default 2, or 4 when there are fewer column blocks than
+    multiprocessors). ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into
     dx in the same pass."""
     t, n, c = x.shape
     k = n * c
@@ -583,6 +575,8 @@ def coefficients_bwd_x(
     # enough programs for `waves` waves. TILES is a compile-time constant: rounding it up to a
     # multiple of an eighth of its power of two keeps the distinct values (compilations) few while
     # the last wave stays at most 1/8 short (a power of two left whole waves idle at C = 1280)
+    # H100 sweeps: 2 waves at C = 4096 (128 column blocks); 4 at C = 1280 (40), 3% faster
+    waves = waves or (4 if k_blocks < num_sms(x.device) else 2)
     groups_wanted = max(1, (waves * num_sms(x.device)) // k_blocks)
     tiles = triton.cdiv(t_blocks, groups_wanted)
     quantum = max(1, next_pow2(tiles) // 8)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from torchmhc.kernels._common import channel_block
-from torchmhc.kernels._precision import MODE_FMA, precision_mode
+from torchmhc.kernels._precision import MODE_FMA, precision_mode, split_bf16
 from torchmhc.kernels.coefficients_op import (
     empty_coefficient_outputs,
     _dot_fn,
@@ -135,8 +135,7 @@ def post_res_coefficients_fwd(
     if t == 0:
         return (x_next, *outs)
     mode = precision_mode(x)
-    fn_hi = fn if mode == MODE_FMA else fn.to(torch.bfloat16)
-    fn_lo = fn if mode == MODE_FMA else (fn - fn_hi.float()).to(torch.bfloat16)
+    fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
     bt = _token_block(block_t)
     _post_res_coef_fwd_kernel[(triton.cdiv(t, bt),)](
         x, f_out, h_post, h_res, x_next, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
