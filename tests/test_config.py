@@ -112,3 +112,9 @@ def test_compile_is_off_on_cpu_presets_and_on_for_the_gpu_benchmarks():
     assert load_config("tiny", ["train.compile=true"]).train.compile is True
     with pytest.raises(TypeError, match="train.compile must be bool"):
         load_config("tiny", ["train.compile=1"])
+    # the GPU benchmarks replay compiled blocks as CUDA graphs; an unknown mode is refused by name
+    for preset in ("gpu-moe-3b", "gpu-dense-1b"):
+        assert load_config(preset).train.compile_mode == "reduce-overhead", preset
+    assert RunConfig().train.compile_mode == "default"
+    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+        load_config("tiny", ["train.compile_mode=fast"])

@@ -218,6 +218,10 @@ class OptimConfig:
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
 
 
+#: torch.compile modes accepted for ``train.compile_mode``.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """The training loop: length, seed, device, logging, checkpoints."""
@@ -230,6 +234,9 @@ class TrainConfig:
     # torch.compile the model, block by block (torchmhc.train.apply_compile); every residual
     # variant alike. Off by default: on the CPU compiling costs more than it saves.
     compile: bool = False
+    # torch.compile's mode for those blocks: "default", "reduce-overhead" (CUDA graphs: one launch
+    # replays a block's kernels, removing their host cost), "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     eval_interval: int = 100  # steps between validation passes (and at the end); 0 = end only
     eval_batches: int = 8
     log_interval: int = 1  # steps between metric lines
@@ -252,6 +259,10 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("eval_batches", "log_interval", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            f"train.compile_mode must be one of {COMPILE_MODES}; got {self.compile_mode!r}.",
+        )
         _check(
             self.on_nonfinite in ("stop", "skip"),
             f"train.on_nonfinite must be 'stop' or 'skip'; got {self.on_nonfinite!r}.",

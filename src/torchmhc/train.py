@@ -124,7 +124,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 
-def apply_compile(model: GPT, *, backend: str = "inductor") -> None:
+def apply_compile(model: GPT, *, backend: str = "inductor", mode: str = "default") -> None:
     """``torch.compile`` the model in place, one transformer block at a time (as torchtitan does).
 
     Every block has the same code, so one compiled graph serves all of them and compile time is
@@ -134,15 +134,18 @@ def apply_compile(model: GPT, *, backend: str = "inductor") -> None:
     branches itself): the branches (pre-norm + attention, pre-norm + FFN) are compiled instead and
     the connections run eager. The stream head is compiled on its own (its reference math would
     otherwise keep two fp32 copies of the bf16 streams for the backward); embedding, LM head and
-    loss stay eager. Parameter names (state dicts, checkpoints) do not change.
+    loss stay eager. Parameter names (state dicts, checkpoints) do not change. ``mode`` is
+    torch.compile's (``train.compile_mode``); "reduce-overhead" replays each compiled graph as a
+    CUDA graph.
     """
+    kwargs = dict(backend=backend, mode=None if mode == "default" else mode)
     for block in model.blocks:
         if model.cfg.recompute:
-            block.compile_branches(backend=backend)
+            block.compile_branches(**kwargs)
         else:
-            block.compile(backend=backend)
+            block.compile(**kwargs)
     if model.stream_head is not None:
-        model.stream_head.compile(backend=backend)
+        model.stream_head.compile(**kwargs)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -206,6 +209,8 @@ def train_step(
     x, y = batch
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if x.is_cuda:  # a new iteration for CUDA-graphed blocks (train.compile_mode = "reduce-overhead"):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
     with autocast:
         loss = lm_loss(model, x, y)
     loss.backward()
@@ -248,10 +253,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = 0.0
-    for i in range(num_batches):
-        x, y = data.get_batch("val", i, batch_size=batch_size, seq_len=seq_len, seed=0)
-        with autocast:
-            total += float(lm_loss(model, x.to(device), y.to(device)))
+    # eager: CUDA-graphed compiled blocks (train.compile_mode = "reduce-overhead") would replay one
+    # inference graph per block and overwrite the previous block's output while it is still in use
+    with torch.compiler.set_stance("force_eager"):
+        for i in range(num_batches):
+            x, y = data.get_batch("val", i, batch_size=batch_size, seq_len=seq_len, seed=0)
+            with autocast:
+                total += float(lm_loss(model, x.to(device), y.to(device)))
     model.train(was_training)
     return total / num_batches
 
@@ -505,7 +513,7 @@ def train(
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     if tc.compile:
-        apply_compile(model)
+        apply_compile(model, mode=tc.compile_mode)
 
     start_step, tokens_seen, train_time, skipped = 0, 0, 0.0, 0
     metrics_path = out_dir / "metrics.jsonl"
