@@ -20,6 +20,10 @@ clip, fused AdamW) on a fixed random batch, then one instrumented step for memor
   still alive after it (a dispatch mode records them), the same quantity.
 - peak: the CUDA allocator's peak over that step (weights, AdamW state, gradients, activations).
 
+With a CUDA-graph compile mode (``train.compile_mode = "reduce-overhead"``, the GPU presets'),
+activations live in the graphs' memory pool and a forward allocates nothing new, so the memory step
+runs on the same model rebuilt and compiled in the default mode.
+
 Three reports follow the step-time table (overhead vs residual, MFU against a bf16 matmul timed in
 the same run, so that a slow baseline shows):
 
@@ -31,6 +35,9 @@ the same run, so that a slow baseline shows):
 - floor: the bytes the mHC operations must move per training step (per sub-layer and token, the
   per-kernel counts of benchmarks/kernels.py), divided by a device-to-device copy rate measured in
   the same run: the overhead that memory traffic alone explains, next to the measured overhead.
+
+``--profile K`` also records K more steps of each variant with ``torch.profiler`` and reports the
+GPU time per step by kernel (the largest first) and how busy the GPU was: where an overhead goes.
 
 Prints progress as it goes; ``--out FILE`` gets the markdown report (rewritten after every
 variant, so a run cut short keeps what it measured). Results belong in
@@ -278,6 +285,9 @@ class Result:
     activation_bytes: int | None = None
     peak_bytes: int | None = None
     error: str | None = None
+    # --profile: (kernel name, calls per step, GPU ms per step), largest first; GPU busy ms per step
+    kernels: list[tuple[str, float, float]] | None = None
+    gpu_busy_ms: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -316,17 +326,53 @@ def memory_step(model, optimizer, batch, cfg: RunConfig, device: torch.device, a
     return activations, peak
 
 
-def run_variant(variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int) -> Result:
-    """Build, (compile,) time and measure one variant."""
-    cfg = variant.config(base)
-    result = Result(variant.spec)
+def kernel_profile(step, steps: int, device: torch.device) -> tuple[list[tuple[str, float, float]], float]:
+    """Runs ``step(i)`` ``steps`` times under ``torch.profiler`` -> ([(kernel, calls per step, GPU ms
+    per step)], largest first; the GPU's summed kernel time per step in ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        _sync(device)
+    rows = [
+        (e.key, e.count / steps, e.self_device_time_total / steps / 1e3)
+        for e in prof.key_averages()
+        # GPU-side ranges of record_function annotations (the optimizer's, say) span kernels that
+        # are listed themselves: left out, so that the kernel times add up to the GPU's busy time
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and e.self_device_time_total > 0
+        and not getattr(e, "is_user_annotation", False)
+    ]
+    rows.sort(key=lambda r: -r[2])
+    return rows, sum(r[2] for r in rows)
+
+
+#: torch.compile modes that replay compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _build(cfg: RunConfig, device: torch.device, compile_mode: str):
+    """(model, AdamW) of ``cfg`` on ``device``, seeded (every build has the same weights), compiled
+    block by block with ``compile_mode`` when ``train.compile``."""
     torch.manual_seed(cfg.train.seed)
-    with torch.device(device):  # parameters initialized on the device (same weights for every variant)
+    with torch.device(device):  # parameters initialized on the device
         model = build_model(cfg.model)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, mode=compile_mode)
+    return model, optimizer
+
+
+def run_variant(
+    variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int, profile_steps: int = 0
+) -> Result:
+    """Build, (compile,) time and measure one variant (and profile it when ``profile_steps``)."""
+    cfg = variant.config(base)
+    result = Result(variant.spec)
+    model, optimizer = _build(cfg, device, cfg.train.compile_mode)
     result.num_params = model.num_params()
     result.flops_per_token = flops_per_token(model, cfg)
     autocast = autocast_context(device, cfg.train.dtype)
@@ -334,13 +380,17 @@ def run_variant(variant: Variant, base: RunConfig, device: torch.device, *, step
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     batch = tuple(torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(2))
     kernels = use_kernels("reference") if variant.reference else contextlib.nullcontext()
+
+    def step(i: int) -> None:
+        train_step(model, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
+                   on_nonfinite="skip", autocast=autocast, step=i)
+
     times = []
     with kernels:
         for i in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
-            train_step(model, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
-                       on_nonfinite="skip", autocast=autocast, step=i)
+            step(i)
             _sync(device)
             dt = time.perf_counter() - t0
             if i == 0:
@@ -348,6 +398,18 @@ def run_variant(variant: Variant, base: RunConfig, device: torch.device, *, step
                 print(f"  {variant.spec}: first step {dt:.1f} s" + (" (compiling)" if cfg.train.compile else ""), flush=True)
             if i >= warmup:
                 times.append(dt)
+        if profile_steps:
+            result.kernels, result.gpu_busy_ms = kernel_profile(step, profile_steps, device)
+        if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES:
+            # CUDA graphs keep activations in a memory pool that is allocated when a graph is
+            # recorded: the allocator then sees no new bytes in a forward. Memory is measured on
+            # the same model (same seed, same weights) compiled without graphs.
+            del model, optimizer
+            torch.compiler.reset()  # also frees the CUDA graphs and their memory pool
+            gc.collect()
+            torch.cuda.empty_cache()
+            model, optimizer = _build(cfg, device, "default")
+            step(0)  # compiles
         result.activation_bytes, result.peak_bytes = memory_step(model, optimizer, batch, cfg, device, autocast)
     result.ms_per_step = statistics.median(times) * 1e3
     result.ms_min = min(times) * 1e3
@@ -380,7 +442,7 @@ def report(args, base: RunConfig, device: torch.device, name: str, rates: dict, 
         "",
         f"Preset `{args.preset}` ({m.arch}, {m.num_layers} blocks, dim {m.dim}, n = {m.num_streams}, "
         f"batch {d.batch_size} x {d.seq_len} tokens, dtype {base.train.dtype}, streams {8 * elem}-bit, "
-        f"compile {'on' if base.train.compile else 'off'}); torch {torch.__version__}; "
+        f"compile {base.train.compile_mode if base.train.compile else 'off'}); torch {torch.__version__}; "
         f"median of {args.steps} steps after {args.warmup} warm-up steps (the first compiles)."
         + (f" Measured bf16 matmul: {rates['matmul_tflops']:.0f} TFLOP/s." if rates.get("matmul_tflops") else "")
         + (f" Measured device-to-device copy: {rates['copy_tbps']:.2f} TB/s." if rates.get("copy_tbps") else ""),
@@ -391,7 +453,30 @@ def report(args, base: RunConfig, device: torch.device, name: str, rates: dict, 
     lines += _memory_tables(base, device, elem, ok)
     if rates.get("copy_tbps") and base_ms:
         lines += _floor_table(base, elem, ok, base_ms, rates["copy_tbps"])
+    lines += _kernel_tables(ok, getattr(args, "profile_top", 25))
     return "\n".join(lines) + "\n"
+
+
+def _kernel_tables(ok: dict[str, Result], top: int) -> list[str]:
+    lines = []
+    for spec, r in ok.items():
+        if not r.kernels:
+            continue
+        lines += [
+            "",
+            f"#### GPU time by kernel: {spec} ({r.gpu_busy_ms:.1f} ms of kernels per step, "
+            f"{r.gpu_busy_ms / r.ms_per_step:.0%} of the {r.ms_per_step:.1f} ms step)",
+            "",
+            "| kernel | calls/step | ms/step | share of kernel time |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, calls, ms in r.kernels[:top]:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| `{short}` | {calls:.0f} | {ms:.2f} | {ms / r.gpu_busy_ms:.1%} |")
+        rest = sum(ms for _, _, ms in r.kernels[top:])
+        if rest:
+            lines.append(f"| {len(r.kernels) - top} others | | {rest:.2f} | {rest / r.gpu_busy_ms:.1%} |")
+    return lines
 
 
 def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops: float | None) -> list[str]:
@@ -495,7 +580,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="profile K more steps: GPU time by kernel")
+    parser.add_argument("--profile-top", type=int, default=25, help="kernels listed per variant with --profile")
     args = parser.parse_args()
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1 (the first step compiles and is never timed)")
     variants = [Variant.parse(s) for s in args.variants.split(",")]
@@ -514,7 +603,9 @@ def main() -> None:
     for variant in variants:
         t0 = time.perf_counter()
         try:
-            results[variant.spec] = run_variant(variant, base, device, steps=args.steps, warmup=args.warmup)
+            results[variant.spec] = run_variant(
+                variant, base, device, steps=args.steps, warmup=args.warmup, profile_steps=args.profile
+            )
         except torch.cuda.OutOfMemoryError as exc:
             results[variant.spec] = Result(variant.spec, error="out of memory")
             print(f"  {variant.spec}: OUT OF MEMORY: {str(exc).splitlines()[0]}", flush=True)

@@ -3,8 +3,9 @@
 Peers (each skipped with a note if not installed): DeepSeek tile-kernels (``mhc_post_fwd``),
 Liger-Kernel (``liger_mhc_coeffs`` / ``liger_mhc_pre`` / ``liger_mhc_post_res`` / ``LigerMHC``).
 First a correctness check of every implementation against torchmhc's reference (fp32 math on the
-same inputs), then median timings (``triton.testing.do_bench``) and achieved TB/s against a
-device-to-device copy measured in the same run.
+same inputs), then median timings (``kernels.bench``: ``triton.testing.do_bench`` of a CUDA-graph
+replay, so every implementation is timed on the GPU without its host launch cost) and achieved
+TB/s against a device-to-device copy measured in the same run.
 
     PYTHONPATH=src python benchmarks/peers.py [--tokens 16384] [--dim 4096] [--streams 4] [--out FILE]
 
