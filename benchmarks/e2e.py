@@ -62,7 +62,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from torchmhc.config import RunConfig, load_config
+from torchmhc.config import CUDA_GRAPH_MODES, RunConfig, load_config
 from torchmhc.kernels import kernel_mode, use_kernels
 from torchmhc.models import build_model
 from torchmhc.recompute import block_starts, optimal_block_length
@@ -347,10 +347,6 @@ def kernel_profile(step, steps: int, device: torch.device) -> tuple[list[tuple[s
     ]
     rows.sort(key=lambda r: -r[2])
     return rows, sum(r[2] for r in rows)
-
-
-#: torch.compile modes that replay compiled graphs as CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _build(cfg: RunConfig, device: torch.device, compile_mode: str):

@@ -220,6 +220,8 @@ class OptimConfig:
 
 #: torch.compile modes accepted for ``train.compile_mode``.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Those of them that replay compiled graphs as CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
