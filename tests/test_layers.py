@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import torchmhc as mhc
+from torchmhc import kernels
 from torchmhc.layers import INITS, residual_kinds
 
 
@@ -152,6 +153,76 @@ def test_pre_with_coefficients_is_pre_without_hooks(residual):
         expected = hc.mix_in(x, hc.coefficients(x))
         assert torch.equal(layer_input, expected[0])
         assert torch.equal(ctx.h_post, expected[1].h_post) and torch.equal(ctx.h_res, expected[1].h_res)
+
+
+def _two_connections(residual, n=3, dim=8):
+    """Two consecutive sub-layers' connections with non-trivial (and different) coefficients."""
+    hcs = [mhc.HyperConnection(dim, n, residual, layer_index=i) for i in range(2)]
+    if residual != "residual":
+        with torch.no_grad():
+            for hc in hcs:
+                hc.fn.normal_(0, 0.1)
+                hc.base.normal_()
+                hc.scale.fill_(0.5)
+    return hcs
+
+
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc", "mhc-lite"])
+def test_post_pre_equals_post_then_next_pre(residual, monkeypatch):
+    first, second = _two_connections(residual)
+    branch_a, branch_b = Branch(8), Branch(8)
+    fused_calls = []
+    mhc_post_pre = kernels.mhc_post_pre
+    monkeypatch.setattr(kernels, "mhc_post_pre", lambda *a, **k: fused_calls.append(1) or mhc_post_pre(*a, **k))
+    params = [*first.parameters(), *second.parameters(), *branch_a.parameters(), *branch_b.parameters()]
+    x = torch.randn(2, 5, first.num_streams, 8)
+
+    def run(together):
+        x_ = x.clone().requires_grad_()
+        layer_input, ctx = first.pre(x_)
+        if together:
+            u, ctx2 = first.post_pre(ctx, branch_a(layer_input), second)
+        else:
+            u, ctx2 = second.pre(first.post(ctx, branch_a(layer_input)))
+        out = second.post(ctx2, branch_b(u))
+        return [out, *torch.autograd.grad(out.square().sum(), [x_, *params])]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+    # mHC connections (any manifold) go through the fused op's dispatch; the others compose
+    assert len(fused_calls) == (residual in ("mhc", "mhc-lite"))
+
+
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc"])
+def test_post_pre_calls_the_next_connections_hooks_once(residual):
+    first, second = _two_connections(residual)
+    seen = {first: [], second: []}
+    for hc in (first, second):
+        hc.register_coefficient_hook(lambda module, x_, c: seen[module].append((x_, c)))
+    x = torch.randn(4, first.num_streams, 8)
+    layer_input, ctx = first.pre(x)
+    f_out = torch.randn(4, 8)
+    layer_input2, ctx2 = first.post_pre(ctx, f_out, second)
+    assert len(seen[first]) == 1 and len(seen[second]) == 1
+    x_next, coefficients = seen[second][0]
+    assert torch.equal(x_next, first.post(ctx, f_out))  # the streams entering the next sub-layer
+    expected_input, _, expected = second.pre_with_coefficients(x_next)
+    assert all(torch.equal(a, b) for a, b in zip(coefficients, expected))
+    assert torch.equal(layer_input2, expected_input)
+
+
+def test_post_pre_rejects_a_mismatched_next_connection():
+    hc = mhc.HyperConnection(8, 4)
+    layer_input, ctx = hc.pre(torch.randn(3, 4, 8))
+    f_out = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="next_hc must be a HyperConnection, got Linear"):
+        hc.post_pre(ctx, f_out, nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=r"next_hc must have n=4, C=8 .*got n=2, C=8"):
+        hc.post_pre(ctx, f_out, mhc.HyperConnection(8, 2))
+    with pytest.raises(ValueError, match=r"got n=4, C=16"):
+        hc.post_pre(ctx, f_out, mhc.HyperConnection(16, 4))
+    with pytest.raises(ValueError, match=r"got n=1, C=8"):
+        hc.post_pre(ctx, f_out, mhc.HyperConnection(8, residual="residual"))
 
 
 def test_expand_streams_copies_without_scaling():

@@ -10,6 +10,15 @@ A transformer with hyper-connections looks like::
         x = block.hc_ffn(x, block.ffn)
     h = head(x)                                   # StreamHead: [B, T, C]
     logits = lm_head(final_norm(h))
+
+or, in the split form, with the attention's post fused with the FFN's pre (same values; for
+mHC the post-res and the next coefficient pass read the streams once, but on an H100 that fused
+kernel is not yet faster than the two it replaces, so the models here use the form above)::
+
+    for block in blocks:
+        u, ctx = block.hc_attn.pre(x)                                       # u [B, T, C]
+        u, ctx = block.hc_attn.post_pre(ctx, block.attn(u), block.hc_ffn)
+        x = block.hc_ffn.post(ctx, block.ffn(u))                            # [B, T, n, C]
 """
 
 from __future__ import annotations
@@ -74,7 +83,9 @@ class HyperConnectionContext(NamedTuple):
 class HyperConnection(nn.Module):
     """One hyper-connection around a sub-layer ``F`` (attention or FFN, with its own pre-norm).
 
-    ``x_next = H_res · x + H_postᵀ · F(H_pre · x)`` with per-token coefficients.
+    ``x_next = H_res · x + H_postᵀ · F(H_pre · x)`` with per-token coefficients. ``forward(x, F)``
+    runs it all; the split form is :meth:`pre` -> F -> :meth:`post`, or :meth:`post_pre`, which
+    runs one sub-layer's post and the next one's pre together.
 
     Args:
         dim: C, the hidden size of one stream.
@@ -210,6 +221,46 @@ class HyperConnection(nn.Module):
         if self.residual == "residual":
             return ctx.x + f_out.unsqueeze(-2)
         return kernels.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
+
+    def post_pre(
+        self, ctx: HyperConnectionContext, f_out: Tensor, next_hc: HyperConnection
+    ) -> tuple[Tensor, HyperConnectionContext]:
+        """Post of this sub-layer and pre of the next one (``next_hc``) in one call: the values of
+        ``next_hc.pre(self.post(ctx, f_out))``, next_hc's input check and coefficient hooks included.
+
+        When this connection is not the plain residual and ``next_hc`` is mHC (has a manifold),
+        both run as ``kernels.mhc_post_pre``: where the kernels apply, the post-res and the next
+        coefficient pass read the streams once, and x's gradients are chained as in
+        :meth:`pre_with_coefficients`. Otherwise the plain composition. (H100, two sub-layers
+        forward + backward: 4992 µs against 4962 without it at T = 16384, C = 4096; see
+        ``benchmarks/results/h100.md``.)
+
+        Args:
+            ctx: this connection's context (from :meth:`pre` or an earlier ``post_pre``).
+            f_out: this sub-layer's branch output ``[..., C]``.
+            next_hc: the next sub-layer's HyperConnection, same ``num_streams`` and ``dim``.
+
+        Returns:
+            (next layer input ``[..., C]`` in x.dtype, ``next_hc``'s context for its :meth:`post`).
+        """
+        if not isinstance(next_hc, HyperConnection):
+            raise ValueError(f"next_hc must be a HyperConnection, got {type(next_hc).__name__}")
+        if (next_hc.num_streams, next_hc.dim) != (self.num_streams, self.dim):
+            raise ValueError(
+                f"next_hc must have n={self.num_streams}, C={self.dim} like this HyperConnection, "
+                f"got n={next_hc.num_streams}, C={next_hc.dim}"
+            )
+        # the fused op computes this connection's post as kernels.post_res: every kind but "residual"
+        if self.residual == "residual" or next_hc.manifold is None:
+            return next_hc.pre(self.post(ctx, f_out))
+        next_hc._check_input(ctx.x)  # x_next has ctx.x's shape and dtype
+        layer_input, x_next, coefficients = kernels.mhc_post_pre(
+            ctx.x, f_out, ctx.h_post, ctx.h_res, next_hc.fn, next_hc.scale, next_hc.base,
+            eps=next_hc.eps, rms_eps=next_hc.rms_eps, post_scale=next_hc.post_scale, manifold=next_hc.manifold,
+        )  # fmt: skip
+        for hook in next_hc._coefficient_hooks.values():
+            hook(next_hc, x_next, coefficients)
+        return layer_input, HyperConnectionContext(x_next, coefficients.h_post, coefficients.h_res)
 
     def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         """``x [..., n, C]``, ``branch: [..., C] -> [..., C]`` -> next streams ``[..., n, C]``."""

@@ -1,16 +1,20 @@
 """Gradient chaining of one mHC sub-layer (``torchmhc.kernels.mhc_pre``): the coefficients and the
 pre-mix as one autograd node whose pass-through view of x feeds the post-res, so that x's three
 gradients are summed inside the kernels' dx passes. Checked against the fp64 reference, bitwise
-against the unchained kernels where the arithmetic is the same (fp32), and through the module."""
+against the unchained kernels where the arithmetic is the same (fp32), and through the module.
+The same across sub-layers (``torchmhc.kernels.mhc_post_pre``): sub-layer l's post-res fused with
+l+1's coefficients, then l+1's pre-mix with a pass-through, against the composed reference."""
+
+import math
 
 import pytest
 import torch
-from kernel_cases import DEVICE, check_fwd_bwd, mhc_params, streams
+from kernel_cases import DEVICE, FP32_TOL, check_fwd_bwd, mhc_params, streams
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchmhc
 from torchmhc import functional as ref
-from torchmhc.kernels import mhc_coefficients, mhc_pre, post_res, pre_mix, use_kernels
+from torchmhc.kernels import mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 
 
 def branch(u, w):
@@ -43,11 +47,13 @@ def _inputs(n, c, dtype, t=7):
 
 
 def _grads(fn_, inputs, *, seed=1):
-    """Output and the gradients of every input that requires grad, for a fixed output gradient."""
+    """Output(s) and the gradients of every input that requires grad, for fixed output gradients."""
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     out = fn_(*leaves)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
-    return [out, *torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)]
+    outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    generator = torch.Generator().manual_seed(seed)
+    g = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in outs]
+    return [*outs, *torch.autograd.grad(outs, [t for t in leaves if t.requires_grad], g)]
 
 
 def reference_fp64(x, *params):
@@ -149,12 +155,17 @@ def test_no_grad_gives_the_same_values():
     assert out.grad_fn is None and torch.equal(out, expected)
 
 
-def _made_by_chained_pre(t):
-    """True when ``t`` is (a view of) an output of the chained coefficients + pre-mix node."""
+def _made_by(t, name):
+    """True when ``t`` is (a view of) an output of an autograd node whose type name contains ``name``."""
     node = t.grad_fn
     while node is not None and type(node).__name__ == "ViewBackward0":
         node = node.next_functions[0][0]
-    return node is not None and "ChainedPre" in type(node).__name__
+    return node is not None and name in type(node).__name__
+
+
+def _made_by_chained_pre(t):
+    """True when ``t`` is (a view of) an output of the chained coefficients + pre-mix node."""
+    return _made_by(t, "ChainedPre")
 
 
 def test_pass_through_is_a_view_only_where_kernels_run():
@@ -170,18 +181,25 @@ def test_pass_through_is_a_view_only_where_kernels_run():
         assert mhc_pre(x, fn, scale, base)[1] is x
 
 
-class _CountStreamAdds(TorchDispatchMode):
-    """Counts elementwise additions whose result has the shape of the streams."""
+class _RecordOps(TorchDispatchMode):
+    """Records every op that runs below autograd: its overload packet and its (first) output's shape."""
 
-    def __init__(self, shape):
+    def __init__(self):
         super().__init__()
-        self.shape, self.count = tuple(shape), 0
+        self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and tuple(out.shape) == self.shape:
-            self.count += 1
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
         return out
+
+    def calls(self, op):
+        return sum(packet == op for packet, _ in self.ops)
+
+    def stream_adds(self, shape):
+        """Elementwise additions whose result has the shape of the streams."""
+        return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)
 
 
 @pytest.mark.parametrize("sublayer, adds", [(chained, 0), (unchained, 2)])
@@ -191,9 +209,9 @@ def test_backward_has_no_separate_stream_additions(sublayer, adds):
     x.requires_grad_()
     with use_kernels("triton"):
         out = sublayer(x, *params)
-        with _CountStreamAdds(x.shape) as counter:
+        with _RecordOps() as ops:
             torch.autograd.grad(out, x, torch.ones_like(out))
-    assert counter.count == adds
+    assert ops.stream_adds(x.shape) == adds
 
 
 def _module(n=4, c=64):
@@ -237,6 +255,197 @@ def test_torch_compile_traces_the_chained_path():
         module_compiled = torch.compile(lambda x_: hc(x_, f), backend="aot_eager", fullgraph=True)
         for a, b in zip(_grads(module_compiled, [x]), eager):
             assert torch.equal(a, b)
+
+
+# -- across sub-layers: post-res of sub-layer l fused with the coefficients and pre-mix of l+1 ----
+
+
+def _post_pre_inputs(n, dtype, lead, c=64):
+    """Sub-layer l's streams ``[*lead, n, c]``, branch output and coefficients; sub-layer l+1's
+    parameters; a branch weight."""
+    x = streams(math.prod(lead), n, c, dtype).view(*lead, n, c)
+    f_out = torch.randn(*lead, c, device=DEVICE).to(dtype)
+    h_post, h_res = 2 * torch.rand(*lead, n, device=DEVICE), torch.rand(*lead, n, n, device=DEVICE) / n
+    return [x, f_out, h_post, h_res, *mhc_params(n, c), torch.randn(c, c, device=DEVICE) / c**0.5]
+
+
+def ref_post_pre(x, f_out, h_post, h_res, fn, scale, base):
+    """The composition that :func:`mhc_post_pre` stands for, in the reference ops."""
+    x_next = ref.post_res(x, f_out, h_post, h_res)
+    coefficients = ref.mhc_coefficients(x_next, fn, scale, base)
+    return ref.pre_mix(x_next, coefficients.h_pre), x_next, coefficients
+
+
+def two_sublayers(post_pre, post, *, use_x_next=False):
+    """Sub-layer l's end and all of sub-layer l+1, so that every output of ``post_pre`` reaches the
+    result: the layer input through the branch, the pass-through, h_post and h_res through the
+    post-res, h_pre directly too (and x_next a second time, as an observer's differentiable use, with
+    ``use_x_next``)."""
+
+    def run(x, f_out, h_post, h_res, fn, scale, base, w):
+        layer_input, x_next, (h_pre2, h_post2, h_res2) = post_pre(x, f_out, h_post, h_res, fn, scale, base)
+        outs = (post(x_next, branch(layer_input, w), h_post2, h_res2), h_pre2)
+        return (*outs, 0.5 * x_next) if use_x_next else outs
+
+    return run
+
+
+def unfused_post_pre(x, f_out, h_post, h_res, fn, scale, base):
+    """The same composition through the unfused kernels: :func:`post_res`, then :func:`mhc_pre`."""
+    return mhc_pre(post_res(x, f_out, h_post, h_res), fn, scale, base)
+
+
+fused_two = two_sublayers(mhc_post_pre, post_res)
+unfused_two = two_sublayers(unfused_post_pre, post_res)
+reference_two = two_sublayers(ref_post_pre, ref.post_res)
+
+
+def reference_two_fp64(x, f_out, *params):
+    """:func:`reference_two` with the streams and the branch output in fp64 too."""
+    return reference_two(x.double(), f_out.double(), *params)
+
+
+# bf16 against fp64, two sub-layers: the streams, the branch outputs and x's gradients are rounded
+# to bf16 several times, and the parameter gradients are sums over 5 tokens that cancel; measured
+# up to 2.5e-2 for the fused and the unfused kernels alike (n = 1, the fewest terms)
+BF16_TWO_SUBLAYER_NORM_TOL = 5e-2
+# bf16 fused against unfused kernels: same forward roundings (x_{l+1} is bit-identical), the
+# gradient of x_{l+1} rounded once instead of at each op; measured up to 1.3e-2 (n = 1)
+BF16_FUSED_UNFUSED_NORM_TOL = 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, lead", [(1, (5,)), (2, (1, 5)), (3, (5,)), (4, (1, 5))])
+def test_post_pre_matches_reference(n, lead, dtype):
+    # outputs and the gradients of x, f_out, h_post, h_res, fn, scale, base and the branch's weight
+    inputs = _post_pre_inputs(n, dtype, lead)
+    with use_kernels("triton"):
+        if dtype == torch.float32:
+            check_fwd_bwd(fused_two, reference_two, inputs)
+            return
+        check_fwd_bwd(fused_two, reference_two_fp64, inputs, norm_tol=BF16_TWO_SUBLAYER_NORM_TOL)
+        inputs = [t.requires_grad_() for t in inputs]
+        fused, unfused = _grads(fused_two, inputs), _grads(unfused_two, inputs)
+    for i, (a, b) in enumerate(zip(fused, unfused)):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < BF16_FUSED_UNFUSED_NORM_TOL, f"output or gradient {i}: relative error {err:.2e}"
+
+
+def test_post_pre_x_next_used_by_an_observer():
+    # x_next used by an observer as well as by the post-res: autograd sums the two gradients first
+    inputs = _post_pre_inputs(3, torch.float32, (5,))
+    with use_kernels("triton"):
+        check_fwd_bwd(
+            two_sublayers(mhc_post_pre, post_res, use_x_next=True),
+            two_sublayers(ref_post_pre, ref.post_res, use_x_next=True),
+            inputs,
+        )
+
+
+@pytest.mark.parametrize("use", USES)
+def test_post_pre_unused_outputs(use):
+    # gradients that never reach the pre-mix node or the fused op must not break their backward
+    x, f_out, h_post, h_res, *params = _post_pre_inputs(2, torch.float32, (5,))[:7]
+
+    def run(post_pre):
+        def f(x_, f_out_, h_post_, h_res_, *params_):
+            layer_input, x_next, coefficients = post_pre(x_, f_out_, h_post_, h_res_, *(params_ or params))
+            return USES[use](layer_input, x_next, coefficients)
+
+        return f
+
+    # only the streams reach the loss: sub-layer l+1's parameters then get no gradient at all
+    inputs = [x, f_out, h_post, h_res, *([] if use == "streams only" else params)]
+    with use_kernels("triton"):
+        check_fwd_bwd(run(mhc_post_pre), run(ref_post_pre), inputs)
+
+
+def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
+    inputs = [t.requires_grad_() for t in _post_pre_inputs(4, torch.float32, (5,))]
+    x = inputs[0]
+    with use_kernels("triton"):
+        with _RecordOps() as forward:
+            layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7])
+        out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
+        with _RecordOps() as backward:
+            torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
+    ops = torch.ops.torchmhc
+    # one pass for post-res + coefficients, not the two unfused ops (a silent fallback fails here)
+    assert forward.calls(ops.post_res_coefficients) == 1 and forward.calls(ops.pre_mix) == 1
+    assert forward.calls(ops.post_res) == forward.calls(ops.mhc_coefficients) == 0
+    assert all(_made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
+    # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
+    # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
+    assert backward.calls(ops.pre_mix_dh) == 1 and backward.calls(ops.pre_mix_backward) == 0
+    assert backward.calls(ops.mhc_coefficients_backward) == 1 and backward.calls(ops.post_res_backward) == 2
+    assert backward.stream_adds(x.shape) == 0
+
+
+def test_chained_pre_backward_runs_no_pre_mix_dx_pass():
+    x, *params = _inputs(4, 64, torch.float32)
+    x.requires_grad_()
+    with use_kernels("triton"):
+        out = chained(x, *params)
+        with _RecordOps() as backward:
+            torch.autograd.grad(out, x, torch.ones_like(out))
+    ops = torch.ops.torchmhc
+    assert backward.calls(ops.pre_mix_dh) == 1 and backward.calls(ops.pre_mix_backward) == 0
+    assert backward.calls(ops.mhc_coefficients_backward) == 1
+
+
+def test_torch_compile_traces_post_pre():
+    with use_kernels("triton"):
+        compiled = torch.compile(fused_two, backend="aot_eager", fullgraph=True)
+        check_fwd_bwd(compiled, reference_two, _post_pre_inputs(2, torch.float32, (5,)))
+
+
+def test_hyper_connection_post_pre_uses_the_fused_op():
+    first, f, params = _module(3)
+    second, g, params2 = _module(3)
+    with torch.no_grad():  # two different connections
+        second.fn.normal_(0, 0.05)
+        second.base.normal_()
+    x = streams(5, 3, 64, torch.float32).requires_grad_()
+    seen = []
+    second.register_coefficient_hook(lambda module, x_, c: seen.append((module, x_, c)))
+    with use_kernels("triton"):
+        with _RecordOps() as forward:
+            layer_input, ctx = first.pre(x)
+            u, ctx2 = first.post_pre(ctx, f(layer_input), second)
+        out = second.post(ctx2, g(u))
+        grads = torch.autograd.grad(out.square().sum(), [x, *params, *params2])
+        layer_input, ctx = first.pre(x)
+        x_next = first.post(ctx, f(layer_input))
+        u_expected, ctx_expected = second.pre(x_next)
+        expected = second.post(ctx_expected, g(u_expected))
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *params, *params2])
+    assert forward.calls(torch.ops.torchmhc.post_res_coefficients) == 1
+    assert [s[0] for s in seen] == [second, second]  # once for post_pre, once for the composition
+    torch.testing.assert_close(seen[0][1], x_next, **FP32_TOL)
+    for a, b in zip(seen[0][2], seen[1][2]):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096)])
+def test_gpu_post_pre(t, n, c):
+    # bf16 streams at real shapes: every output and gradient as close to fp64 as the unfused kernels'
+    # (the parameter gradients are sums over T tokens that cancel: their own error against fp64
+    # reached 1.5e-2 for both paths at T = 4096 on an H100, so the unfused path is the yardstick)
+    inputs = [t_.requires_grad_() for t_ in _post_pre_inputs(n, torch.bfloat16, (t,), c)]
+    with use_kernels("triton"):
+        fused, unfused = _grads(fused_two, inputs), _grads(unfused_two, inputs)
+    exact = _grads(reference_two_fp64, inputs)
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for i, (a, b, e) in enumerate(zip(fused, unfused, exact)):
+        assert torch.isfinite(a).all(), f"output or gradient {i}: non-finite values"
+        assert err(a, e) <= max(1e-2, 1.25 * err(b, e)), f"output or gradient {i}: {err(a, e):.2e} vs unfused {err(b, e):.2e}"
 
 
 @pytest.mark.gpu

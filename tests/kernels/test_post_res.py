@@ -13,7 +13,7 @@ def _coefficients(t: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64), (4, 192)])
 def test_post_res_matches_reference(n, c, dtype):
     x = streams(7, n, c, dtype)
     f_out = torch.randn(7, c, device=DEVICE).to(dtype)

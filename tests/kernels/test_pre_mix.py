@@ -9,7 +9,7 @@ from torchmhc.kernels import pre_mix, use_kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64)])
+@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64), (4, 192)])
 def test_pre_mix_matches_reference(n, c, dtype):
     x = streams(7, n, c, dtype)
     h_pre = torch.rand(7, n, device=DEVICE) + 0.1
@@ -33,30 +33,13 @@ def test_pre_mix_op_schema_fake_and_autograd():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, c", [(1, 64), (2, 128), (3, 64), (4, 128), (8, 64)])
-def test_pre_mix_backward_adds_in_the_same_pass(n, c, dtype):
-    from torchmhc.kernels.pre_mix_op import pre_mix_bwd
+@pytest.mark.parametrize("n, c", [(1, 64), (3, 64), (4, 128), (2, 320)])
+def test_pre_mix_dh_is_the_backward_without_dx(n, c, dtype):
+    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op, pre_mix_bwd, pre_mix_dh
 
     x = streams(7, n, c, dtype)
-    h_pre = torch.rand(7, n, device=DEVICE) + 0.1
     grad = torch.randn(7, c, device=DEVICE).to(dtype)
-    add = streams(7, n, c, dtype)
-    dx, dh = pre_mix_bwd(grad, x, h_pre, add=add)
-    dx_plain, dh_plain = pre_mix_bwd(grad, x, h_pre)
-    assert torch.equal(dh, dh_plain)  # dh_pre does not see the added gradient
-    expected = h_pre.double()[..., None] * grad.double()[:, None, :] + add.double()  # summed, then rounded once
-    if dtype == torch.float32:
-        torch.testing.assert_close(dx.double(), expected, **FP32_TOL)
-        if DEVICE == "cpu":  # the interpreter's arithmetic (the GPU fuses h·g + add into one FMA)
-            assert torch.equal(dx, dx_plain + add)  # the sum autograd would form, bit for bit
-    else:
-        torch.testing.assert_close(dx, expected.to(dtype))
-
-
-def test_pre_mix_backward_op_schema_and_fake_with_add():
-    from torchmhc.kernels.pre_mix_op import _pre_mix_backward_op
-
-    x = streams(5, 3, 64, torch.float32)
-    args = (torch.randn(5, 64, device=DEVICE), x, torch.rand(5, 3, device=DEVICE))
-    for add in (None, torch.randn_like(x)):
-        torch.library.opcheck(_pre_mix_backward_op, (*args, add), test_utils=("test_schema", "test_faketensor"))
+    dh = pre_mix_dh(grad, x)
+    assert torch.equal(dh, pre_mix_bwd(grad, x, torch.rand(7, n, device=DEVICE))[1])
+    torch.testing.assert_close(dh.double(), torch.einsum("tc,tjc->tj", grad.double(), x.double()), **FP32_TOL)
+    torch.library.opcheck(_pre_mix_dh_op, (grad, x), test_utils=("test_schema", "test_faketensor"))

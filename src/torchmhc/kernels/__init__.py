@@ -6,13 +6,16 @@ One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Si
 streams). ``dispatch.py`` picks kernels on CUDA and the
 reference (``torchmhc.functional``) elsewhere; ``TORCHMHC_KERNELS=auto|triton|reference`` or
 :func:`use_kernels` forces either. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
-chained x-gradients (what ``HyperConnection`` uses). Importing this package does not import Triton.
+chained x-gradients (what ``HyperConnection`` uses); :func:`mhc_post_pre` runs one sub-layer's
+post-res fused with the next one's coefficients and pre-mix, chained the same way
+(``HyperConnection.post_pre``). Importing this package does not import Triton.
 """
 
 from torchmhc.kernels.dispatch import (
     KernelMode,
     kernel_mode,
     mhc_coefficients,
+    mhc_post_pre,
     mhc_pre,
     post_res,
     post_res_coefficients,
@@ -28,6 +31,7 @@ __all__ = [
     "triton_available",
     "mhc_coefficients",
     "mhc_pre",
+    "mhc_post_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",

@@ -382,10 +382,12 @@ def _coef_bwd_x_kernel(
     dm_ptr,  # [T, W] fp32 (merged columns)
     cx_ptr,  # [T] fp32
     add_ptr,  # [T, K] stream dtype: a gradient to add into dx when ADD (else unused)
+    dy_ptr,  # [T, C]: the pre-mix's output gradient when MIX (else unused)
+    hpre_ptr,  # [T, n] fp32: the pre-mix's coefficients when MIX (else unused)
     dx_ptr,  # [T, K] stream dtype out
     dfn_ptr,  # [groups, n²+2n, K] fp32 out: partial sums per token group
     T,
-    K: tl.constexpr,
+    C: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     W: tl.constexpr,
@@ -394,10 +396,15 @@ def _coef_bwd_x_kernel(
     TILES: tl.constexpr,
     MODE: tl.constexpr,
     ADD: tl.constexpr,
+    MIX: tl.constexpr,
 ):
     # grid (K // BK, groups): the program owns columns [kb·BK, +BK) for TILES·BT consecutive tokens,
-    # so x is read once for both products and dfn needs no atomics
+    # so x is read once for both products and dfn needs no atomics. With MIX, BK divides C: the
+    # columns lie in one stream, whose pre-mix gradient h_pre[stream]·dy is summed into dx here
+    K: tl.constexpr = N * C
     ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    stream = (tl.program_id(0) * BK) // C
+    channels = ks - stream * C
     group = tl.program_id(1)
     cols = tl.arange(0, W)
     rows, valid = _merged_rows(N, NP, W)
@@ -420,8 +427,15 @@ def _coef_bwd_x_kernel(
         dm = tl.load(dm_ptr + toks[:, None] * W + cols[None, :], mask=tmask[:, None] & dm_mask[None, :], other=0.0)
         cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)
         dx = _dot_dm_fn(dm, w, w_lo, cx[:, None] * x.to(tl.float32), MODE)
-        if ADD:  # the stream's other gradient, summed here instead of in a separate pass
-            dx += tl.load(add_ptr + offs, mask=tmask[:, None], other=0.0).to(tl.float32)
+        if MIX or ADD:  # the stream's other gradients, summed here instead of in separate passes
+            other = tl.zeros([BT, BK], dtype=tl.float32)
+            if MIX:
+                h = tl.load(hpre_ptr + toks * N + stream, mask=tmask, other=0.0)
+                dy = tl.load(dy_ptr + toks[:, None] * C + channels[None, :], mask=tmask[:, None], other=0.0)
+                other = h[:, None] * dy.to(tl.float32)
+            if ADD:
+                other += tl.load(add_ptr + offs, mask=tmask[:, None], other=0.0).to(tl.float32)
+            dx += other
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
         dfn_t = dot_bf16_f32(tl.trans(x), dm, dfn_t, MODE)
     tl.store(dfn_ptr + group * (N * N + 2 * N) * K + rows[None, :] * K + ks[:, None], dfn_t, mask=valid[None, :])
@@ -474,20 +488,22 @@ def coefficients_fwd(
     (tokens and channels per step; ``block_k`` defaults to 128 for 16-bit streams and 64 for fp32,
     whose staged tiles would not fit in shared memory) and launch options. Defaults: the fastest of
     ``benchmarks/tune.py`` on an H100 (128 tokens, 8 warps, 4 stages for 16-bit streams and n <= 4
-    when that still gives every multiprocessor a program; 64, 4, 3 otherwise)."""
+    when that still gives every multiprocessor a program, else 64 tokens, 4 warps, 4 stages: 56 → 52
+    µs at T = 8192, C = 1280; 64, 4, 3 for fp32 streams or n > 4)."""
     t, n, c = x.shape
     k = n * c
     outs = empty_coefficient_outputs(x)
     if t == 0:
         return outs
-    wide = n <= 4 and x.dtype != torch.float32 and triton.cdiv(t, 128) >= num_sms(x.device)
+    narrow = n <= 4 and x.dtype != torch.float32  # 16-bit streams, at most 4: the staged tiles fit 4 stages
+    wide = narrow and triton.cdiv(t, 128) >= num_sms(x.device)
     bt = _token_block(block_t or (128 if wide else 64))
     mode = precision_mode(x)
     fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
     _coef_fwd_kernel[(triton.cdiv(t, bt),)](
         x, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
         K=k, N=n, NP=_np(n), ITERS=iters, BT=bt, BK=channel_block(k, block_k or (64 if x.dtype == torch.float32 else 128)),
-        MODE=mode, num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if wide else 3),
+        MODE=mode, num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if narrow else 3),
     )  # fmt: skip
     return outs
 
@@ -553,23 +569,27 @@ def coefficients_bwd_x(
     block_t: int = 64,
     block_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     waves: int | None = None,
     add: Tensor | None = None,
+    mix: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
     ``dm [T, W]``, ``cx [T]`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
     Tile sizes and launch options as keywords (``block_k`` defaults to 128, 64 for fp32 streams and
-    for n > 4, whose 128-wide gradient block would spill registers); ``waves``: programs per
-    multiprocessor to aim for (default 2, or 4 when there are fewer column blocks than
-    multiprocessors). ``add [T, n, C]`` (x.dtype, contiguous), when given, is added into
-    dx in the same pass."""
+    for n > 4, whose 128-wide gradient block would spill registers; it is rounded to a power of two
+    dividing C); ``waves``: programs per multiprocessor to aim for (default 2, or 4 when there are
+    fewer column blocks than multiprocessors). Other gradients of x summed into dx in the same
+    pass: ``add [T, n, C]`` (x.dtype, contiguous) and, for a pre-mix ``y = Σ_j h_pre[j]·x[j]`` of
+    the same streams, ``mix = (dy [T, C], h_pre [T, n] fp32)``, contiguous: ``h_pre ⊗ dy``.
+    ``num_stages`` defaults to 3, or 2 with ``mix``, whose extra tiles would spill registers at 3
+    (H100 sweeps with mix and add: 310 → 135 µs at T = 8192, C = 1280; 865 → 736 at 16384 x 4096)."""
     t, n, c = x.shape
     k = n * c
     dx = torch.empty_like(x)
     bt = _token_block(block_t)
-    # a power of two dividing K (K is a multiple of 64)
-    block_k = channel_block(k, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
+    # a power of two dividing C (a multiple of 64): a column block lies in one stream
+    block_k = channel_block(c, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
     k_blocks = k // block_k
     t_blocks = triton.cdiv(t, bt)
     # enough programs for `waves` waves. TILES is a compile-time constant: rounding it up to a
@@ -583,10 +603,11 @@ def coefficients_bwd_x(
     tiles = triton.cdiv(tiles, quantum) * quantum
     groups = triton.cdiv(t_blocks, tiles)
     dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
+    dy, h_pre = (x, cx) if mix is None else mix
     _coef_bwd_x_kernel[(k_blocks, groups)](
-        x, fn, dm, cx, x if add is None else add, dx, dfn_part, t,
-        K=k, N=n, NP=_np(n), W=dm.shape[1], BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
-        ADD=add is not None, num_warps=num_warps, num_stages=num_stages,
+        x, fn, dm, cx, x if add is None else add, dy, h_pre, dx, dfn_part, t,
+        C=c, N=n, NP=_np(n), W=dm.shape[1], BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
+        ADD=add is not None, MIX=mix is not None, num_warps=num_warps, num_stages=num_stages or (3 if mix is None else 2),
     )  # fmt: skip
     return dx, (dfn_part[0] if groups == 1 else dfn_part.sum(0))
 
@@ -607,18 +628,20 @@ def coefficients_bwd(
     post_scale: float,
     *,
     add: Tensor | None = None,
+    mix: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launcher. The forward's inputs and saved ``(m_pp, m_res, rinv)``, and the fp32 gradients
     ``dh_pre [T, n]``, ``dh_post [T, n]``, ``dh_res [T, n, n]`` (contiguous)
     -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C], dscale [3], dbase [n²+2n])`` fp32 parameters' grads.
-    ``add [T, n, C]`` (contiguous), when given, is x's other gradient, summed into dx in the dx pass."""
+    x's other gradients, summed into dx in the dx pass: ``add [T, n, C]`` and a pre-mix's
+    ``mix = (dy [T, C], h_pre [T, n])`` (see :func:`coefficients_bwd_x`)."""
     t, n, c = x.shape
     if t == 0:
         return torch.empty_like(x), torch.zeros_like(fn), torch.zeros_like(scale), torch.zeros_like(base)
     dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, dh_pre, dh_post, dh_res, n * c, iters, eps, post_scale
     )
-    dx, dfn = coefficients_bwd_x(x, fn, dm, cx, add=add)
+    dx, dfn = coefficients_bwd_x(x, fn, dm, cx, add=add, mix=mix)
     return dx, dfn, dscale, dbase
 
 
@@ -656,15 +679,19 @@ def _coefficients_backward_op(
     eps: float,
     post_scale: float,
     add: Tensor | None = None,
+    mix_dy: Tensor | None = None,
+    mix_h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`coefficients_bwd`; ``add`` (or None) is x's other gradient, summed into dx."""
+    """:func:`coefficients_bwd`; ``add`` (or None) is x's other gradient, summed into dx, and so is
+    ``mix_h ⊗ mix_dy`` when both are given (a pre-mix of x: its ``h_pre [T, n]`` and ``dy [T, C]``)."""
+    mix = None if mix_dy is None or mix_h is None else (mix_dy, mix_h)
     return coefficients_bwd(
-        x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=add
+        x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=add, mix=mix
     )
 
 
 @_coefficients_backward_op.register_fake
-def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=None):
+def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=None, mix_dy=None, mix_h=None):
     return torch.empty_like(x), torch.empty_like(fn), torch.empty_like(scale), torch.empty_like(base)
 
 

@@ -16,9 +16,16 @@ Sinkhorn manifold. The kernels use no atomics: results are deterministic run to 
 Gradient chaining (:func:`mhc_pre`): one sub-layer reads its streams x in three ops (coefficients,
 pre-mix, post-res), so autograd would sum three dx tensors in two extra elementwise passes (each
 reads 2·nC and writes nC). :func:`mhc_pre` runs the coefficients and the pre-mix as one autograd
-node that also hands x on as a pass-through output for the post-res; in backward the post-res
-gradient of that output is added inside the pre-mix backward's dx pass, and that sum inside the
-coefficient backward's dx pass: no separate additions.
+node that also hands x on as a pass-through output for the post-res. In backward the pre-mix only
+reduces ``dh_pre = dy·x`` (one read of x); the coefficient backward's dx pass, which reads x and
+writes dx anyway, also sums ``h_pre ⊗ dy`` and the post-res gradient of the pass-through. Per
+sub-layer that is 4 passes over stream-sized tensors (dh: x; dx pass: x, the post-res gradient,
+dx; dy, C a token, is read once per stream) instead of 6 with a separate pre-mix dx pass, or 10
+with autograd's additions.
+
+Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l and the coefficient pass of
+l+1 run as one kernel that writes x_{l+1}; with the pre-mix of l+1 they form one autograd node,
+whose backward is sub-layer l+1's chained backward above followed by the post-res backward of l.
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
@@ -47,6 +54,7 @@ __all__ = [
     "triton_available",
     "mhc_coefficients",
     "mhc_pre",
+    "mhc_post_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",
@@ -215,14 +223,56 @@ def mhc_coefficients(
     return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
 
 
+def _chained_pre_backward(
+    x: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    h_pre: Tensor,
+    saved: list[Tensor],
+    config: tuple[int, float, float],
+    dy: Tensor | None,
+    d_pass: Tensor | None,
+    d_pre: Tensor | None,
+    d_post: Tensor | None,
+    d_res: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of a sub-layer's first half (coefficients + pre-mix of ``x [T, n, C]``, x also
+    handed on as a pass-through) -> ``(dx, dfn, dscale, dbase)``, None where nothing reached them.
+
+    The pre-mix backward reduces only ``dh_pre = dy·x`` (reads x); the coefficient backward's one
+    pass over dx then sums all three gradients of x: its own, ``h_pre ⊗ dy`` and ``d_pass``.
+    ``saved`` is the coefficient forward's ``(m_pp, m_res, rinv)``; ``config`` its
+    ``(iters, eps, post_scale)``."""
+    from torchmhc.kernels.coefficients_op import _coefficients_backward_op
+    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op
+
+    d_pass = None if d_pass is None else d_pass.contiguous()
+    if dy is not None:
+        dy = dy.contiguous()
+        dh_mix = _pre_mix_dh_op(dy, x)
+        d_pre = dh_mix if d_pre is None else d_pre + dh_mix
+    if d_pre is None and d_post is None and d_res is None:  # neither the coefficients nor y were used
+        return d_pass, None, None, None
+
+    def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+        return h_pre.new_zeros(shape) if g is None else g.contiguous()
+
+    t, n = h_pre.shape
+    return _coefficients_backward_op(
+        x, fn, scale, base, *saved, grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)),
+        *config, d_pass, dy, None if dy is None else h_pre,
+    )  # fmt: skip
+
+
 class _ChainedPre(torch.autograd.Function):
     """Coefficients and pre-mix of one sub-layer as one node whose backward chains x's gradients.
 
     Forward (``x [T, n, C]``): the coefficient and pre-mix custom ops, unchanged; returns
     ``(y [T, C], x_pass, h_pre, h_post, h_res)`` where ``x_pass`` is x itself (autograd makes it a
-    view of x with this node as its grad_fn), for the post-res to read. Backward: the pre-mix
-    backward computes ``h_pre ⊗ dy + d x_pass`` in its one pass over dx, the coefficient backward
-    adds that into its own dx pass; what reaches x is the sum of all three ops' gradients.
+    view of x with this node as its grad_fn), for the post-res to read. Backward
+    (:func:`_chained_pre_backward`): what reaches x is the sum of all three ops' gradients, made in
+    the coefficient backward's one pass over dx.
     """
 
     @staticmethod
@@ -244,28 +294,53 @@ class _ChainedPre(torch.autograd.Function):
     def backward(
         ctx, dy: Tensor | None, d_pass: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        from torchmhc.kernels.coefficients_op import _coefficients_backward_op
-        from torchmhc.kernels.pre_mix_op import _pre_mix_backward_op
-
-        x, fn, scale, base, h_pre, m_pp, m_res, rinv = ctx.saved_tensors
-        iters, eps, post_scale = ctx.config
-        dx = None if d_pass is None else d_pass.contiguous()
-        if dy is not None:  # pre-mix backward, adding the post-res gradient of x in its dx pass
-            dx, dh_mix = _pre_mix_backward_op(dy.contiguous(), x, h_pre, dx)
-            d_pre = dh_mix if d_pre is None else d_pre + dh_mix
-        if d_pre is None and d_post is None and d_res is None:  # the coefficients were not used
-            return dx, None, None, None, None, None, None, None
-
-        def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-            return h_pre.new_zeros(shape) if g is None else g.contiguous()
-
-        t, n = h_pre.shape
-        dx, dfn, dscale, dbase = _coefficients_backward_op(
-            x, fn, scale, base, m_pp, m_res, rinv, grad(d_pre, (t, n)), grad(d_post, (t, n)),
-            grad(d_res, (t, n, n)), iters, eps, post_scale, dx,
-        )  # fmt: skip
+        x, fn, scale, base, h_pre, *saved = ctx.saved_tensors
+        grads = _chained_pre_backward(x, fn, scale, base, h_pre, saved, ctx.config, dy, d_pass, d_pre, d_post, d_res)
         # one gradient per input: (x, fn, scale, base, iters, eps, rms_eps, post_scale)
-        return dx, dfn, dscale, dbase, None, None, None, None
+        return *grads, None, None, None, None
+
+
+class _ChainedPostPre(torch.autograd.Function):
+    """Sub-layer l's post-res and sub-layer l+1's coefficients and pre-mix as one node.
+
+    Forward: the fused post-res + coefficient op (one pass over the streams, writes x_{l+1}), then
+    the pre-mix of x_{l+1}; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1.
+    Backward: :func:`_chained_pre_backward` for l+1 (its dx pass also adds the gradient x_next got
+    downstream), then the post-res backward of l.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor,
+        iters: int, eps: float, rms_eps: float, post_scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_op
+        from torchmhc.kernels.pre_mix_op import pre_mix_op
+
+        x_next, h_pre2, h_post2, h_res2, *saved = post_res_coefficients_op(
+            x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale
+        )
+        y = pre_mix_op(x_next, h_pre2)
+        ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
+        ctx.config = (iters, eps, post_scale)
+        ctx.set_materialize_grads(False)
+        return y, x_next, h_pre2, h_post2, h_res2
+
+    @staticmethod
+    def backward(
+        ctx, dy: Tensor | None, d_next: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        from torchmhc.kernels.post_res_op import _post_res_backward_op
+
+        x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
+        d_next, dfn, dscale, dbase = _chained_pre_backward(
+            x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
+        )
+        dx = df = dh_post = dh_res = None
+        if d_next is not None:  # else nothing downstream depended on x_next
+            dx, df, dh_post, dh_res = _post_res_backward_op(d_next, x, f_out, h_post, h_res)
+        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
+        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 
 
 def mhc_pre(
@@ -308,6 +383,59 @@ def mhc_pre(
     )  # fmt: skip
     coefficients = _unflatten_coefficients(h_pre, h_post, h_res, lead)
     return unflatten_tokens(y, lead), unflatten_tokens(x_pass, lead), coefficients
+
+
+def mhc_post_pre(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    *,
+    iters: int = 20,
+    eps: float = 1e-6,
+    rms_eps: float = 1e-6,
+    post_scale: float = 2.0,
+    manifold: ref.ResidualProjection | None = None,
+) -> tuple[Tensor, Tensor, ref.Coefficients]:
+    """Sub-layer l's post-res and sub-layer l+1's first half (:func:`mhc_pre`) in one call.
+
+    Same values as ``x_next = post_res(x, f_out, h_post, h_res)`` followed by
+    ``layer_input, x_for_post, c = mhc_pre(x_next, fn, scale, base, ...)``. Where the post-res
+    kernel and the coefficient kernels (for sub-layer l+1's ``manifold``, as in
+    :func:`mhc_coefficients`) both apply, all of it is one autograd node (``_ChainedPostPre``): the
+    post-res and the coefficient pass read the streams of l once, and in backward the three
+    gradients of x_{l+1} are summed in the coefficient backward's one pass over them (see the
+    module docstring). Elsewhere: exactly the two calls above.
+
+    Args:
+        x: streams of sub-layer l ``[..., n, C]`` (bf16/fp16/fp32); f_out: its branch output
+            ``[..., C]``; h_post ``[..., n]``, h_res ``[..., n, n]``: its coefficients (fp32).
+        fn, scale, base, iters, eps, rms_eps, post_scale, manifold: sub-layer l+1's, as in
+            :func:`mhc_coefficients`.
+
+    Returns:
+        ``(layer_input [..., C], x_next [..., n, C], both in x.dtype, Coefficients(h_pre [..., n],
+        h_post [..., n], h_res [..., n, n]) fp32)`` of sub-layer l+1; pass ``x_next`` to its
+        :func:`post_res` (it plays the part of :func:`mhc_pre`'s ``x_for_post``).
+    """
+    kernel_iters = None
+    if _post_res_args_ok(x, f_out, h_post, h_res) and _streams_supported(x, h_post, h_res):
+        kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
+    if kernel_iters is None:
+        x_next = post_res(x, f_out, h_post, h_res)
+        return mhc_pre(
+            x_next, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
+        )
+    y, x_next, h_pre2, h_post2, h_res2 = _ChainedPostPre.apply(
+        flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
+        fn.contiguous(), scale.contiguous(), base.contiguous(), kernel_iters, float(eps), float(rms_eps), float(post_scale),
+    )  # fmt: skip
+    lead = x.shape[:-2]
+    coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
+    return unflatten_tokens(y, lead), unflatten_tokens(x_next, lead), coefficients
 
 
 def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:

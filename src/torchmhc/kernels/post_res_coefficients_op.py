@@ -9,6 +9,13 @@ times less n·C: reads (n + 1)·C and writes n·C for both steps together, inste
 The coefficients come from the rounded, stored ``x_{l+1}``, so the result is what the unfused
 pipeline computes (up to the order of fp32 sums).
 
+Speed (H100, T = 16384, C = 4096, n = 4): ~636 µs, 64% of a copy, against 412 + 206 µs for the
+post-res and coefficient kernels it replaces, so it does not pay off yet (3x faster than its first
+version, 1797 µs). Nsight Compute: one or two programs per multiprocessor (143 KB of staged tiles
+each) whose warps mostly wait on shared memory (short-scoreboard stalls, ~33 M bank conflicts)
+while the mixed tile is moved into the tensor-core operand layout; ~1170 instructions per warp and
+chunk against ~320 FMAs of mixing.
+
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
@@ -69,37 +76,50 @@ def _post_res_coef_fwd_kernel(
     BC: tl.constexpr,
     MODE: tl.constexpr,
 ):
-    # grid (cdiv(T, BT),): BT tokens per program; C in BC chunks, all n output streams per chunk
+    # grid (cdiv(T, BT),): BT tokens per program, C in BC chunks. A chunk is a [BT, NP, BC] tile of
+    # x_{l+1} (destination streams on axis 1) built from the n source rows, each loaded once, then
+    # stored and fed to the projection as one [BT, NP·BC] operand while still in registers
     K: tl.constexpr = N * C
     toks = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = toks < T
     toks = toks.to(tl.int64)
+    t3 = toks[:, None, None]
+    m3 = tmask[:, None, None]
+    ii = tl.arange(0, NP)[None, :, None]
+    imask = m3 & (ii < N)
+    # sub-layer l's coefficients, loaded once: h_post and the n columns h_res[:, :, j], [BT, NP, 1] each
+    h_post = tl.load(hpost_ptr + t3 * N + ii, mask=imask, other=0.0)
+    h_cols = ()
+    for j in tl.static_range(N):
+        h_cols = h_cols + (tl.load(hres_ptr + t3 * (N * N) + ii * N + j, mask=imask, other=0.0),)
+    # the projection's K index of operand column (i, c) is i·C + c0 + c
+    kk = tl.arange(0, NP * BC)
+    k_stream = kk // BC
+    k_valid = k_stream < N
     pp_row, pp_valid, _ = _pp_rows(N)
     res_row, res_valid = _res_rows(N, NP)
+    pp_mask = k_valid[:, None] & pp_valid[None, :]
+    res_mask = k_valid[:, None] & res_valid[None, :]
     acc_pp = tl.zeros([BT, 16], dtype=tl.float32)
     acc_res = tl.zeros([BT, NP * NP], dtype=tl.float32)
     sumsq = tl.zeros([BT], dtype=tl.float32)
     for c0 in range(0, C, BC):
-        cols = c0 + tl.arange(0, BC)
-        f = tl.load(f_ptr + toks[:, None] * C + cols[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        # runtime loops (not unrolled): one destination stream's tiles live at a time, else the
-        # n² unrolled tiles spill registers
-        for i in range(N):
-            y = tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0)[:, None] * f
-            # the n source tiles are re-read for every destination i: from L1/L2, not HBM
-            for j in range(N):
-                h_ij = tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0)
-                xj = tl.load(x_ptr + (toks[:, None] * N + j) * C + cols[None, :], mask=tmask[:, None], other=0.0)
-                y += h_ij[:, None] * xj.to(tl.float32)
-            yq = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
-            tl.store(out_ptr + (toks[:, None] * N + i) * C + cols[None, :], yq, mask=tmask[:, None])
-            yf = yq.to(tl.float32)
-            sumsq += tl.sum(yf * yf, axis=1)
-            ks = i * C + cols
-            off_pp = pp_row[None, :] * K + ks[:, None]
-            off_res = res_row[None, :] * K + ks[:, None]
-            acc_pp = _dot_fn(yq, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_valid[None, :], acc_pp, MODE)
-            acc_res = _dot_fn(yq, fn_ptr + off_res, fnlo_ptr + off_res, res_valid[None, :], acc_res, MODE)
+        cc = c0 + tl.arange(0, BC)[None, None, :]
+        f = tl.load(f_ptr + t3 * C + cc, mask=m3, other=0.0).to(tl.float32)  # [BT, 1, BC]
+        y = h_post * f
+        for j in tl.static_range(N):  # source stream j scales into every destination row
+            xj = tl.load(x_ptr + (t3 * N + j) * C + cc, mask=m3, other=0.0)  # [BT, 1, BC]
+            y += h_cols[j] * xj.to(tl.float32)
+        yq = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
+        tl.store(out_ptr + (t3 * N + ii) * C + cc, yq, mask=imask)
+        yf = yq.to(tl.float32)
+        sumsq += tl.sum(tl.sum(yf * yf, axis=2), axis=1)
+        operand = tl.reshape(yq, (BT, NP * BC))
+        ks = k_stream * C + c0 + kk % BC
+        off_pp = pp_row[None, :] * K + ks[:, None]
+        off_res = res_row[None, :] * K + ks[:, None]
+        acc_pp = _dot_fn(operand, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_mask, acc_pp, MODE)
+        acc_res = _dot_fn(operand, fn_ptr + off_res, fnlo_ptr + off_res, res_mask, acc_res, MODE)
     coef_epilogue(
         acc_pp, acc_res, sumsq, toks, tmask, scale_ptr, base_ptr, hpre2_ptr, hpost2_ptr, hres2_ptr, mpp_ptr,
         mres_ptr, rinv_ptr, eps, rms_eps, post_scale, K, N, NP, ITERS, BT,
@@ -119,21 +139,27 @@ def post_res_coefficients_fwd(
     rms_eps: float,
     post_scale: float,
     *,
-    block_t: int = 32,
-    block_c: int = 64,
+    block_t: int = 64,
+    block_c: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]``, ``h_post [T, n]``,
     ``h_res [T, n, n]`` fp32; sub-layer l+1: ``fn [n²+2n, n·C]``, ``scale [3]``, ``base [n²+2n]``
     fp32; all contiguous -> ``(x_next [T, n, C] x.dtype, h_pre [T, n], h_post [T, n],
     h_res [T, n, n], m_pp [T, 16], m_res [T, NP²], rinv [T])`` (coefficients of l+1, fp32).
-    Defaults: the largest tiles that compile without register spills for n = 4 (sm_90)."""
+    Tiles: ``block_t`` tokens by ``block_c`` channels of every stream per step. Defaults from
+    ``benchmarks/tune.py`` on an H100 (64 tokens x 32 channels, 4 warps, 4 stages for 16-bit streams
+    and n <= 4); halved channels and 3 stages otherwise, whose staged tiles would not fit in shared
+    memory."""
     t, n, c = x.shape
     x_next = torch.empty_like(x)
     outs = empty_coefficient_outputs(x)
     if t == 0:
         return (x_next, *outs)
+    narrow = n <= 4 and x.dtype != torch.float32
+    block_c = block_c or (32 if narrow else 16)
+    num_stages = num_stages or (4 if narrow else 3)
     mode = precision_mode(x)
     fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
     bt = _token_block(block_t)

@@ -22,26 +22,38 @@ from torchmhc.kernels._precision import MODE_BF16, MODE_FMA, dot_f32_bf16, preci
 __all__ = ["post_res_fwd", "post_res_bwd", "post_res_op"]
 
 
+def _token_slab(c: int, limit: int) -> int:
+    """Channels per step of a kernel that walks one token's C channels: the largest power of two
+    <= ``limit`` dividing C, unless that is under ``limit / 2`` (C = 64 · odd, e.g. 1280 = 256 · 5);
+    then one power of two up to ``limit`` with a masked tail, which keeps more of the token's loads
+    in flight (H100, T = 8192, C = 1280: 88 µs in 256-channel steps, 70 in one masked 2048-wide
+    step; the same for the pre-mix kernels gained nothing, so they keep dividing steps)."""
+    block = channel_block(c, limit)
+    return block if block >= limit // 2 else min(limit, next_pow2(c))
+
+
 @triton.jit
 def _post_res_fwd_kernel(
     x_ptr, f_ptr, hpost_ptr, hres_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    # grid (T,): one token per program, its [n, BLOCK_C] slabs in turn
+    # grid (T,): one token per program, its [n, BLOCK_C] slabs in turn; BLOCK_C need not divide C
+    # (the last slab is masked): at C = 1280 one 2048-wide slab keeps a whole token's loads in flight
     t = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     rmask = rows < N
     hpost = tl.load(hpost_ptr + t * N + rows, mask=rmask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        f = tl.load(f_ptr + t * C + cols).to(tl.float32)
+        cmask = cols < C
+        f = tl.load(f_ptr + t * C + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = hpost[:, None] * f[None, :]
         # source streams one at a time: each x row is read once, h_res column j scales it into all rows
         for j in tl.static_range(N):
             hcol = tl.load(hres_ptr + t * N * N + rows * N + j, mask=rmask, other=0.0)
-            xj = tl.load(x_ptr + (t * N + j) * C + cols).to(tl.float32)
+            xj = tl.load(x_ptr + (t * N + j) * C + cols, mask=cmask, other=0.0).to(tl.float32)
             acc += hcol[:, None] * xj[None, :]
         offs = (t * N + rows[:, None]) * C + cols[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -114,17 +126,18 @@ def post_res_fwd(
 ) -> Tensor:
     """Launcher. ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]`` (any float dtype),
     ``h_post [T, n]`` fp32, ``h_res [T, n, n]`` fp32, all contiguous -> ``[T, n, C]`` in x.dtype.
-    ``block_c``: channels per step (at most; default 8192 // n for n <= 4, else 4096 // n, rounded
-    to a power of two dividing C); ``num_warps`` defaults to one per 1024 tile values, at least 4
-    (H100, ``benchmarks/tune.py``: 2048 channels x 8 warps at C = 4096, n = 4; 8 warps on the
-    1024-channel tiles of C = 7168 lost 20%)."""
+    ``block_c``: channels per step, a power of two (the last step is masked where it does not
+    divide C); default :func:`_token_slab` of 8192 // n for n <= 4, else 4096 // n. ``num_warps``
+    defaults to one per 1024 tile values, at least 4, and 4 for a masked step (H100,
+    ``benchmarks/tune.py``: 2048 channels x 8 warps at C = 4096, n = 4; 8 warps on the 1024-channel
+    tiles of C = 7168 lost 20%; 2048 masked channels x 4 warps at C = 1280)."""
     t, n, c = x.shape
     out = torch.empty_like(x)
     if t == 0:
         return out
     np_ = next_pow2(n)
-    block_c = channel_block(c, block_c or max(64, (8192 if n <= 4 else 4096) // np_))
-    num_warps = num_warps or max(4, min(8, np_ * block_c // 1024))
+    block_c = block_c or _token_slab(c, max(64, (8192 if n <= 4 else 4096) // np_))
+    num_warps = num_warps or (4 if c % block_c else max(4, min(8, np_ * block_c // 1024)))
     _post_res_fwd_kernel[(t,)](x, f_out, h_post, h_res, out, C=c, N=n, NP=np_, BLOCK_C=block_c, num_warps=num_warps)
     return out
 

@@ -2,8 +2,9 @@
 
 Forward reads the n·C stream values once and writes C; backward reads x (n·C) and dy (C) once,
 writes dx (n·C) and reduces ``dh_pre[j] = Σ_c dy[c]·x[j, c]`` on-chip (no atomics: deterministic).
-The backward can add another gradient of x into dx in the same pass (``add``, n·C more read): the
-chained sub-layer (``dispatch.mhc_pre``) hands it the post-res gradient of the streams this way.
+The backward can leave dx out (:func:`pre_mix_dh`: reads n·C + C, writes n values a token): the
+chained sub-layer (``dispatch.mhc_pre``) computes only dh_pre here and sums ``h_pre ⊗ dy`` into the
+coefficient backward's dx pass, which reads and writes the streams anyway.
 
 Legend: T tokens, n streams (NP = n padded to a power of two), C channels.
 """
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from torchmhc.kernels._common import channel_block, next_pow2
 
-__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_op"]
+__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op"]
 
 
 @triton.jit
@@ -37,15 +38,14 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr,
 def _pre_mix_bwd_kernel(
     g_ptr,  # [T, C] dL/dy
     x_ptr,  # [T, n, C]
-    h_ptr,  # [T, n] fp32
-    add_ptr,  # [T, n, C]: a gradient to add into dx when ADD (else unused)
-    dx_ptr,  # [T, n, C] out
+    h_ptr,  # [T, n] fp32 (unused without DX)
+    dx_ptr,  # [T, n, C] out (unused without DX)
     dh_ptr,  # [T, n] fp32 out
     C: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    ADD: tl.constexpr,
+    DX: tl.constexpr,
 ):
     # grid (T,): one token per program, looping over C so that dh_pre is reduced in registers.
     # C is a compile-time constant: loop bounds from runtime scalars break the CPU interpreter
@@ -53,7 +53,8 @@ def _pre_mix_bwd_kernel(
     t = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     rmask = rows < N
-    h = tl.load(h_ptr + t * N + rows, mask=rmask, other=0.0)
+    if DX:
+        h = tl.load(h_ptr + t * N + rows, mask=rmask, other=0.0)
     # elementwise partial products; one reduction at the end instead of one per chunk
     acc = tl.zeros([NP, BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -62,10 +63,9 @@ def _pre_mix_bwd_kernel(
         g = tl.load(g_ptr + t * C + cols).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
         acc += x * g[None, :]
-        dx = h[:, None] * g[None, :]
-        if ADD:  # x's other gradient, summed in fp32 here instead of in a separate pass
-            dx += tl.load(add_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+        if DX:
+            dx = h[:, None] * g[None, :]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(dh_ptr + t * N + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -81,22 +81,33 @@ def pre_mix_fwd(x: Tensor, h_pre: Tensor) -> Tensor:
     return out
 
 
-def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor, *, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Launcher. ``grad [T, C]`` (dL/dy), ``x [T, n, C]``, ``h_pre [T, n]`` fp32, all contiguous
-    -> ``(dx [T, n, C] in x.dtype, dh_pre [T, n] fp32)``. ``add [T, n, C]`` (any float dtype,
-    contiguous), when given, is added into dx in the same pass: ``dx = h_pre ⊗ grad + add``."""
+def _launch_bwd(grad: Tensor, x: Tensor, h_pre: Tensor | None) -> tuple[Tensor, Tensor]:
+    """dx (only when ``h_pre`` is given; else x stands in) and dh_pre."""
+    with_dx = h_pre is not None
     t, n, c = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if with_dx else x
     dh = torch.empty((t, n), dtype=torch.float32, device=x.device)
     if t == 0:
         return dx, dh
     np_ = next_pow2(n)
     block_c = channel_block(c, max(64, 4096 // np_))
     _pre_mix_bwd_kernel[(t,)](
-        grad, x, h_pre, x if add is None else add, dx, dh,
-        C=c, N=n, NP=np_, BLOCK_C=block_c, ADD=add is not None, num_warps=4,
+        grad, x, x if h_pre is None else h_pre, dx, dh, C=c, N=n, NP=np_, BLOCK_C=block_c, DX=with_dx, num_warps=4,
     )  # fmt: skip
     return dx, dh
+
+
+def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    """Launcher. ``grad [T, C]`` (dL/dy), ``x [T, n, C]``, ``h_pre [T, n]`` fp32, all contiguous
+    -> ``(dx [T, n, C] in x.dtype, dh_pre [T, n] fp32)``."""
+    return _launch_bwd(grad, x, h_pre)
+
+
+def pre_mix_dh(grad: Tensor, x: Tensor) -> Tensor:
+    """Launcher of the backward without dx: ``grad [T, C]``, ``x [T, n, C]`` contiguous
+    -> ``dh_pre [T, n]`` fp32, ``dh_pre[j] = Σ_c grad[c]·x[j, c]`` (reads x once, writes nothing
+    stream-sized)."""
+    return _launch_bwd(grad, x, None)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,13 +127,13 @@ def _(x: Tensor, h_pre: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("torchmhc::pre_mix_backward", mutates_args=())
-def _pre_mix_backward_op(grad: Tensor, x: Tensor, h_pre: Tensor, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(dx, dh_pre)`` of :func:`pre_mix_bwd`; ``add`` (or None) is summed into dx."""
-    return pre_mix_bwd(grad, x, h_pre, add=add)
+def _pre_mix_backward_op(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dx, dh_pre)`` of :func:`pre_mix_bwd`."""
+    return pre_mix_bwd(grad, x, h_pre)
 
 
 @_pre_mix_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, h_pre: Tensor, add: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), h_pre.new_empty(h_pre.shape)
 
 
@@ -139,3 +150,14 @@ def _backward(ctx, grad: Tensor):
 
 
 pre_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("torchmhc::pre_mix_dh", mutates_args=())
+def _pre_mix_dh_op(grad: Tensor, x: Tensor) -> Tensor:
+    """:func:`pre_mix_dh`: ``dh_pre [T, n]`` fp32 alone."""
+    return pre_mix_dh(grad, x)
+
+
+@_pre_mix_dh_op.register_fake
+def _(grad: Tensor, x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:2], dtype=torch.float32)
