@@ -173,20 +173,18 @@ def mhc_traffic_bytes(*, num_streams: int, dim: int, elem_bytes: int, recompute:
     of benchmarks/kernels.py: every input read once, every output written once).
 
     forward: coefficients read nC; pre-mix read nC, write C; post-res read nC + C, write nC
-    (SPEC §9: (3n+1)C read, (n+1)C write). backward: coefficients read x, write dx (2nC);
-    pre-mix read dy and x, write dx (2nC + C); post-res read dout, x, f, write dx, df (3nC + 2C);
-    gradient sum: the chained backward adds the post-res and pre-mix gradients of x inside the next
-    dx pass (one more nC read each). fp32 coefficient traffic, (3n² + 4n + 40)·4 bytes per
-    coefficient pass, forward and backward. recompute: the forward of the connections once more in
-    the backward (block recomputation replays coefficients, pre-mix and post-res). ``residual``:
-    the plain residual's own add (read 2C, write C), which mHC replaces.
+    (SPEC §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it: pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the
+    post-res gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df
+    (3nC + 2C). fp32 coefficient traffic, (3n² + 4n + 40)·4 bytes per coefficient pass, forward and
+    backward. recompute: the forward of the connections once more in the backward (block
+    recomputation replays coefficients, pre-mix and post-res). ``residual``: the plain residual's
+    own add (read 2C, write C), which mHC replaces.
     """
     n, c, e = num_streams, dim, elem_bytes
     small = (3 * n * n + 4 * n + 40) * 4
     out = {
         "forward": (4 * n + 2) * c * e + small,
-        "backward": (7 * n + 3) * c * e + small,
-        "gradient_sum": 2 * n * c * e,
+        "backward": (7 * n + 4) * c * e + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
     }
     out["total"] = sum(out.values())
@@ -548,9 +546,9 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "",
         "## Floor: the overhead that the mHC operations' memory traffic explains",
         "",
-        "Bytes per step = per sub-layer and token (benchmarks/kernels.py counts: forward (4n+2)·C, backward "
-        "(7n+3)·C, gradient sum 2n·C stream elements, plus fp32 coefficients; with recomputation the forward "
-        "once more) × sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
+        "Bytes per step = per sub-layer and token (benchmarks/kernels.py counts: forward (4n+2)·C, chained "
+        "backward (7n+4)·C stream elements, plus fp32 coefficients; with recomputation the forward once more) "
+        "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",
         "|---|---:|---:|---:|---:|---:|",

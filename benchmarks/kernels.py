@@ -4,7 +4,8 @@ For every shape: each fused kernel forward and backward, and one whole mHC sub-l
 pre-mix, identity branch, post-res) forward + backward, side by side with the reference in torch
 eager and under torch.compile. Bandwidth counts the bytes each operation must move (every input
 read once, every output written once) and is compared with a device-to-device copy measured in the
-same run. Times are GPU times: each operation is replayed from a CUDA graph (see :func:`bench`).
+same run. Times are GPU times: each operation is replayed from a CUDA graph (see :func:`bench`),
+except the torch-eager reference, timed as launched.
 
     PYTHONPATH=src python benchmarks/kernels.py [--shapes 16384x4096 ...] [--streams 4 2 8]
         [--no-compile] [--out benchmarks/results/<device>.md]
@@ -13,6 +14,7 @@ same run. Times are GPU times: each operation is replayed from a CUDA graph (see
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -22,11 +24,11 @@ import torch
 import triton.testing
 
 from torchmhc import functional as ref
-from torchmhc.kernels import mhc_coefficients, mhc_pre, post_res, pre_mix, use_kernels
+from torchmhc.kernels import mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
 from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
-from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_fwd
+from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_dh, pre_mix_fwd
 
 DEFAULT_SHAPES = ["16384x4096", "8192x7168", "65536x1280"]
 
@@ -43,20 +45,21 @@ class Row:
         return self.nbytes / (self.ms * 1e-3) / 1e12
 
 
-def bench(fn: Callable[[], object], *, graph: bool = True) -> float:
+def bench(fn: Callable[[], object], *, graph: bool = True, label: str = "") -> float:
     """Median milliseconds of the GPU work of ``fn``: CUDA events around each run, L2 flushed
     between runs (``triton.testing.do_bench``). With ``graph`` (default), ``fn`` is captured once
     in a CUDA graph and the graph is replayed: the time is then the kernels' own, not that of the
     host's launch path, which for small kernels can exceed it and leave the GPU waiting (measured
-    apart by ``benchmarks/overhead.py``). Work that cannot be captured is timed as launched."""
+    apart by ``benchmarks/overhead.py``). Work that cannot be captured is timed as launched (and
+    ``label`` is printed with the reason)."""
     if graph:
-        replay = _captured(fn)
+        replay = _captured(fn, label)
         if replay is not None:
             fn = replay
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _captured(fn: Callable[[], object]) -> Callable[[], object] | None:
+def _captured(fn: Callable[[], object], label: str = "") -> Callable[[], object] | None:
     """``fn`` recorded in a CUDA graph (after warm-up runs on a side stream), or None if it cannot be."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -69,7 +72,7 @@ def _captured(fn: Callable[[], object]) -> Callable[[], object] | None:
         with torch.cuda.graph(graph):
             fn()
     except Exception as exc:  # noqa: BLE001 - report and time it as launched
-        print(f"  (not captured in a CUDA graph, timed as launched: {type(exc).__name__}: {exc})"[:200], flush=True)
+        print(f"  ({label or 'operation'} not captured in a CUDA graph, timed as launched: {type(exc).__name__}: {exc})"[:240], flush=True)
         torch.cuda.synchronize()
         return None
     return graph.replay
@@ -179,12 +182,13 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         ("pre_mix bwd", 2 * tok + ch, lambda: pre_mix_bwd(g_c, x, h_pre)),
         ("post_res fwd", 2 * tok + ch, lambda: post_res_fwd(x, f_out, h_post, h_res)),
         ("post_res bwd", 3 * tok + 2 * ch, lambda: post_res_bwd(g_nc, x, f_out, h_post, h_res)),
-        # as the chained sub-layer runs them (mhc_pre): x's other gradient is added in the dx pass
-        ("pre_mix bwd + add", 3 * tok + ch, lambda: pre_mix_bwd(g_c, x, h_pre, add=g_nc)),
+        # as the chained sub-layer's backward runs them (mhc_pre): dh_pre alone, then one dx pass
+        # that sums the coefficients', the pre-mix's (h_pre ⊗ dy) and the post-res gradient of x
+        ("pre_mix dh (chained bwd)", tok + ch + small, lambda: pre_mix_dh(g_c, x)),
         (
-            "coefficients bwd + add",
-            3 * tok + small,
-            lambda: coefficients_bwd(x, fn, scale, base, *fw[3:], *d_h, 20, 1e-6, 2.0, add=g_nc),
+            "coefficients bwd + pre-mix dx + add (chained bwd)",
+            3 * tok + ch + small,
+            lambda: coefficients_bwd(x, fn, scale, base, *fw[3:], *d_h, 20, 1e-6, 2.0, add=g_nc, mix=(g_c, h_pre)),
         ),
     ]
     # the two steps of the coefficient backward on their own
@@ -202,7 +206,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         lambda: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
     ))  # fmt: skip
     for name, nbytes, fn_ in ops:
-        rows.append(Row(name, shape, "torchmhc triton", bench(fn_), nbytes))
+        rows.append(Row(name, shape, "torchmhc triton", bench(fn_, label=name), nbytes))
 
     # reference: eager and compiled, forward and backward of each operation
     def ref_coef(x_):
@@ -218,6 +222,9 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     if compile_ref:
         impls.append(("torch.compile", lambda f: torch.compile(f, dynamic=False)))
     for impl_name, wrap in impls:
+        # torch eager's coefficient backward breaks a CUDA-graph capture, and a failed capture kept
+        # its memory pool (the next shapes ran out of memory): the eager reference is timed as launched
+        eager_graph = impl_name != "torch eager"
         for name, nbytes_f, nbytes_b, f in (
             ("coefficients", tok + small, 2 * tok + small, ref_coef),
             ("pre_mix", tok + ch, 2 * tok + ch, ref_pre),
@@ -225,13 +232,14 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         ):
             wf = wrap(f)
             xr = x.detach().requires_grad_()
-            rows.append(Row(f"{name} fwd", shape, impl_name, bench(lambda: wf(xr)), nbytes_f))
+            rows.append(Row(f"{name} fwd", shape, impl_name, bench(lambda: wf(xr), graph=eager_graph, label=f"{impl_name} {name} fwd"), nbytes_f))
             out = wf(xr)
             outs = list(out) if isinstance(out, tuple) else [out]
             grads = [torch.randn_like(o) for o in outs]
             rows.append(
                 Row(f"{name} bwd", shape, impl_name,
-                    bench(lambda: torch.autograd.grad(outs, xr, grads, retain_graph=True)), nbytes_b)
+                    bench(lambda: torch.autograd.grad(outs, xr, grads, retain_graph=True), graph=eager_graph,
+                          label=f"{impl_name} {name} bwd"), nbytes_b)
             )  # fmt: skip
 
     # whole sub-layer, identity branch, forward + backward
@@ -251,7 +259,28 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
             torch.autograd.grad(out, [xr, *params], g_nc)
 
         with use_kernels("reference" if impl is _Reference else "triton"):
-            rows.append(Row("sub-layer fwd+bwd", shape, impl_name, bench(step), sub_bytes))
+            timed = bench(step, graph=impl_name != "torch eager", label=f"{impl_name} sub-layer")
+            rows.append(Row("sub-layer fwd+bwd", shape, impl_name, timed, sub_bytes))
+
+    # two sub-layers (identity branches): the first one's post-res fused with the second one's
+    # coefficients and pre-mix (mhc_post_pre, opt-in) against the two one by one
+    def two_sublayers(fused: bool) -> Callable[[], None]:
+        params = [p.detach().requires_grad_() for p in (fn, scale, base)]
+        xr = x.detach().requires_grad_()
+
+        def step():
+            u, x_pass, (_, hp, hr) = mhc_pre(xr, *params)
+            if fused:
+                u2, x2, (_, hp2, hr2) = mhc_post_pre(x_pass, u, hp, hr, *params)
+            else:
+                u2, x2, (_, hp2, hr2) = mhc_pre(post_res(x_pass, u, hp, hr), *params)
+            torch.autograd.grad(post_res(x2, u2, hp2, hr2), [xr, *params], g_nc)
+
+        return step
+
+    with use_kernels("triton"):
+        for impl_name, fused in (("torchmhc triton, fused transition", True), ("torchmhc triton", False)):
+            rows.append(Row("two sub-layers fwd+bwd", shape, impl_name, bench(two_sublayers(fused), label=f"{impl_name} two sub-layers"), 2 * sub_bytes))
 
 
 def to_markdown(rows: list[Row], device: str, copy_tbps: float, command: str) -> str:
@@ -294,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
             t, c = (int(v) for v in s.lower().split("x"))
             t0 = time.time()
             run_shape(t, c, n, not args.no_compile and (first or not args.compile_first_only), rows)
+            # free this shape's CUDA-graph pools and cached blocks: the next shape's tensors would not fit
+            gc.collect()
+            torch.cuda.empty_cache()
             first = False
             print(f"[T={t} C={c} n={n}] done in {time.time() - t0:.0f} s", flush=True)
     table = to_markdown(rows, device, copy_tbps, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))

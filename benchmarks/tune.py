@@ -20,21 +20,30 @@ from collections.abc import Callable
 
 import torch
 
-KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "post_res_fwd", "post_res_bwd")
+KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd", "post_res_coef_fwd")
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
 GRIDS: dict[str, dict[str, tuple]] = {
-    "coef_fwd": {"block_t": (64, 128), "block_k": (128, 256), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    "coef_fwd": {"block_t": (32, 64, 128), "block_k": (64, 128, 256), "num_warps": (4, 8), "num_stages": (3, 4)},
     "coef_bwd_tokens": {"block_t": (16, 32), "num_warps": (2, 4, 8)},
     "coef_bwd_x": {
         "block_t": (32, 64),
         "block_k": (64, 128),
         "num_warps": (4, 8),
-        "num_stages": (3, 4),
+        "num_stages": (2, 3, 4),
         "waves": (2, 3, 4),
+    },
+    # the dx + dfn step as the chained sub-layer runs it: also sums h_pre ⊗ dy and the post-res gradient
+    "coef_bwd_x_chained": {
+        "block_t": (32, 64),
+        "block_k": (64, 128),
+        "num_warps": (4, 8),
+        "num_stages": (2, 3, 4),
+        "waves": (2, 4),
     },
     "post_res_fwd": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8, 16)},
     "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
+    "post_res_coef_fwd": {"block_t": (32, 64, 128), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
 }
 
 
@@ -50,6 +59,7 @@ def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object
         coefficients_bwd_x,
         coefficients_fwd,
     )
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 
     torch.manual_seed(0)
@@ -68,14 +78,21 @@ def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object
     d_h = (torch.randn(t, n, device=dev), torch.randn(t, n, device=dev), torch.randn(t, n, n, device=dev))
     if kernel == "coef_bwd_tokens":
         return (lambda **kw: coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0, **kw)), small
+    dm = coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0)[:2]
     if kernel == "coef_bwd_x":
-        dm = coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0)[:2]
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, **kw)), 2 * stream_bytes + small
     f_out = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    if kernel == "coef_bwd_x_chained":
+        add, mix = torch.randn_like(x), (f_out, torch.rand(t, n, device=dev))
+        return (lambda **kw: coefficients_bwd_x(x, fn, *dm, add=add, mix=mix, **kw)), 3 * stream_bytes + channel_bytes + small
     h_post = 2 * torch.rand(t, n, device=dev)
     h_res = torch.rand(t, n, n, device=dev)
     if kernel == "post_res_fwd":
         return (lambda **kw: post_res_fwd(x, f_out, h_post, h_res, **kw)), 2 * stream_bytes + channel_bytes
+    if kernel == "post_res_coef_fwd":
+        return (
+            lambda **kw: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0, **kw)
+        ), 2 * stream_bytes + channel_bytes + small
     g = torch.randn_like(x)
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
 
