@@ -232,7 +232,7 @@ class HyperConnection(nn.Module):
         both run as ``kernels.mhc_post_pre``: where the kernels apply, the post-res and the next
         coefficient pass read the streams once, and x's gradients are chained as in
         :meth:`pre_with_coefficients`. Otherwise the plain composition. (H100, two sub-layers
-        forward + backward: 4992 µs against 4962 without it at T = 16384, C = 4096; see
+        forward + backward: 4995 µs against 4952 without it at T = 16384, C = 4096; see
         ``benchmarks/results/h100.md``.)
 
         Args:
