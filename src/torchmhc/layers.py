@@ -232,8 +232,8 @@ class HyperConnection(nn.Module):
         both run as ``kernels.mhc_post_pre``: where the kernels apply, the post-res and the next
         coefficient pass read the streams once, and x's gradients are chained as in
         :meth:`pre_with_coefficients`. Otherwise the plain composition. (H100, two sub-layers
-        forward + backward: 4995 µs against 4952 without it at T = 16384, C = 4096; see
-        ``benchmarks/results/h100.md``.)
+        forward + backward: 4764 µs against 4858 without it at T = 16384, C = 4096, and the same
+        time without it at T = 8192, C = 1280 or 2048; see ``benchmarks/results/h100.md``.)
 
         Args:
             ctx: this connection's context (from :meth:`pre` or an earlier ``post_pre``).

@@ -39,6 +39,26 @@ def test_coefficients_finite_for_extreme_logits():
         check_fwd_bwd(mhc_coefficients, ref.mhc_coefficients, [x, fn, scale, base], grad_tol=dict(rtol=1e-4, atol=1e-4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_accepts_a_misaligned_view(dtype):
+    # the dx step moves tiles by the copy engine, which needs 16-byte aligned bases: a view that
+    # starts one element into its storage must give what an aligned copy gives, not fail or misread
+    from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_fwd
+
+    t, n, c = 5, 4, 64
+    x = streams(1 + t * n * c, 1, 1, dtype).flatten()[1:].view(t, n, c)
+    assert x.data_ptr() % 16
+    params = mhc_params(n, c)
+    saved = coefficients_fwd(x, *params, 20, 1e-6, 1e-6, 2.0)[3:]
+    grads = (torch.randn(t, n, device=x.device), torch.randn(t, n, device=x.device), torch.randn(t, n, n, device=x.device))
+    add = streams(1 + t * n * c, 1, 1, dtype).flatten()[1:].view(t, n, c)
+    args = (*saved, *grads, 20, 1e-6, 2.0)
+    misaligned = coefficients_bwd(x, *params, *args, add=add)
+    aligned = coefficients_bwd(x.clone(), *params, *args, add=add.clone())
+    for a, b in zip(misaligned, aligned):
+        assert torch.equal(a, b)
+
+
 def test_coefficients_are_deterministic():
     x = streams(7, 4, 64, torch.float32).requires_grad_()
     params = [p.requires_grad_() for p in mhc_params(4, 64)]

@@ -47,12 +47,13 @@ def test_gpu_sublayer_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280)])
-def test_gpu_post_res_coefficients(t, n, c):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096)])
+def test_gpu_post_res_coefficients(t, n, c, dtype):
     from torchmhc.kernels import post_res_coefficients
 
-    x = streams(t, n, c, torch.bfloat16)
-    f_out = torch.randn(t, c, device="cuda").to(torch.bfloat16)
+    x = streams(t, n, c, dtype)
+    f_out = torch.randn(t, c, device="cuda").to(dtype)
     h_post, h_res = 2 * torch.rand(t, n, device="cuda"), torch.rand(t, n, n, device="cuda") / n
 
     def fused(*args):

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # triton is optional: imported where kernels launch, not by `import torchmhc`
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
 #: Streams the kernels handle (the coefficient kernel keeps an n x n Sinkhorn tile in registers).
 MAX_STREAMS = 8
@@ -42,6 +46,19 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+def tile_descriptor(t: Tensor, block_shape: list[int]) -> TensorDescriptor:
+    """Descriptor through which a kernel moves ``block_shape`` tiles of ``t`` by the copy engine
+    (TMA on Hopper; out-of-range rows read as zeros and are not written). The copy engine needs a
+    16-byte aligned base and row strides: ``t`` is copied first if its base is not aligned (a view
+    at an odd offset; outputs are fresh allocations, never copied); the launchers' row lengths
+    (C, a multiple of 64) keep the strides aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if t.data_ptr() % 16:
+        t = t.clone()
+    return TensorDescriptor.from_tensor(t.contiguous(), block_shape)
 
 
 def flatten_tokens(x: Tensor, trailing: int) -> Tensor:

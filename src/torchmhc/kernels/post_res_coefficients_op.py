@@ -9,12 +9,12 @@ times less n·C: reads (n + 1)·C and writes n·C for both steps together, inste
 The coefficients come from the rounded, stored ``x_{l+1}``, so the result is what the unfused
 pipeline computes (up to the order of fp32 sums).
 
-Speed (H100, T = 16384, C = 4096, n = 4): ~636 µs, 64% of a copy, against 412 + 206 µs for the
-post-res and coefficient kernels it replaces, so it does not pay off yet (3x faster than its first
-version, 1797 µs). Nsight Compute: one or two programs per multiprocessor (143 KB of staged tiles
-each) whose warps mostly wait on shared memory (short-scoreboard stalls, ~33 M bank conflicts)
-while the mixed tile is moved into the tensor-core operand layout; ~1170 instructions per warp and
-chunk against ~320 FMAs of mixing.
+Speed (H100, ``benchmarks/kernels.py``): 516 µs at T = 16384, C = 4096, n = 4 (79% of a copy)
+against 412 + 206 µs for the post-res and coefficient kernels it replaces; 104 µs at T = 8192,
+C = 1280 and 156 µs at C = 2048, against 70 + 52 and 106 + 73. The source tiles move by the copy
+engine (TMA); with per-thread loads it took 637 µs at the main shape. What keeps it under the copy
+rate (Nsight Compute, per-thread-load version): warps wait on shared memory (short-scoreboard
+stalls, ~33 M bank conflicts) while the mixed tile is moved into the tensor-core operand layout.
 
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block
+from torchmhc.kernels._common import channel_block, num_sms, tile_descriptor
 from torchmhc.kernels._precision import MODE_FMA, precision_mode, split_bf16
 from torchmhc.kernels.coefficients_op import (
     empty_coefficient_outputs,
@@ -49,8 +49,8 @@ __all__ = ["post_res_coefficients_fwd", "post_res_coefficients_op"]
 
 @triton.jit
 def _post_res_coef_fwd_kernel(
-    x_ptr,  # [T, n, C] streams of sub-layer l
-    f_ptr,  # [T, C] branch output of sub-layer l
+    x_desc,  # [T, n·C] streams of sub-layer l, tiles [BT, BC] (one stream's channels)
+    f_desc,  # [T, C] branch output of sub-layer l, tiles [BT, BC]
     hpost_ptr,  # [T, n] fp32, sub-layer l
     hres_ptr,  # [T, n, n] fp32, sub-layer l (paper orientation)
     out_ptr,  # [T, n, C] out: streams x_{l+1}
@@ -78,9 +78,11 @@ def _post_res_coef_fwd_kernel(
 ):
     # grid (cdiv(T, BT),): BT tokens per program, C in BC chunks. A chunk is a [BT, NP, BC] tile of
     # x_{l+1} (destination streams on axis 1) built from the n source rows, each loaded once, then
-    # stored and fed to the projection as one [BT, NP·BC] operand while still in registers
+    # stored and fed to the projection as one [BT, NP·BC] operand while still in registers. The
+    # source tiles move by the copy engine (TMA): 637 -> ~515 µs at T = 16384, C = 4096 (H100)
     K: tl.constexpr = N * C
-    toks = tl.program_id(0) * BT + tl.arange(0, BT)
+    t0 = tl.program_id(0) * BT
+    toks = t0 + tl.arange(0, BT)
     tmask = toks < T
     toks = toks.to(tl.int64)
     t3 = toks[:, None, None]
@@ -105,10 +107,9 @@ def _post_res_coef_fwd_kernel(
     sumsq = tl.zeros([BT], dtype=tl.float32)
     for c0 in range(0, C, BC):
         cc = c0 + tl.arange(0, BC)[None, None, :]
-        f = tl.load(f_ptr + t3 * C + cc, mask=m3, other=0.0).to(tl.float32)  # [BT, 1, BC]
-        y = h_post * f
+        y = h_post * tl.reshape(f_desc.load([t0, c0]), (BT, 1, BC)).to(tl.float32)
         for j in tl.static_range(N):  # source stream j scales into every destination row
-            xj = tl.load(x_ptr + (t3 * N + j) * C + cc, mask=m3, other=0.0)  # [BT, 1, BC]
+            xj = tl.reshape(x_desc.load([t0, j * C + c0]), (BT, 1, BC))
             y += h_cols[j] * xj.to(tl.float32)
         yq = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
         tl.store(out_ptr + (t3 * N + ii) * C + cc, yq, mask=imask)
@@ -139,9 +140,9 @@ def post_res_coefficients_fwd(
     rms_eps: float,
     post_scale: float,
     *,
-    block_t: int = 64,
+    block_t: int | None = None,
     block_c: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]``, ``h_post [T, n]``,
@@ -149,24 +150,27 @@ def post_res_coefficients_fwd(
     fp32; all contiguous -> ``(x_next [T, n, C] x.dtype, h_pre [T, n], h_post [T, n],
     h_res [T, n, n], m_pp [T, 16], m_res [T, NP²], rinv [T])`` (coefficients of l+1, fp32).
     Tiles: ``block_t`` tokens by ``block_c`` channels of every stream per step. Defaults from
-    ``benchmarks/tune.py`` on an H100 (64 tokens x 32 channels, 4 warps, 4 stages for 16-bit streams
-    and n <= 4); halved channels and 3 stages otherwise, whose staged tiles would not fit in shared
-    memory."""
+    ``benchmarks/tune.py`` on an H100: 32 channels and 4 stages for 16-bit streams and n <= 4, with
+    128 tokens and 8 warps where T is large enough to keep the multiprocessors busy, else 64 and 4;
+    otherwise 64 x 16, 4 warps, 3 stages, whose staged tiles fit in shared memory."""
     t, n, c = x.shape
     x_next = torch.empty_like(x)
     outs = empty_coefficient_outputs(x)
     if t == 0:
         return (x_next, *outs)
     narrow = n <= 4 and x.dtype != torch.float32
-    block_c = block_c or (32 if narrow else 16)
-    num_stages = num_stages or (4 if narrow else 3)
+    # one program per multiprocessor: 128-token tiles only where they still keep 7/8 of them busy
+    # (H100: T = 16384, 128 tokens 525 µs against 593 at 64; T = 8192, 64 tokens 99 µs against 160)
+    wide = narrow and 8 * triton.cdiv(t, 128) >= 7 * num_sms(x.device)
+    bt = _token_block(block_t or (128 if wide else 64))
+    block_c = channel_block(c, block_c or (32 if narrow else 16))
     mode = precision_mode(x)
     fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
-    bt = _token_block(block_t)
     _post_res_coef_fwd_kernel[(triton.cdiv(t, bt),)](
-        x, f_out, h_post, h_res, x_next, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
-        C=c, N=n, NP=_np(n), ITERS=iters, BT=bt, BC=channel_block(c, block_c), MODE=mode,
-        num_warps=num_warps, num_stages=num_stages,
+        tile_descriptor(x.view(t, n * c), [bt, block_c]), tile_descriptor(f_out, [bt, block_c]),
+        h_post, h_res, x_next, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
+        C=c, N=n, NP=_np(n), ITERS=iters, BT=bt, BC=block_c, MODE=mode,
+        num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if narrow else 3),
     )  # fmt: skip
     return (x_next, *outs)
 
