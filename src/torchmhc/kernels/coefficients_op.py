@@ -381,9 +381,9 @@ def _coef_bwd_x_kernel(
     fn_ptr,  # [n²+2n, K] fp32
     dm_desc,  # [T, W] fp32 (merged columns), tiles [BT, W]
     cx_desc,  # [T] fp32, tiles [BT]
-    add_desc,  # [T, K] stream dtype: a gradient to add into dx when ADD (else unused)
-    dy_desc,  # [T, C]: the pre-mix's output gradient when MIX (else unused), tiles [BT, BK]
-    hpre_ptr,  # [T, n] fp32: the pre-mix's coefficients when MIX (else unused)
+    add_desc,  # [T, K] stream dtype: a gradient to add into dx when ADD (else None)
+    dy_desc,  # [T, C]: the pre-mix's output gradient when MIX (else None), tiles [BT, BK]
+    hpre_ptr,  # [T, n] fp32: the pre-mix's coefficients when MIX (else None)
     dx_desc,  # [T, K] stream dtype out
     dfn_ptr,  # [groups, n²+2n, K] fp32 out: partial sums per token group
     T,
@@ -601,10 +601,11 @@ def coefficients_bwd_x(
     dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
     x_desc = tile_descriptor(x.view(t, k), [bt, block_k])
-    dy, h_pre = (x_desc, cx) if mix is None else (tile_descriptor(mix[0], [bt, block_k]), mix[1])
+    # unused inputs go in as None (compile-time constants): each descriptor costs host time per launch
+    dy, h_pre = (None, None) if mix is None else (tile_descriptor(mix[0], [bt, block_k]), mix[1])
     _coef_bwd_x_kernel[(k_blocks, groups)](
         x_desc, fn, tile_descriptor(dm, [bt, w]), tile_descriptor(cx, [bt]),
-        x_desc if add is None else tile_descriptor(add.view(t, k), [bt, block_k]), dy, h_pre,
+        None if add is None else tile_descriptor(add.view(t, k), [bt, block_k]), dy, h_pre,
         tile_descriptor(dx.view(t, k), [bt, block_k]), dfn_part, t,
         C=c, N=n, NP=_np(n), W=w, BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
         ADD=add is not None, MIX=mix is not None, num_warps=num_warps, num_stages=num_stages or 3,
