@@ -402,8 +402,9 @@ def _coef_bwd_x_kernel(
     # so x is read once for both products and dfn needs no atomics. With MIX, BK divides C: the
     # columns lie in one stream, whose pre-mix gradient h_pre[stream]·dy is summed into dx here.
     # Tiles move by the copy engine (TMA descriptors; rows past T read as zeros and are not
-    # written): against per-thread loads, 430 -> 378 µs at T = 16384, C = 4096 (H100), with
-    # 167 registers instead of 255 (3 pipeline stages fit without spilling, also with MIX)
+    # written): against per-thread loads, 434 -> 387 µs at T = 16384, C = 4096 (H100,
+    # benchmarks/kernels.py), with 167 registers instead of 255, so 3 pipeline stages fit without
+    # spilling, also with MIX
     K: tl.constexpr = N * C
     k0 = tl.program_id(0) * BK
     ks = k0 + tl.arange(0, BK)
@@ -573,10 +574,11 @@ def coefficients_bwd_x(
 ) -> tuple[Tensor, Tensor]:
     """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
     ``dm [T, W]``, ``cx [T]`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
-    Tile sizes and launch options as keywords (``block_t`` defaults to 64 tokens, 32 for n > 4,
+    Tile sizes and launch options as keywords: ``block_t`` defaults to 64 tokens, 32 for n > 4,
     whose gradient tiles are 128 wide; ``block_k`` to 128, 64 for fp32 streams and for n > 4, whose
-    128-wide gradient block would spill registers; it is rounded to a power of two dividing C); ``waves``: programs per multiprocessor to aim for (default 2, or 4 when there are
-    fewer column blocks than multiprocessors). Other gradients of x summed into dx in the same
+    128-wide gradient block would spill registers (rounded to a power of two dividing C);
+    ``waves``, programs per multiprocessor to aim for, to 2, or 4 when there are fewer column
+    blocks than multiprocessors. Other gradients of x summed into dx in the same
     pass: ``add [T, n, C]`` (x.dtype, contiguous) and, for a pre-mix ``y = Σ_j h_pre[j]·x[j]`` of
     the same streams, ``mix = (dy [T, C], h_pre [T, n] fp32)``, contiguous: ``h_pre ⊗ dy``.
     ``num_stages`` defaults to 3 (with the tiles moved by TMA, also with ``mix``: no spills)."""
