@@ -44,14 +44,14 @@ def main() -> None:
         "launcher coefficients_fwd": lambda: coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
         "custom op coefficients_op": lambda: coefficients_op(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
         "dispatch mhc_coefficients": lambda: mhc_coefficients(x, fn, scale, base),
-        "dx step (4 descriptors)": lambda: coefficients_bwd_x(x, fn, dm, cx),
-        "dx step, mix + add (6)": lambda: coefficients_bwd_x(x, fn, dm, cx, add=add, mix=mix),
+        "dx step (3 descriptors)": lambda: coefficients_bwd_x(x, fn, dm, cx),
+        "dx step, mix + add (3)": lambda: coefficients_bwd_x(x, fn, dm, cx, add=add, mix=mix),
     }
     with use_kernels("triton"):
         for name, f in cases.items():
             gpu = triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3
             print(f"{name:28s} host {host_us(f):7.1f} µs/call   do_bench {gpu:7.1f} µs", flush=True)
-        for name in ("dispatch mhc_coefficients", "dx step, mix + add (6)"):
+        for name in ("dispatch mhc_coefficients", "dx step, mix + add (3)"):
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(100):

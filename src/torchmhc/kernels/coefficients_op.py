@@ -380,9 +380,9 @@ def _coef_bwd_x_kernel(
     x_desc,  # [T, K] stream dtype, tiles [BT, BK]
     fn_ptr,  # [n²+2n, K] fp32
     dm_desc,  # [T, W] fp32 (merged columns), tiles [BT, W]
-    cx_desc,  # [T] fp32, tiles [BT]
-    add_desc,  # [T, K] stream dtype: a gradient to add into dx when ADD (else None)
-    dy_desc,  # [T, C]: the pre-mix's output gradient when MIX (else None), tiles [BT, BK]
+    cx_ptr,  # [T] fp32
+    add_ptr,  # [T, K] stream dtype: a gradient to add into dx when ADD (else None)
+    dy_ptr,  # [T, C]: the pre-mix's output gradient when MIX (else None)
     hpre_ptr,  # [T, n] fp32: the pre-mix's coefficients when MIX (else None)
     dx_desc,  # [T, K] stream dtype out
     dfn_ptr,  # [groups, n²+2n, K] fp32 out: partial sums per token group
@@ -401,10 +401,13 @@ def _coef_bwd_x_kernel(
     # grid (K // BK, groups): the program owns columns [kb·BK, +BK) for TILES·BT consecutive tokens,
     # so x is read once for both products and dfn needs no atomics. With MIX, BK divides C: the
     # columns lie in one stream, whose pre-mix gradient h_pre[stream]·dy is summed into dx here.
-    # Tiles move by the copy engine (TMA descriptors; rows past T read as zeros and are not
-    # written): against per-thread loads, 434 -> 387 µs at T = 16384, C = 4096 (H100,
-    # benchmarks/kernels.py), with 167 registers instead of 255, so 3 pipeline stages fit without
-    # spilling, also with MIX
+    # The tiles that feed tensor-core products (x, dm) and the dx tile move by the copy engine (TMA
+    # descriptors; rows past T read as zeros and are not written): against per-thread loads,
+    # 434 -> 387 µs at T = 16384, C = 4096 (H100, benchmarks/kernels.py), with 167 registers
+    # instead of 255, so 3 pipeline stages fit without spilling, also with MIX. The others stay
+    # per-thread loads: Triton pipelines only the former, and a TMA load it does not pipeline is
+    # issued and then waited for at once (Nsight Compute: half the stalls of the MIX + ADD loop;
+    # per-thread loads there took the chained step from 682 to 659 µs)
     K: tl.constexpr = N * C
     k0 = tl.program_id(0) * BK
     ks = k0 + tl.arange(0, BK)
@@ -422,17 +425,21 @@ def _coef_bwd_x_kernel(
     dfn_t = tl.zeros([BK, W], dtype=tl.float32)
     for it in range(TILES):
         t0 = (group * TILES + it) * BT
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < T
+        toks = toks.to(tl.int64)
         x = x_desc.load([t0, k0])
         dm = tl.where(valid[None, :], dm_desc.load([t0, 0]), 0.0)  # padding columns are never written
-        dx = _dot_dm_fn(dm, w, w_lo, cx_desc.load([t0])[:, None] * x.to(tl.float32), MODE)
+        cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)
+        dx = _dot_dm_fn(dm, w, w_lo, cx[:, None] * x.to(tl.float32), MODE)
         if MIX or ADD:  # the stream's other gradients, summed here instead of in separate passes
             other = tl.zeros([BT, BK], dtype=tl.float32)
             if MIX:
-                toks = t0 + tl.arange(0, BT)
-                h = tl.load(hpre_ptr + toks.to(tl.int64) * N + stream, mask=toks < T, other=0.0)
-                other = h[:, None] * dy_desc.load([t0, k0 - stream * C]).to(tl.float32)
+                h = tl.load(hpre_ptr + toks * N + stream, mask=tmask, other=0.0)
+                dy = tl.load(dy_ptr + toks[:, None] * C + (ks - stream * C)[None, :], mask=tmask[:, None], other=0.0)
+                other = h[:, None] * dy.to(tl.float32)
             if ADD:
-                other += add_desc.load([t0, k0]).to(tl.float32)
+                other += tl.load(add_ptr + toks[:, None] * K + ks[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
             dx += other
         dx_desc.store([t0, k0], dx.to(dx_desc.dtype))
         dfn_t = dot_bf16_f32(tl.trans(x), dm, dfn_t, MODE)
@@ -602,12 +609,9 @@ def coefficients_bwd_x(
     groups = triton.cdiv(t_blocks, tiles)
     dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
-    x_desc = tile_descriptor(x.view(t, k), [bt, block_k])
-    # unused inputs go in as None (compile-time constants): each descriptor costs host time per launch
-    dy, h_pre = (None, None) if mix is None else (tile_descriptor(mix[0], [bt, block_k]), mix[1])
+    dy, h_pre = (None, None) if mix is None else mix  # unused inputs: None (compile-time constants)
     _coef_bwd_x_kernel[(k_blocks, groups)](
-        x_desc, fn, tile_descriptor(dm, [bt, w]), tile_descriptor(cx, [bt]),
-        None if add is None else tile_descriptor(add.view(t, k), [bt, block_k]), dy, h_pre,
+        tile_descriptor(x.view(t, k), [bt, block_k]), fn, tile_descriptor(dm, [bt, w]), cx, add, dy, h_pre,
         tile_descriptor(dx.view(t, k), [bt, block_k]), dfn_part, t,
         C=c, N=n, NP=_np(n), W=w, BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
         ADD=add is not None, MIX=mix is not None, num_warps=num_warps, num_stages=num_stages or 3,
