@@ -12,8 +12,9 @@ A transformer with hyper-connections looks like::
     logits = lm_head(final_norm(h))
 
 or, in the split form, with the attention's post fused with the FFN's pre (same values; for
-mHC the post-res and the next coefficient pass read the streams once, but on an H100 that fused
-kernel is not yet faster than the two it replaces, so the models here use the form above)::
+mHC the post-res and the next coefficient pass read the streams once; on an H100 two sub-layers
+take the same time with it as without it at the models' shapes, so the models here use the form
+above)::
 
     for block in blocks:
         u, ctx = block.hc_attn.pre(x)                                       # u [B, T, C]
