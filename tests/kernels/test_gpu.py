@@ -49,14 +49,17 @@ def test_gpu_sublayer_deterministic():
         assert torch.equal(a, b)
 
 
+def _post_res_inputs(t: int, n: int, c: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[x, f_out, h_post, h_res]`` of a post-res on the GPU."""
+    x = streams(t, n, c, dtype)
+    f_out = torch.randn(t, c, device="cuda").to(dtype)
+    return [x, f_out, 2 * torch.rand(t, n, device="cuda"), torch.rand(t, n, n, device="cuda") / n]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t, n, c", SHAPES)
 def test_gpu_post_res_coefficients(t, n, c, dtype):
     from torchmhc.kernels import post_res_coefficients
-
-    x = streams(t, n, c, dtype)
-    f_out = torch.randn(t, c, device="cuda").to(dtype)
-    h_post, h_res = 2 * torch.rand(t, n, device="cuda"), torch.rand(t, n, n, device="cuda") / n
 
     def fused(*args):
         x_next, coefficients = post_res_coefficients(*args)
@@ -67,4 +70,20 @@ def test_gpu_post_res_coefficients(t, n, c, dtype):
         return (x_next, *ref.mhc_coefficients(x_next, fn, scale, base))
 
     with use_kernels("triton"):
-        check_fwd_bwd(fused, composed, [x, f_out, h_post, h_res, *mhc_params(n, c)], norm_tol=1e-2)
+        check_fwd_bwd(fused, composed, [*_post_res_inputs(t, n, c, dtype), *mhc_params(n, c)], norm_tol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", SHAPES)
+def test_gpu_post_res_coefficients_equals_unfused_kernels(t, n, c, dtype):
+    # same fused multiply-adds in the same order as post_res: x_next bit-identical on the GPU too
+    from torchmhc.kernels import post_res_coefficients
+
+    inputs, params = _post_res_inputs(t, n, c, dtype), mhc_params(n, c)
+    with use_kernels("triton"):
+        x_next, fused = post_res_coefficients(*inputs, *params)
+        unfused_x = post_res(*inputs)
+        unfused = mhc_coefficients(unfused_x, *params)
+    assert torch.equal(x_next, unfused_x)
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # two ~16-bit projections: SPEC §10 TF32 tolerance

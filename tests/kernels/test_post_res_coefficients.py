@@ -19,11 +19,12 @@ def _composed(x, f_out, h_post, h_res, fn, scale, base):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, c", [(1, 64), (3, 64), (4, 128)])
-def test_post_res_coefficients_matches_composed_reference(n, c, dtype):
-    x = streams(7, n, c, dtype)
-    f_out = torch.randn(7, c, device=DEVICE).to(dtype)
-    h_post, h_res = 2 * torch.rand(7, n, device=DEVICE), torch.rand(7, n, n, device=DEVICE) / n
+@pytest.mark.parametrize("n, c, t", [(1, 64, 7), (2, 192, 21), (3, 64, 7), (4, 128, 7), (8, 64, 19)])
+def test_post_res_coefficients_matches_composed_reference(n, c, t, dtype):
+    # t > 16 spans several token tiles (16 under the interpreter), c = 192 several channel steps
+    x = streams(t, n, c, dtype)
+    f_out = torch.randn(t, c, device=DEVICE).to(dtype)
+    h_post, h_res = 2 * torch.rand(t, n, device=DEVICE), torch.rand(t, n, n, device=DEVICE) / n
     # bf16: the reference rounds x_next, and the gradients flowing through it, on its own (the fused
     # backward adds the two gradients of x_next in fp32 and rounds once): last-bit differences that
     # cancellation can magnify elementwise, so bf16 is held to relative errors (METHOD: 1e-3..1e-2);
@@ -33,14 +34,15 @@ def test_post_res_coefficients_matches_composed_reference(n, c, dtype):
         check_fwd_bwd(_fused, _composed, inputs, norm_tol=1e-2 if dtype == torch.bfloat16 else None)
 
 
-def test_post_res_coefficients_equals_unfused_kernels():
+@pytest.mark.parametrize("n", [3, 4])
+def test_post_res_coefficients_equals_unfused_kernels(n):
     # the coefficients are computed from the rounded, stored x_next: bit-identical to the unfused path
     from torchmhc.kernels import mhc_coefficients, post_res
 
-    x = streams(7, 4, 64, torch.bfloat16)
-    f_out = torch.randn(7, 64, device=DEVICE).to(torch.bfloat16)
-    h_post, h_res = 2 * torch.rand(7, 4, device=DEVICE), torch.rand(7, 4, 4, device=DEVICE) / 4
-    params = mhc_params(4, 64)
+    x = streams(7, n, 128, torch.bfloat16)
+    f_out = torch.randn(7, 128, device=DEVICE).to(torch.bfloat16)
+    h_post, h_res = 2 * torch.rand(7, n, device=DEVICE), torch.rand(7, n, n, device=DEVICE) / n
+    params = mhc_params(n, 128)
     with use_kernels("triton"):
         fused = _fused(x, f_out, h_post, h_res, *params)
         x_next = post_res(x, f_out, h_post, h_res)

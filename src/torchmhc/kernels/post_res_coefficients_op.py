@@ -3,23 +3,36 @@
 Both touch the same n·C stream values of a token. The paper's decomposition writes
 ``x_{l+1} = h_res·x_l + h_post·f`` and then reads ``x_{l+1}`` back to compute its coefficients;
 here each tile of ``x_{l+1}`` is rounded to the stream dtype, written, and fed to the projection
-and the sum of squares while still in registers. Per sub-layer the streams are read (2n + 1)·C
+and the sum of squares while still on-chip. Per sub-layer the streams are read (2n + 1)·C
 times less n·C: reads (n + 1)·C and writes n·C for both steps together, instead of (2n + 1)·C and n·C.
 
-The coefficients come from the rounded, stored ``x_{l+1}``, so the result is what the unfused
-pipeline computes (up to the order of fp32 sums).
+The coefficients come from the rounded, stored ``x_{l+1}``, and each output value is formed by the
+same sequence of fused multiply-adds as in ``post_res_op``: the result is what the unfused pipeline
+computes, bit for bit in ``x_{l+1}`` (up to the order of fp32 sums in the coefficients).
 
-Speed (H100, ``benchmarks/kernels.py``): 516 µs at T = 16384, C = 4096, n = 4 (79% of a copy)
-against 412 + 206 µs for the post-res and coefficient kernels it replaces; 104 µs at T = 8192,
-C = 1280 and 156 µs at C = 2048, against 70 + 52 and 106 + 73. The source tiles move by the copy
-engine (TMA); with per-thread loads it took 637 µs at the main shape. What keeps it under the copy
-rate (Nsight Compute, per-thread-load version): warps wait on shared memory (short-scoreboard
-stalls, ~33 M bank conflicts) while the mixed tile is moved into the tensor-core operand layout.
+How one step over BC channels of BT tokens runs:
+- one copy-engine (TMA) load brings all streams ``[BT, NS, BC]``, split into NS tiles ``[BT, BC]``
+  in registers, and one more brings f;
+- each destination stream i is mixed, rounded and stored as a ``[BT, BC]`` tile (16-byte stores);
+- the NS tiles are joined stream-major into one ``[BT, NS·BC]`` operand and the projection runs
+  transposed, ``acc[M, BT] += fnp[M, NS·BC] @ operandᵀ``: the operand goes from registers to shared
+  memory once, as the product's B operand, and ``fnp`` (fn packed by :func:`pack_fn`) is the
+  A operand, its bf16 hi and lo parts stacked along M so one product covers both.
+The previous form, ``[BT, NP·BC]`` operand in the A position, spent its time moving the mixed tile
+into the tensor-core operand layout (Nsight Compute: shared-memory stalls and bank conflicts).
+
+Speed (H100, ``benchmarks/kernels.py``; ``benchmarks/results/h100.md``, session 6): 480 µs at
+T = 16384, C = 4096, n = 4 (85% of a copy; the [BT, NP·BC]-operand form took 516) against 411 + 205
+µs for the post-res and coefficient kernels it replaces; 91 µs at T = 8192, C = 1280 (70 + 52) and
+132 µs at C = 2048 (109 + 73). What is left: each program's coefficient epilogue (Sinkhorn, ~4 µs)
+moves no stream data, and one program of 4 warps holds a multiprocessor (its staged tiles fill the
+shared memory).
 
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
-Legend: T tokens, n streams, C channels, K = n·C; see ``coefficients_op.py`` for the packed layouts.
+Legend: T tokens, n streams, NS = n padded to a power of two, NP = max(4, NS), C channels,
+K = n·C; see ``coefficients_op.py`` for the packed pp / res column layouts.
 """
 
 from __future__ import annotations
@@ -29,33 +42,156 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block, num_sms, tile_descriptor
-from torchmhc.kernels._precision import MODE_FMA, precision_mode, split_bf16
+from torchmhc.kernels._common import channel_block, next_pow2, tile_descriptor
+from torchmhc.kernels._precision import MODE_FMA, precision_mode, split2
 from torchmhc.kernels.coefficients_op import (
-    empty_coefficient_outputs,
-    _dot_fn,
     _np,
-    _pp_rows,
-    _res_rows,
     _token_block,
     coef_epilogue,
     coefficients_bwd_tokens,
     coefficients_bwd_x,
+    empty_coefficient_outputs,
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
 
-__all__ = ["post_res_coefficients_fwd", "post_res_coefficients_op"]
+__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op"]
+
+
+def packed_rows(n: int) -> int:
+    """Rows M of the packed fn: hi and lo halves of ``[pp (16) | res (NP²)]`` (n <= 4), or of
+    ``[res (64) | pp (16) | zeros (48)]`` (n > 4); halves of 32 / 128 rows split in registers."""
+    return 64 if n <= 4 else 256
+
+
+@triton.jit
+def _packed_fn_row(r, N: tl.constexpr, NP: tl.constexpr):
+    """Row r of a packed half -> (fn row, valid)."""
+    if NP == 4:
+        is_pp = r < 16
+        q = r - 16
+        p = r
+    else:
+        is_pp = (r >= 64) & (r < 80)
+        q = r
+        p = r - 64
+    pp_row = tl.where(p < 8, p, N + p - 8)
+    pp_valid = tl.where(p < 8, p < N, p - 8 < N)
+    i = q // NP  # res column i·NP + j is H_res[i, j], fn row 2n + j·n + i
+    j = q % NP
+    res_valid = (q >= 0) & (q < NP * NP) & (i < N) & (j < N)
+    return tl.where(is_pp, pp_row, 2 * N + j * N + i), tl.where(is_pp, pp_valid, res_valid)
+
+
+@triton.jit
+def _pack_fn_kernel(fn_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr,
+                    M: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # grid (M, cdiv(NS·C, BLOCK)): row m of the packed fn, columns in steps of BC channels, stream-major
+    # within a step (column k·NS·BC + i·BC + c holds fn[row, i·C + k·BC + c]; zero for i >= n)
+    m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row, valid = _packed_fn_row(m % (M // 2), N, NP)
+    step = cols // (NS * BC)
+    i = cols % (NS * BC) // BC
+    src = i * C + step * BC + cols % BC
+    w = tl.load(fn_ptr + row * (N * C) + src, mask=valid & (i < N) & (cols < NS * C), other=0.0)
+    if SPLIT:  # bf16 hi part in the first half, lo part in the second
+        hi, lo = split2(w)
+        w = tl.where(m < M // 2, hi, lo)
+    else:  # fp32 (interpreter): the second half is zero
+        w = tl.where(m < M // 2, w, 0.0)
+    tl.store(out_ptr + m * (NS * C) + cols, w.to(out_ptr.dtype.element_ty), mask=cols < NS * C)
+
+
+def pack_fn(fn: Tensor, n: int, c: int, block_c: int, split: bool) -> Tensor:
+    """fn ``[n²+2n, n·C]`` fp32 -> the fused kernel's A operand ``[M, NS·C]`` (:func:`packed_rows`):
+    bf16 hi and lo parts (``split``) or fp32 and zeros, columns in steps of ``block_c`` channels."""
+    ns, m = next_pow2(n), packed_rows(n)
+    out = torch.empty((m, ns * c), dtype=torch.bfloat16 if split else torch.float32, device=fn.device)
+    block = 1024
+    _pack_fn_kernel[(m, triton.cdiv(ns * c, block))](
+        fn, out, C=c, N=n, NS=ns, NP=_np(n), M=m, BC=block_c, SPLIT=split, BLOCK=block
+    )
+    return out
+
+
+@triton.jit
+def _split_streams(x3, BT: tl.constexpr, NS: tl.constexpr, BC: tl.constexpr):
+    """``[BT, NS, BC]`` -> NS tiles ``[BT, BC]`` in stream order (tl.split halves a trailing axis of 2)."""
+    if NS == 1:
+        return (tl.reshape(x3, (BT, BC)),)
+    elif NS == 2:
+        s0, s1 = tl.split(tl.permute(x3, (0, 2, 1)))
+        return (s0, s1)
+    elif NS == 4:  # stream 2u + v: [BT, u, v, BC] -> [BT, BC, v, u]
+        lo, hi = tl.split(tl.permute(tl.reshape(x3, (BT, 2, 2, BC)), (0, 3, 2, 1)))
+        s0, s1 = tl.split(lo)
+        s2, s3 = tl.split(hi)
+        return (s0, s1, s2, s3)
+    else:  # stream 4u + 2v + w
+        lo, hi = tl.split(tl.permute(tl.reshape(x3, (BT, 2, 2, 2, BC)), (0, 4, 3, 2, 1)))
+        lo0, lo1 = tl.split(lo)
+        hi0, hi1 = tl.split(hi)
+        s0, s1 = tl.split(lo0)
+        s2, s3 = tl.split(lo1)
+        s4, s5 = tl.split(hi0)
+        s6, s7 = tl.split(hi1)
+        return (s0, s1, s2, s3, s4, s5, s6, s7)
+
+
+@triton.jit
+def _join_streams(ys, BT: tl.constexpr, NS: tl.constexpr, BC: tl.constexpr):
+    """NS tiles ``[BT, BC]`` -> ``[BT, NS·BC]``, column i·BC + c holding stream i (the inverse of
+    :func:`_split_streams`: each thread keeps its contiguous channels of every stream)."""
+    if NS == 1:
+        return ys[0]
+    elif NS == 2:
+        return tl.reshape(tl.permute(tl.join(ys[0], ys[1]), (0, 2, 1)), (BT, 2 * BC))
+    elif NS == 4:
+        y = tl.join(tl.join(ys[0], ys[1]), tl.join(ys[2], ys[3]))
+        return tl.reshape(tl.permute(y, (0, 3, 2, 1)), (BT, 4 * BC))
+    else:
+        lo = tl.join(tl.join(ys[0], ys[1]), tl.join(ys[2], ys[3]))
+        hi = tl.join(tl.join(ys[4], ys[5]), tl.join(ys[6], ys[7]))
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 4, 3, 2, 1)), (BT, 8 * BC))
+
+
+@triton.jit
+def _unpack_projection(acc, BT: tl.constexpr, NP: tl.constexpr, M: tl.constexpr):
+    """``acc [M, BT]`` (hi- and lo-part rows) -> ``(acc_pp [BT, 16], acc_res [BT, NP²])``."""
+    acc = tl.sum(tl.reshape(tl.trans(acc), (BT, 2, M // 2)), axis=1)  # hi + lo
+    if NP == 4:  # [pp | res]
+        acc_pp, acc_res = tl.split(tl.permute(tl.reshape(acc, (BT, 2, 16)), (0, 2, 1)))
+    else:  # [res | pp | zeros]
+        acc_res, rest = tl.split(tl.permute(tl.reshape(acc, (BT, 2, 64)), (0, 2, 1)))
+        pp_pad, _ = tl.split(tl.permute(tl.reshape(rest, (BT, 2, 2, 16)), (0, 3, 2, 1)))
+        acc_pp, _ = tl.split(pp_pad)
+    return acc_pp, acc_res
+
+
+@triton.jit
+def _project(fn_tile, operand, acc, MODE: tl.constexpr):
+    """acc += fn_tile @ operandᵀ. MODE_FMA: fp32 (interpreter, which also mishandles a transposed
+    bf16 operand). Else fn_tile holds bf16 hi/lo rows; a bf16 operand is exact, an fp16/fp32 one
+    is split in two."""
+    if MODE == 0:
+        acc = tl.dot(fn_tile, tl.trans(operand.to(tl.float32)), acc, input_precision="ieee")
+    elif MODE == 1:
+        acc = tl.dot(fn_tile, tl.trans(operand), acc)
+    else:
+        hi, lo = split2(operand.to(tl.float32))
+        acc = tl.dot(fn_tile, tl.trans(hi), acc)
+        acc = tl.dot(fn_tile, tl.trans(lo), acc)
+    return acc
 
 
 @triton.jit
 def _post_res_coef_fwd_kernel(
-    x_desc,  # [T, n·C] streams of sub-layer l, tiles [BT, BC] (one stream's channels)
+    x_desc,  # [T, n, C] streams of sub-layer l, tiles [BT, NS, BC]
     f_desc,  # [T, C] branch output of sub-layer l, tiles [BT, BC]
     hpost_ptr,  # [T, n] fp32, sub-layer l
     hres_ptr,  # [T, n, n] fp32, sub-layer l (paper orientation)
     out_ptr,  # [T, n, C] out: streams x_{l+1}
-    fn_ptr,  # sub-layer l+1: [n²+2n, K] fp32 (MODE_FMA) or bf16 hi part
-    fnlo_ptr,  # bf16 lo part (unused in MODE_FMA)
+    fnp_desc,  # [M, NS·C] sub-layer l+1's fn packed by pack_fn, tiles [M, NS·BC]
     scale_ptr,
     base_ptr,
     hpre2_ptr,  # [T, n] fp32 out: sub-layer l+1's coefficients
@@ -70,60 +206,52 @@ def _post_res_coef_fwd_kernel(
     post_scale,
     C: tl.constexpr,
     N: tl.constexpr,
+    NS: tl.constexpr,
     NP: tl.constexpr,
+    M: tl.constexpr,
     ITERS: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     MODE: tl.constexpr,
 ):
-    # grid (cdiv(T, BT),): BT tokens per program, C in BC chunks. A chunk is a [BT, NP, BC] tile of
-    # x_{l+1} (destination streams on axis 1) built from the n source rows, each loaded once, then
-    # stored and fed to the projection as one [BT, NP·BC] operand while still in registers. The
-    # source tiles move by the copy engine (TMA): 637 -> 516 µs at T = 16384, C = 4096 (H100)
+    # grid (cdiv(T, BT),): BT tokens per program, C in BC-channel steps
     K: tl.constexpr = N * C
     t0 = tl.program_id(0) * BT
     toks = t0 + tl.arange(0, BT)
     tmask = toks < T
     toks = toks.to(tl.int64)
-    t3 = toks[:, None, None]
-    m3 = tmask[:, None, None]
-    ii = tl.arange(0, NP)[None, :, None]
-    imask = m3 & (ii < N)
-    # sub-layer l's coefficients, loaded once: h_post and the n columns h_res[:, :, j], [BT, NP, 1] each
-    h_post = tl.load(hpost_ptr + t3 * N + ii, mask=imask, other=0.0)
-    h_cols = ()
-    for j in tl.static_range(N):
-        h_cols = h_cols + (tl.load(hres_ptr + t3 * (N * N) + ii * N + j, mask=imask, other=0.0),)
-    # the projection's K index of operand column (i, c) is i·C + c0 + c
-    kk = tl.arange(0, NP * BC)
-    k_stream = kk // BC
-    k_valid = k_stream < N
-    pp_row, pp_valid, _ = _pp_rows(N)
-    res_row, res_valid = _res_rows(N, NP)
-    pp_mask = k_valid[:, None] & pp_valid[None, :]
-    res_mask = k_valid[:, None] & res_valid[None, :]
-    acc_pp = tl.zeros([BT, 16], dtype=tl.float32)
-    acc_res = tl.zeros([BT, NP * NP], dtype=tl.float32)
-    sumsq = tl.zeros([BT], dtype=tl.float32)
+    # sub-layer l's coefficients, loaded once: [BT, 1] columns h_post[:, i] and h_res[:, i, j]
+    h_post = ()
+    h_res = ()
+    for i in tl.static_range(N):
+        h_post = h_post + (tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0)[:, None],)
+        for j in tl.static_range(N):
+            h_res = h_res + (tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0)[:, None],)
+    out_rows = out_ptr + toks[:, None] * K + tl.arange(0, BC)[None, :]
+    acc = tl.zeros([M, BT], dtype=tl.float32)
+    sumsq = tl.zeros([BT, BC], dtype=tl.float32)  # reduced over channels once, after the loop
     for c0 in range(0, C, BC):
-        cc = c0 + tl.arange(0, BC)[None, None, :]
-        y = h_post * tl.reshape(f_desc.load([t0, c0]), (BT, 1, BC)).to(tl.float32)
-        for j in tl.static_range(N):  # source stream j scales into every destination row
-            xj = tl.reshape(x_desc.load([t0, j * C + c0]), (BT, 1, BC))
-            y += h_cols[j] * xj.to(tl.float32)
-        yq = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
-        tl.store(out_ptr + (t3 * N + ii) * C + cc, yq, mask=imask)
-        yf = yq.to(tl.float32)
-        sumsq += tl.sum(tl.sum(yf * yf, axis=2), axis=1)
-        operand = tl.reshape(yq, (BT, NP * BC))
-        ks = k_stream * C + c0 + kk % BC
-        off_pp = pp_row[None, :] * K + ks[:, None]
-        off_res = res_row[None, :] * K + ks[:, None]
-        acc_pp = _dot_fn(operand, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_mask, acc_pp, MODE)
-        acc_res = _dot_fn(operand, fn_ptr + off_res, fnlo_ptr + off_res, res_mask, acc_res, MODE)
+        f = f_desc.load([t0, c0]).to(tl.float32)
+        xs = _split_streams(x_desc.load([t0, 0, c0]), BT, NS, BC)
+        ys = ()
+        for i in tl.static_range(NS):
+            if i < N:
+                # the order of post_res_op's fused multiply-adds: bit-identical x_{l+1}
+                y = h_post[i] * f
+                for j in tl.static_range(N):
+                    y = tl.fma(h_res[i * N + j], xs[j].to(tl.float32), y)
+                y = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
+                tl.store(out_rows + (i * C + c0), y, mask=tmask[:, None])
+                yf = y.to(tl.float32)
+                sumsq += yf * yf
+                ys = ys + (y,)
+            else:  # padding stream: zero operand columns
+                ys = ys + (tl.zeros([BT, BC], dtype=out_ptr.dtype.element_ty),)
+        acc = _project(fnp_desc.load([0, c0 * NS]), _join_streams(ys, BT, NS, BC), acc, MODE)
+    acc_pp, acc_res = _unpack_projection(acc, BT, NP, M)
     coef_epilogue(
-        acc_pp, acc_res, sumsq, toks, tmask, scale_ptr, base_ptr, hpre2_ptr, hpost2_ptr, hres2_ptr, mpp_ptr,
-        mres_ptr, rinv_ptr, eps, rms_eps, post_scale, K, N, NP, ITERS, BT,
+        acc_pp, acc_res, tl.sum(sumsq, axis=1), toks, tmask, scale_ptr, base_ptr, hpre2_ptr, hpost2_ptr,
+        hres2_ptr, mpp_ptr, mres_ptr, rinv_ptr, eps, rms_eps, post_scale, K, N, NP, ITERS, BT, 1,  # RELOAD: 1
     )  # fmt: skip
 
 
@@ -145,33 +273,35 @@ def post_res_coefficients_fwd(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launcher. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]``, ``h_post [T, n]``,
+    """Launcher. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32), ``f_out [T, C]`` (x.dtype), ``h_post [T, n]``,
     ``h_res [T, n, n]`` fp32; sub-layer l+1: ``fn [n²+2n, n·C]``, ``scale [3]``, ``base [n²+2n]``
     fp32; all contiguous -> ``(x_next [T, n, C] x.dtype, h_pre [T, n], h_post [T, n],
     h_res [T, n, n], m_pp [T, 16], m_res [T, NP²], rinv [T])`` (coefficients of l+1, fp32).
-    Tiles: ``block_t`` tokens by ``block_c`` channels of every stream per step. Defaults from
-    ``benchmarks/tune.py`` on an H100: 32 channels and 4 stages for 16-bit streams and n <= 4, with
-    128 tokens and 8 warps where T is large enough to keep the multiprocessors busy, else 64 and 4;
-    otherwise 64 x 16, 4 warps, 3 stages (2 for n > 4: 2188 -> 1924 µs at n = 8), whose staged
-    tiles fit in shared memory."""
+    Tiles: ``block_t`` tokens by ``block_c`` channels of every stream per step. Defaults: the
+    fastest of ``benchmarks/tune.py`` on an H100 at T = 16384, C = 4096: 32 tokens, and for n <= 4
+    64 channels (128-byte rows of 16-bit streams), 4 warps, 4 stages (481 µs; fp32 streams 8 warps,
+    3 stages: 900 µs); for n > 4, 16 channels, 8 warps, 3 stages (2 for fp32 streams, whose staged
+    tiles would not fit): 1399 µs against 2138 with 4 warps and 2 stages."""
     t, n, c = x.shape
     x_next = torch.empty_like(x)
     outs = empty_coefficient_outputs(x)
     if t == 0:
         return (x_next, *outs)
-    narrow = n <= 4 and x.dtype != torch.float32
-    # one program per multiprocessor: 128-token tiles only where they still keep 7/8 of them busy
-    # (H100: T = 16384, 128 tokens 525 µs against 593 at 64; T = 8192, 64 tokens 99 µs against 160)
-    wide = narrow and 8 * triton.cdiv(t, 128) >= 7 * num_sms(x.device)
-    bt = _token_block(block_t or (128 if wide else 64))
-    block_c = channel_block(c, block_c or (32 if narrow else 16))
+    ns, m = next_pow2(n), packed_rows(n)
+    narrow = x.dtype != torch.float32
+    bt = _token_block(block_t or 32)
+    block_c = channel_block(c, block_c or (64 if n <= 4 else 16))
+    if n <= 4:
+        num_warps, num_stages = num_warps or (4 if narrow else 8), num_stages or (4 if narrow else 3)
+    else:
+        num_warps, num_stages = num_warps or 8, num_stages or (3 if narrow else 2)
     mode = precision_mode(x)
-    fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
+    fnp = pack_fn(fn, n, c, block_c, split=mode != MODE_FMA)
     _post_res_coef_fwd_kernel[(triton.cdiv(t, bt),)](
-        tile_descriptor(x.view(t, n * c), [bt, block_c]), tile_descriptor(f_out, [bt, block_c]),
-        h_post, h_res, x_next, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
-        C=c, N=n, NP=_np(n), ITERS=iters, BT=bt, BC=block_c, MODE=mode,
-        num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if narrow else 3 if n <= 4 else 2),
+        tile_descriptor(x, [bt, ns, block_c]), tile_descriptor(f_out, [bt, block_c]), h_post, h_res, x_next,
+        tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, t, eps, rms_eps, post_scale,
+        C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c, MODE=mode,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (x_next, *outs)
 

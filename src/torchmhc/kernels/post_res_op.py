@@ -51,7 +51,7 @@ def _post_res_fwd_kernel(
         for j in tl.static_range(N):
             hcol = tl.load(hres_ptr + t * N * N + rows * N + j, mask=rmask, other=0.0)
             xj = tl.load(x_ptr + (t * N + j) * C + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc += hcol[:, None] * xj[None, :]
+            acc = tl.fma(hcol[:, None], xj[None, :], acc)  # explicit: the fused transition kernel repeats it
         offs = (t * N + rows[:, None]) * C + cols[None, :]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
