@@ -6,7 +6,7 @@ flushed). Compilation runs first in parallel worker processes (filling Triton's 
 the timing pass in this process only loads compiled kernels. Prints, per kernel, the default and
 the fastest configurations with µs and % of a device-to-device copy measured in the same run.
 
-    PYTHONPATH=src python benchmarks/tune.py [--shape 16384x4096] [--streams 4] [--kernels coef_bwd_x ...]
+    PYTHONPATH=src python benchmarks/tune.py [--shape 16384x4096] [--streams 4] [--dtype bf16] [--kernels ...]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     },
     "post_res_fwd": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8, 16)},
     "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
-    "post_res_coef_fwd": {"block_t": (32, 64, 128), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    "post_res_coef_fwd": {"block_t": (32, 64), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
 }
 
 
@@ -52,8 +52,9 @@ def configs(kernel: str) -> list[dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object], int]:
-    """``(run(**config) -> outputs, bytes the kernel must move)`` on fresh random inputs."""
+def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple[Callable[..., object], int]:
+    """``(run(**config) -> outputs, bytes the kernel must move)`` on fresh random inputs; ``dtype``
+    of the streams: "bf16" or "fp32"."""
     from torchmhc.kernels.coefficients_op import (
         coefficients_bwd_tokens,
         coefficients_bwd_x,
@@ -64,13 +65,14 @@ def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object
 
     torch.manual_seed(0)
     dev = "cuda"
-    x = torch.randn(t, n, c, device=dev, dtype=torch.bfloat16)
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    x = torch.randn(t, n, c, device=dev, dtype=dt)
     rows = n * n + 2 * n
     fn = torch.randn(rows, n * c, device=dev) / (n * c) ** 0.5
     scale = torch.rand(3, device=dev) + 0.5
     base = torch.randn(rows, device=dev)
-    stream_bytes = t * n * c * 2
-    channel_bytes = t * c * 2
+    stream_bytes = t * n * c * x.element_size()
+    channel_bytes = t * c * x.element_size()
     small = t * (3 * n * n + 4 * n + 40) * 4
     if kernel == "coef_fwd":
         return (lambda **kw: coefficients_fwd(x, fn, scale, base, 20, 1e-6, 1e-6, 2.0, **kw)), stream_bytes + small
@@ -81,7 +83,7 @@ def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object
     dm = coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0)[:2]
     if kernel == "coef_bwd_x":
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, **kw)), 2 * stream_bytes + small
-    f_out = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    f_out = torch.randn(t, c, device=dev, dtype=dt)
     if kernel == "coef_bwd_x_chained":
         add, mix = torch.randn_like(x), (f_out, torch.rand(t, n, device=dev))
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, add=add, mix=mix, **kw)), 3 * stream_bytes + channel_bytes + small
@@ -97,10 +99,10 @@ def make_case(kernel: str, t: int, c: int, n: int) -> tuple[Callable[..., object
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
 
 
-def _compile_worker(job: tuple[str, int, int, int, list[dict]]) -> list[str]:
+def _compile_worker(job: tuple[str, int, int, int, str, list[dict]]) -> list[str]:
     """Runs each configuration once (compiling it into Triton's disk cache); returns errors."""
-    kernel, t, c, n, cfgs = job
-    run, _ = make_case(kernel, t, c, n)
+    kernel, t, c, n, dtype, cfgs = job
+    run, _ = make_case(kernel, t, c, n, dtype)
     errors = []
     for cfg in cfgs:
         try:
@@ -111,11 +113,11 @@ def _compile_worker(job: tuple[str, int, int, int, list[dict]]) -> list[str]:
     return errors
 
 
-def precompile(kernel: str, t: int, c: int, n: int, workers: int) -> None:
+def precompile(kernel: str, t: int, c: int, n: int, dtype: str, workers: int) -> None:
     cfgs = configs(kernel)
     chunks = [cfgs[i::workers] for i in range(workers) if cfgs[i::workers]]
     with mp.get_context("spawn").Pool(len(chunks)) as pool:
-        for errors in pool.map(_compile_worker, [(kernel, t, c, n, chunk) for chunk in chunks]):
+        for errors in pool.map(_compile_worker, [(kernel, t, c, n, dtype, chunk) for chunk in chunks]):
             for e in errors:
                 print(f"  compile failed {e}", flush=True)
 
@@ -129,10 +131,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def sweep(kernel: str, t: int, c: int, n: int, copy_tbps: float) -> None:
+def sweep(kernel: str, t: int, c: int, n: int, dtype: str, copy_tbps: float) -> None:
     from kernels import bench  # benchmarks/kernels.py: GPU time of a CUDA-graph replay
 
-    run, nbytes = make_case(kernel, t, c, n)
+    run, nbytes = make_case(kernel, t, c, n, dtype)
     reference = run()
     results = []
     for cfg in configs(kernel):
@@ -150,7 +152,7 @@ def sweep(kernel: str, t: int, c: int, n: int, copy_tbps: float) -> None:
         tail = "" if err is None else f"  rel. err vs default {err:.1e}"
         return f"  {label:8s} {ms * 1e3:8.1f} µs {pct:5.1f}% of copy  {cfg}{tail}"
 
-    print(f"{kernel} [T={t} C={c} n={n}] {len(results)} configurations", flush=True)
+    print(f"{kernel} [T={t} C={c} n={n} {dtype}] {len(results)} configurations", flush=True)
     print(line("default", default_ms, "launcher defaults"))
     for ms, cfg, err in sorted(results, key=lambda r: r[0])[:6]:
         print(line("", ms, cfg, err) + ("  <-- MISMATCH" if err > 2e-2 else ""), flush=True)
@@ -160,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="16384x4096", help="TxC")
     parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="stream dtype")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     args = parser.parse_args()
@@ -172,9 +175,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbps:.2f} TB/s", flush=True)
     for kernel in args.kernels:
         t0 = time.time()
-        precompile(kernel, t, c, args.streams, args.workers)
+        precompile(kernel, t, c, args.streams, args.dtype, args.workers)
         print(f"{kernel}: compiled {len(configs(kernel))} configurations in {time.time() - t0:.0f} s", flush=True)
-        sweep(kernel, t, c, args.streams, copy_tbps)
+        sweep(kernel, t, c, args.streams, args.dtype, copy_tbps)
 
 
 if __name__ == "__main__":
