@@ -13,8 +13,8 @@ A transformer with hyper-connections looks like::
 
 or, in the split form, with the attention's post fused with the FFN's pre (same values; for
 mHC the post-res and the next coefficient pass read the streams once; on an H100 two sub-layers
-take the same time with it as without it at the models' shapes, so the models here use the form
-above)::
+forward + backward are 1.7-2.9% faster with it; the models here use the form above until that is
+measured end to end)::
 
     for block in blocks:
         u, ctx = block.hc_attn.pre(x)                                       # u [B, T, C]
@@ -233,8 +233,8 @@ class HyperConnection(nn.Module):
         both run as ``kernels.mhc_post_pre``: where the kernels apply, the post-res and the next
         coefficient pass read the streams once, and x's gradients are chained as in
         :meth:`pre_with_coefficients`. Otherwise the plain composition. (H100, two sub-layers
-        forward + backward: 4764 µs against 4858 without it at T = 16384, C = 4096, and the same
-        time without it at T = 8192, C = 1280 or 2048; see ``benchmarks/results/h100.md``.)
+        forward + backward: 4669 µs against 4803 without it at T = 16384, C = 4096, 865 against
+        880 at T = 8192, C = 1280, 1266 against 1304 at C = 2048; ``benchmarks/results/h100.md``.)
 
         Args:
             ctx: this connection's context (from :meth:`pre` or an earlier ``post_pre``).
