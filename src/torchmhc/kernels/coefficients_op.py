@@ -74,9 +74,15 @@ def _res_rows(N: tl.constexpr, NP: tl.constexpr):
 
 @triton.jit
 def _merged_rows(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr):
-    """Merged column p of ``[pre/post (16) | res (NP²) | padding]`` (W wide) -> (fn row, valid):
+    """Merged columns ``[pre/post (16) | res (NP²) | padding]`` (W wide) -> (fn row, valid):
     the backward's gradient products run on this one block instead of two narrow ones."""
-    p = tl.arange(0, W)
+    return merged_row_of(tl.arange(0, W), N, NP)
+
+
+@triton.jit
+def merged_row_of(p, N: tl.constexpr, NP: tl.constexpr):
+    """Merged column p (>= 16 + NP²: padding) -> (fn row, valid); also used to pack fn for the
+    fused post-res kernel."""
     is_pp = p < 16
     q = tl.where(is_pp, 0, p - 16)  # res column i·NP + j
     i = q // NP

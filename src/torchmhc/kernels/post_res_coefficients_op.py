@@ -51,6 +51,7 @@ from torchmhc.kernels.coefficients_op import (
     coefficients_bwd_tokens,
     coefficients_bwd_x,
     empty_coefficient_outputs,
+    merged_row_of,
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
 
@@ -65,21 +66,11 @@ def packed_rows(n: int) -> int:
 
 @triton.jit
 def _packed_fn_row(r, N: tl.constexpr, NP: tl.constexpr):
-    """Row r of a packed half -> (fn row, valid)."""
-    if NP == 4:
-        is_pp = r < 16
-        q = r - 16
-        p = r
-    else:
-        is_pp = (r >= 64) & (r < 80)
-        q = r
-        p = r - 64
-    pp_row = tl.where(p < 8, p, N + p - 8)
-    pp_valid = tl.where(p < 8, p < N, p - 8 < N)
-    i = q // NP  # res column i·NP + j is H_res[i, j], fn row 2n + j·n + i
-    j = q % NP
-    res_valid = (q >= 0) & (q < NP * NP) & (i < N) & (j < N)
-    return tl.where(is_pp, pp_row, 2 * N + j * N + i), tl.where(is_pp, pp_valid, res_valid)
+    """Row r of a packed half -> (fn row, valid), through the backward's merged column map."""
+    if NP == 4:  # [pp | res]: the merged order itself
+        return merged_row_of(r, N, NP)
+    # [res | pp | zeros]
+    return merged_row_of(tl.where(r < 64, r + 16, tl.where(r < 80, r - 64, 16 + NP * NP)), N, NP)
 
 
 @triton.jit
