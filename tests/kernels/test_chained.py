@@ -182,7 +182,8 @@ def test_pass_through_is_a_view_only_where_kernels_run():
 
 
 class _RecordOps(TorchDispatchMode):
-    """Records every op that runs below autograd: its overload packet and its (first) output's shape."""
+    """Records every op that runs below autograd: its overload packet and its (first) output's shape
+    (Triton launches are not torch ops: :class:`_Launches` counts those)."""
 
     def __init__(self):
         super().__init__()
@@ -194,12 +195,49 @@ class _RecordOps(TorchDispatchMode):
         self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
         return out
 
-    def calls(self, op):
-        return sum(packet == op for packet, _ in self.ops)
-
     def stream_adds(self, shape):
         """Elementwise additions whose result has the shape of the streams."""
         return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)
+
+
+class _Launches:
+    """Counts calls of the kernels' launchers (by function name) inside the ``with`` block: the
+    eager path calls them directly, without the custom ops that compiled graphs hold."""
+
+    NAMES = (
+        "coefficients_fwd", "coefficients_bwd", "pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh",
+        "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd",
+    )  # fmt: skip
+
+    def __init__(self):
+        self.monkeypatch = pytest.MonkeyPatch()
+        self.counts = dict.fromkeys(self.NAMES, 0)
+
+    def __enter__(self):
+        import importlib
+        import pkgutil
+
+        import torchmhc.kernels as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for name in self.NAMES:
+                if callable(getattr(module, name, None)):
+                    self.monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
+        return self
+
+    def _counting(self, name, launcher):
+        def launch(*args, **kwargs):
+            self.counts[name] += 1
+            return launcher(*args, **kwargs)
+
+        return launch
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+    def calls(self, name):
+        return self.counts[name]
 
 
 @pytest.mark.parametrize("sublayer, adds", [(chained, 0), (unchained, 2)])
@@ -209,13 +247,12 @@ def test_backward_has_no_separate_stream_additions(sublayer, adds):
     x.requires_grad_()
     with use_kernels("triton"):
         out = sublayer(x, *params)
-        with _RecordOps() as ops:
+        with _RecordOps() as ops, _Launches() as launches:
             torch.autograd.grad(out, x, torch.ones_like(out))
     assert ops.stream_adds(x.shape) == adds
     if sublayer is chained:  # nor a pre-mix dx pass: dh_pre alone, then the coefficient dx pass sums it all
-        kernel_ops = torch.ops.torchmhc
-        assert ops.calls(kernel_ops.pre_mix_dh) == 1 and ops.calls(kernel_ops.pre_mix_backward) == 0
-        assert ops.calls(kernel_ops.mhc_coefficients_backward) == 1
+        assert launches.calls("pre_mix_dh") == 1 and launches.calls("pre_mix_bwd") == 0
+        assert launches.calls("coefficients_bwd") == 1
 
 
 def _module(n=4, c=64):
@@ -259,6 +296,29 @@ def test_torch_compile_traces_the_chained_path():
         module_compiled = torch.compile(lambda x_: hc(x_, f), backend="aot_eager", fullgraph=True)
         for a, b in zip(_grads(module_compiled, [x]), eager):
             assert torch.equal(a, b)
+
+
+def test_compiled_graphs_hold_the_custom_ops():
+    # eager calls the launchers (no custom-op dispatch, see _Launches); a compiled graph must hold
+    # the custom ops as opaque nodes, forward and backward, or torch.compile would trace into Triton
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(gm)
+
+    x, *params = _inputs(2, 64, torch.float32)
+    with use_kernels("triton"):
+        compiled = torch.compile(chained, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+        out = compiled(x.requires_grad_(), *params)
+        out.backward(torch.ones_like(out))
+    forward, backward = graphs
+    assert {"torchmhc.mhc_coefficients.default", "torchmhc.pre_mix.default", "torchmhc.post_res.default"} <= forward
+    assert {"torchmhc.pre_mix_dh.default", "torchmhc.mhc_coefficients_backward.default"} <= backward
+    assert "torchmhc.post_res_backward.default" in backward
 
 
 # -- across sub-layers: post-res of sub-layer l fused with the coefficients and pre-mix of l+1 ----
@@ -368,20 +428,19 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     inputs = [t.requires_grad_() for t in _post_pre_inputs(4, torch.float32, (5,))]
     x = inputs[0]
     with use_kernels("triton"):
-        with _RecordOps() as forward:
+        with _Launches() as forward:
             layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7])
         out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
-        with _RecordOps() as backward:
+        with _RecordOps() as backward, _Launches() as backward_launches:
             torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
-    ops = torch.ops.torchmhc
     # one pass for post-res + coefficients, not the two unfused ops (a silent fallback fails here)
-    assert forward.calls(ops.post_res_coefficients) == 1 and forward.calls(ops.pre_mix) == 1
-    assert forward.calls(ops.post_res) == forward.calls(ops.mhc_coefficients) == 0
+    assert forward.calls("post_res_coefficients_fwd") == 1 and forward.calls("pre_mix_fwd") == 1
+    assert forward.calls("post_res_fwd") == forward.calls("coefficients_fwd") == 0
     assert all(_made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
     # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
     # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
-    assert backward.calls(ops.pre_mix_dh) == 1 and backward.calls(ops.pre_mix_backward) == 0
-    assert backward.calls(ops.mhc_coefficients_backward) == 1 and backward.calls(ops.post_res_backward) == 2
+    assert backward_launches.calls("pre_mix_dh") == 1 and backward_launches.calls("pre_mix_bwd") == 0
+    assert backward_launches.calls("coefficients_bwd") == 1 and backward_launches.calls("post_res_bwd") == 2
     assert backward.stream_adds(x.shape) == 0
 
 
@@ -401,7 +460,7 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
     seen = []
     second.register_coefficient_hook(lambda module, x_, c: seen.append((module, x_, c)))
     with use_kernels("triton"):
-        with _RecordOps() as forward:
+        with _Launches() as forward:
             layer_input, ctx = first.pre(x)
             u, ctx2 = first.post_pre(ctx, f(layer_input), second)
         out = second.post(ctx2, g(u))
@@ -411,7 +470,7 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
         u_expected, ctx_expected = second.pre(x_next)
         expected = second.post(ctx_expected, g(u_expected))
         expected_grads = torch.autograd.grad(expected.square().sum(), [x, *params, *params2])
-    assert forward.calls(torch.ops.torchmhc.post_res_coefficients) == 1
+    assert forward.calls("post_res_coefficients_fwd") == 1
     assert [s[0] for s in seen] == [second, second]  # once for post_pre, once for the composition
     torch.testing.assert_close(seen[0][1], x_next, **FP32_TOL)
     for a, b in zip(seen[0][2], seen[1][2]):

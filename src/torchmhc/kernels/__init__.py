@@ -1,4 +1,4 @@
-"""Fused Triton kernels for mHC, registered as ``torch.library`` custom ops, and their dispatch.
+"""Fused Triton kernels for mHC, registered as ``torch.ops.torchmhc`` ops, and their dispatch.
 
 One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Sinkhorn),
 ``pre_mix_op.py`` (F_pre), ``post_res_op.py`` (F_post,res), and the cross-sub-layer fusion

@@ -1,4 +1,6 @@
-"""Helpers shared by the kernel files: token flattening, tile sizes, interpreter detection.
+"""Helpers shared by the kernel files: token flattening, tile sizes, interpreter detection, and the
+registration of the fused ops, and the choice between an op's launcher (eager) and its registered op
+(torch.compile).
 
 Every launcher works on tokens ``[T, n, C]``; :func:`flatten_tokens` is the one place where the
 leading dims ``[...]`` are folded into ``T`` and :func:`unflatten_tokens` the one place they come back.
@@ -8,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -20,6 +23,12 @@ if TYPE_CHECKING:  # triton is optional: imported where kernels launch, not by `
 MAX_STREAMS = 8
 #: The fast path reads C in chunks that are powers of two of at least this size.
 CHANNEL_MULTIPLE = 64
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints (``triton.cdiv`` is a constexpr function whose host calls
+    cost several µs each)."""
+    return -(-a // b)
 
 
 def next_pow2(v: int) -> int:
@@ -59,6 +68,33 @@ def tile_descriptor(t: Tensor, block_shape: list[int]) -> TensorDescriptor:
     if t.data_ptr() % 16:
         t = t.clone()
     return TensorDescriptor.from_tensor(t.contiguous(), block_shape)
+
+
+F = TypeVar("F", bound=Callable)
+
+#: Where the fused ops are registered: ``torch.ops.torchmhc.<name>``.
+_LIBRARY = torch.library.Library("torchmhc", "FRAGMENT")
+
+
+def define_op(name: str, schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """Registers the fused op ``torchmhc::<name><schema>`` and returns it
+    (``torch.ops.torchmhc.<name>.default``): ``impl`` for CUDA tensors and for CPU tensors (Triton's
+    interpreter), ``fake`` for torch.compile's shape propagation. A written schema and a plain impl
+    rather than ``torch.library.custom_op``, whose Python wrapper costs about 25 µs of host time a
+    call (one CPU core, measured) that a compiled graph pays at every launch of the op."""
+    _LIBRARY.define(name + schema)
+    for key in ("CUDA", "CPU"):
+        _LIBRARY.impl(name, impl, key)
+    torch.library.register_fake(f"torchmhc::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.torchmhc, name).default
+
+
+def eager_or_compiled(op: F, eager: F) -> F:
+    """What a fused op calls: ``op``, its registered op (:func:`define_op`), while ``torch.compile``
+    traces (an opaque graph node whose fake impl gives the shapes), else ``eager``: the launcher,
+    or an autograd.Function with the op's own context and backward. The op's dispatch (and its
+    autograd kernel) costs host time on every eager call and buys nothing there."""
+    return op if torch.compiler.is_compiling() else eager
 
 
 def flatten_tokens(x: Tensor, trailing: int) -> Tensor:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import interpreting
+from torchmhc.kernels._common import cdiv, interpreting
 
 MODE_FMA = 0
 MODE_BF16 = 1
@@ -55,7 +55,7 @@ def split_bf16(a: Tensor) -> tuple[Tensor, Tensor]:
     in one kernel (for parameters that many programs read as tensor-core operands)."""
     out = torch.empty((2, *a.shape), dtype=torch.bfloat16, device=a.device)
     block = 1024
-    _split_bf16_kernel[(triton.cdiv(a.numel(), block),)](a, out, a.numel(), BLOCK=block)
+    _split_bf16_kernel[(cdiv(a.numel(), block),)](a, out, a.numel(), BLOCK=block)
     return out[0], out[1]
 
 

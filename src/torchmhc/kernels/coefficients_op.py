@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block, interpreting, next_pow2, num_sms, tile_descriptor
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, interpreting, next_pow2, num_sms, tile_descriptor
 from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2, split_bf16
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "coefficients_bwd_tokens",
     "coefficients_bwd_x",
     "coefficients_op",
+    "coefficients_backward",
+    "Coefficients",
     "PP",
 ]
 
@@ -521,11 +523,11 @@ def coefficients_fwd(
     if t == 0:
         return outs
     narrow = n <= 4 and x.dtype != torch.float32  # 16-bit streams, at most 4: the staged tiles fit 4 stages
-    wide = narrow and triton.cdiv(t, 128) >= num_sms(x.device)
+    wide = narrow and cdiv(t, 128) >= num_sms(x.device)
     bt = _token_block(block_t or (128 if wide else 64))
     mode = precision_mode(x)
     fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
-    _coef_fwd_kernel[(triton.cdiv(t, bt),)](
+    _coef_fwd_kernel[(cdiv(t, bt),)](
         x, fn_hi, fn_lo, scale, base, *outs, t, eps, rms_eps, post_scale,
         K=k, N=n, NP=_np(n), ITERS=iters, BT=bt, BK=channel_block(k, block_k or (64 if x.dtype == torch.float32 else 128)),
         MODE=mode, num_warps=num_warps or (8 if wide else 4), num_stages=num_stages or (4 if narrow else 3),
@@ -563,7 +565,7 @@ def coefficients_bwd_tokens(
     np_ = _np(n)
     dev = m_pp.device
     bt = _token_block(block_t)
-    progs = triton.cdiv(t, bt)
+    progs = cdiv(t, bt)
     width = merged_width(n)
     dm = torch.empty((t, width), dtype=torch.float32, device=dev)
     cx = torch.empty((t,), dtype=torch.float32, device=dev)
@@ -575,7 +577,7 @@ def coefficients_bwd_tokens(
         num_warps=num_warps or (4 if n <= 4 else 8),
     )  # fmt: skip
     # fixed-order sums over programs: deterministic (two reductions: views of one sum would alias
-    # the custom op's outputs, which torch.library forbids)
+    # the registered op's outputs, which its schema does not allow)
     return dm, cx, part[:, rows:].sum(0), part[:, :rows].sum(0)
 
 
@@ -616,17 +618,17 @@ def coefficients_bwd_x(
     # a power of two dividing C (a multiple of 64): a column block lies in one stream
     block_k = channel_block(c, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
     k_blocks = k // block_k
-    t_blocks = triton.cdiv(t, bt)
+    t_blocks = cdiv(t, bt)
     # enough programs for `waves` waves. TILES is a compile-time constant: rounding it up to a
     # multiple of an eighth of its power of two keeps the distinct values (compilations) few while
     # the last wave stays at most 1/8 short (a power of two left whole waves idle at C = 1280)
     # H100 sweeps: 2 waves at C = 4096 (128 column blocks); 4 at C = 1280 (40), 3% faster
     waves = waves or (4 if k_blocks < num_sms(x.device) else 2)
     groups_wanted = max(1, (waves * num_sms(x.device)) // k_blocks)
-    tiles = triton.cdiv(t_blocks, groups_wanted)
+    tiles = cdiv(t_blocks, groups_wanted)
     quantum = max(1, next_pow2(tiles) // 8)
-    tiles = triton.cdiv(tiles, quantum) * quantum
-    groups = triton.cdiv(t_blocks, tiles)
+    tiles = cdiv(tiles, quantum) * quantum
+    groups = cdiv(t_blocks, tiles)
     dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
     dy, h_pre = (None, None) if mix is None else mix  # unused inputs: None (compile-time constants)
@@ -673,25 +675,11 @@ def coefficients_bwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration
+# Registered ops: opaque to torch.compile (fake impls give shapes), autograd attached
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchmhc::mhc_coefficients", mutates_args=())
-def coefficients_op(
-    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, rms_eps: float, post_scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``x [T, n, C]`` -> ``(h_pre, h_post, h_res, m_pp, m_res, rinv)``; see :func:`coefficients_fwd`."""
-    return coefficients_fwd(x, fn, scale, base, iters, eps, rms_eps, post_scale)
-
-
-@coefficients_op.register_fake
-def _(x, fn, scale, base, iters, eps, rms_eps, post_scale):
-    return empty_coefficient_outputs(x)
-
-
-@torch.library.custom_op("torchmhc::mhc_coefficients_backward", mutates_args=())
-def _coefficients_backward_op(
+def coefficients_backward(
     x: Tensor,
     fn: Tensor,
     scale: Tensor,
@@ -709,17 +697,32 @@ def _coefficients_backward_op(
     mix_dy: Tensor | None = None,
     mix_h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`coefficients_bwd`; ``add`` (or None) is x's other gradient, summed into dx, and so is
-    ``mix_h ⊗ mix_dy`` when both are given (a pre-mix of x: its ``h_pre [T, n]`` and ``dy [T, C]``)."""
+    """:func:`coefficients_bwd` with x's other gradients as plain arguments (the registered op's
+    signature): ``add`` (or None) is summed into dx, and so is ``mix_h ⊗ mix_dy`` when both are
+    given (a pre-mix of x: its ``h_pre [T, n]`` and ``dy [T, C]``)."""
     mix = None if mix_dy is None or mix_h is None else (mix_dy, mix_h)
     return coefficients_bwd(
         x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=add, mix=mix
     )
 
 
-@_coefficients_backward_op.register_fake
-def _(x, fn, scale, base, m_pp, m_res, rinv, dh_pre, dh_post, dh_res, iters, eps, post_scale, add=None, mix_dy=None, mix_h=None):
-    return torch.empty_like(x), torch.empty_like(fn), torch.empty_like(scale), torch.empty_like(base)
+#: ``x [T, n, C]`` -> ``(h_pre, h_post, h_res, m_pp, m_res, rinv)``; see :func:`coefficients_fwd`.
+coefficients_op = define_op(
+    "mhc_coefficients",
+    "(Tensor x, Tensor fn, Tensor scale, Tensor base, int iters, float eps, float rms_eps, float post_scale)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    coefficients_fwd,
+    lambda x, *_: empty_coefficient_outputs(x),
+)
+#: :func:`coefficients_backward`.
+_coefficients_backward_op = define_op(
+    "mhc_coefficients_backward",
+    "(Tensor x, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv, Tensor dh_pre,"
+    " Tensor dh_post, Tensor dh_res, int iters, float eps, float post_scale, Tensor? add=None,"
+    " Tensor? mix_dy=None, Tensor? mix_h=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    coefficients_backward,
+    lambda x, fn, scale, base, *_, **__: tuple(torch.empty_like(t) for t in (x, fn, scale, base)),
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -738,7 +741,7 @@ def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     iters, eps, post_scale = ctx.config
     t, n, _ = x.shape
     like_pre = rinv.new_empty((t, n))
-    dx, dfn, dscale, dbase = _coefficients_backward_op(
+    dx, dfn, dscale, dbase = eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
         x, fn, scale, base, m_pp, m_res, rinv,
         _grad_or_zeros(d_pre, like_pre), _grad_or_zeros(d_post, like_pre),
         _grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,
@@ -747,4 +750,18 @@ def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     return dx, dfn, dscale, dbase, None, None, None, None
 
 
-coefficients_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("torchmhc::mhc_coefficients", _backward, setup_context=_setup_context)
+
+
+class Coefficients(torch.autograd.Function):
+    """:func:`coefficients_op` in eager mode: the launcher, the same context and backward, no
+    custom-op dispatch (``_common.eager_or_compiled``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        # a forward taking ctx: Function.apply inspects the signature of one with setup_context
+        out = coefficients_fwd(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_backward)

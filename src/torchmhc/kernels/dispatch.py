@@ -29,8 +29,9 @@ whose backward is sub-layer l+1's chained backward above followed by the post-re
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
-made while tracing (guarded on the mode); the custom ops then appear in the graph (fake impls give
-their shapes).
+made while tracing (guarded on the mode); the registered ops then appear in the graph (fake impls give
+their shapes). In eager mode the launchers run directly, without the ops' dispatch
+(``_common.eager_or_compiled``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ import torch
 from torch import Tensor
 
 from torchmhc import functional as ref
-from torchmhc.kernels._common import CHANNEL_MULTIPLE, MAX_STREAMS, flatten_tokens, interpreting, unflatten_tokens
+from torchmhc.kernels._common import (
+    CHANNEL_MULTIPLE,
+    MAX_STREAMS,
+    eager_or_compiled,
+    flatten_tokens,
+    interpreting,
+    unflatten_tokens,
+)
 
 __all__ = [
     "KernelMode",
@@ -214,9 +222,9 @@ def mhc_coefficients(
         return ref.mhc_coefficients(
             x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
         )
-    from torchmhc.kernels.coefficients_op import coefficients_op
+    from torchmhc.kernels.coefficients_op import Coefficients, coefficients_op
 
-    h_pre, h_post, h_res, *_saved = coefficients_op(
+    h_pre, h_post, h_res, *_saved = eager_or_compiled(coefficients_op, Coefficients.apply)(
         flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
         kernel_iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip
@@ -244,13 +252,13 @@ def _chained_pre_backward(
     pass over dx then sums all three gradients of x: its own, ``h_pre ⊗ dy`` and ``d_pass``.
     ``saved`` is the coefficient forward's ``(m_pp, m_res, rinv)``; ``config`` its
     ``(iters, eps, post_scale)``."""
-    from torchmhc.kernels.coefficients_op import _coefficients_backward_op
-    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op
+    from torchmhc.kernels.coefficients_op import _coefficients_backward_op, coefficients_backward
+    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op, pre_mix_dh
 
     d_pass = None if d_pass is None else d_pass.contiguous()
     if dy is not None:
         dy = dy.contiguous()
-        dh_mix = _pre_mix_dh_op(dy, x)
+        dh_mix = eager_or_compiled(_pre_mix_dh_op, pre_mix_dh)(dy, x)
         d_pre = dh_mix if d_pre is None else d_pre + dh_mix
     if d_pre is None and d_post is None and d_res is None:  # neither the coefficients nor y were used
         return d_pass, None, None, None
@@ -259,7 +267,7 @@ def _chained_pre_backward(
         return h_pre.new_zeros(shape) if g is None else g.contiguous()
 
     t, n = h_pre.shape
-    return _coefficients_backward_op(
+    return eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
         x, fn, scale, base, *saved, grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)),
         *config, d_pass, dy, None if dy is None else h_pre,
     )  # fmt: skip
@@ -268,7 +276,7 @@ def _chained_pre_backward(
 class _ChainedPre(torch.autograd.Function):
     """Coefficients and pre-mix of one sub-layer as one node whose backward chains x's gradients.
 
-    Forward (``x [T, n, C]``): the coefficient and pre-mix custom ops, unchanged; returns
+    Forward (``x [T, n, C]``): the coefficient and pre-mix kernels, unchanged; returns
     ``(y [T, C], x_pass, h_pre, h_post, h_res)`` where ``x_pass`` is x itself (autograd makes it a
     view of x with this node as its grad_fn), for the post-res to read. Backward
     (:func:`_chained_pre_backward`): what reaches x is the sum of all three ops' gradients, made in
@@ -279,11 +287,12 @@ class _ChainedPre(torch.autograd.Function):
     def forward(
         ctx, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, rms_eps: float, post_scale: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from torchmhc.kernels.coefficients_op import coefficients_op
-        from torchmhc.kernels.pre_mix_op import pre_mix_op
+        from torchmhc.kernels.coefficients_op import coefficients_fwd, coefficients_op
+        from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
-        h_pre, h_post, h_res, m_pp, m_res, rinv = coefficients_op(x, fn, scale, base, iters, eps, rms_eps, post_scale)
-        y = pre_mix_op(x, h_pre)
+        coefficients = eager_or_compiled(coefficients_op, coefficients_fwd)
+        h_pre, h_post, h_res, m_pp, m_res, rinv = coefficients(x, fn, scale, base, iters, eps, rms_eps, post_scale)
+        y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x, h_pre)
         ctx.save_for_backward(x, fn, scale, base, h_pre, m_pp, m_res, rinv)
         ctx.config = (iters, eps, post_scale)
         # absent gradients stay None: no zero tensors to read for an unused output
@@ -314,13 +323,13 @@ class _ChainedPostPre(torch.autograd.Function):
         ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor,
         iters: int, eps: float, rms_eps: float, post_scale: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_op
-        from torchmhc.kernels.pre_mix_op import pre_mix_op
+        from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_op
+        from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
-        x_next, h_pre2, h_post2, h_res2, *saved = post_res_coefficients_op(
+        x_next, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(post_res_coefficients_op, post_res_coefficients_fwd)(
             x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale
         )
-        y = pre_mix_op(x_next, h_pre2)
+        y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x_next, h_pre2)
         ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
         ctx.config = (iters, eps, post_scale)
         ctx.set_materialize_grads(False)
@@ -330,7 +339,7 @@ class _ChainedPostPre(torch.autograd.Function):
     def backward(
         ctx, dy: Tensor | None, d_next: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        from torchmhc.kernels.post_res_op import _post_res_backward_op
+        from torchmhc.kernels.post_res_op import _post_res_backward_op, post_res_bwd
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
         d_next, dfn, dscale, dbase = _chained_pre_backward(
@@ -338,7 +347,7 @@ class _ChainedPostPre(torch.autograd.Function):
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
-            dx, df, dh_post, dh_res = _post_res_backward_op(d_next, x, f_out, h_post, h_res)
+            dx, df, dh_post, dh_res = eager_or_compiled(_post_res_backward_op, post_res_bwd)(d_next, x, f_out, h_post, h_res)
         # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
         return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 
@@ -444,9 +453,10 @@ def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
     ok = isinstance(x, Tensor) and x.dim() >= 2 and isinstance(h_pre, Tensor) and h_pre.shape == x.shape[:-1]
     if not (ok and x.device == h_pre.device and _use_triton(x, _streams_supported(x, h_pre))):
         return ref.pre_mix(x, h_pre)
-    from torchmhc.kernels.pre_mix_op import pre_mix_op
+    from torchmhc.kernels.pre_mix_op import PreMix, pre_mix_op
 
-    return unflatten_tokens(pre_mix_op(flatten_tokens(x, 2), flatten_tokens(h_pre, 1)), x.shape[:-2])
+    y = eager_or_compiled(pre_mix_op, PreMix.apply)(flatten_tokens(x, 2), flatten_tokens(h_pre, 1))
+    return unflatten_tokens(y, x.shape[:-2])
 
 
 def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
@@ -454,9 +464,9 @@ def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     ``h_post [..., n]``, ``h_res [..., n, n]`` fp32 -> ``[..., n, C]`` in x.dtype."""
     if not (_post_res_args_ok(x, f_out, h_post, h_res) and _use_triton(x, _streams_supported(x, h_post, h_res))):
         return ref.post_res(x, f_out, h_post, h_res)
-    from torchmhc.kernels.post_res_op import post_res_op
+    from torchmhc.kernels.post_res_op import PostRes, post_res_op
 
-    out = post_res_op(flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2))
+    out = eager_or_compiled(post_res_op, PostRes.apply)(flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2))
     return unflatten_tokens(out, x.shape[:-2])
 
 
@@ -500,9 +510,9 @@ def post_res_coefficients(
             x_next, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale
         )
         return x_next, coefficients
-    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_op
+    from torchmhc.kernels.post_res_coefficients_op import PostResCoefficients, post_res_coefficients_op
 
-    x_next, h_pre2, h_post2, h_res2, *_saved = post_res_coefficients_op(
+    x_next, h_pre2, h_post2, h_res2, *_saved = eager_or_compiled(post_res_coefficients_op, PostResCoefficients.apply)(
         flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
         fn.contiguous(), scale.contiguous(), base.contiguous(), iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip

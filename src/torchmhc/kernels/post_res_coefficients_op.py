@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block, next_pow2, tile_descriptor
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2, tile_descriptor
 from torchmhc.kernels._precision import MODE_FMA, precision_mode, split2
 from torchmhc.kernels.coefficients_op import (
     _np,
@@ -55,7 +55,7 @@ from torchmhc.kernels.coefficients_op import (
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
 
-__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op"]
+__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op", "post_res_coefficients_backward", "PostResCoefficients"]
 
 
 def packed_rows(n: int) -> int:
@@ -99,7 +99,7 @@ def pack_fn(fn: Tensor, n: int, c: int, block_c: int, split: bool) -> Tensor:
     ns, m = next_pow2(n), packed_rows(n)
     out = torch.empty((m, ns * c), dtype=torch.bfloat16 if split else torch.float32, device=fn.device)
     block = 1024
-    _pack_fn_kernel[(m, triton.cdiv(ns * c, block))](
+    _pack_fn_kernel[(m, cdiv(ns * c, block))](
         fn, out, C=c, N=n, NS=ns, NP=_np(n), M=m, BC=block_c, SPLIT=split, BLOCK=block
     )
     return out
@@ -288,7 +288,7 @@ def post_res_coefficients_fwd(
         num_warps, num_stages = num_warps or 8, num_stages or (3 if narrow else 2)
     mode = precision_mode(x)
     fnp = pack_fn(fn, n, c, block_c, split=mode != MODE_FMA)
-    _post_res_coef_fwd_kernel[(triton.cdiv(t, bt),)](
+    _post_res_coef_fwd_kernel[(cdiv(t, bt),)](
         tile_descriptor(x, [bt, ns, block_c]), tile_descriptor(f_out, [bt, block_c]), h_post, h_res, x_next,
         tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, t, eps, rms_eps, post_scale,
         C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c, MODE=mode,
@@ -298,35 +298,11 @@ def post_res_coefficients_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration
+# Registered ops: opaque to torch.compile (fake impls give shapes), autograd attached
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchmhc::post_res_coefficients", mutates_args=())
-def post_res_coefficients_op(
-    x: Tensor,
-    f_out: Tensor,
-    h_post: Tensor,
-    h_res: Tensor,
-    fn: Tensor,
-    scale: Tensor,
-    base: Tensor,
-    iters: int,
-    eps: float,
-    rms_eps: float,
-    post_scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """See :func:`post_res_coefficients_fwd`."""
-    return post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
-
-
-@post_res_coefficients_op.register_fake
-def _(x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale):
-    return (torch.empty_like(x), *empty_coefficient_outputs(x))
-
-
-@torch.library.custom_op("torchmhc::post_res_coefficients_backward", mutates_args=())
-def _post_res_coefficients_backward_op(
+def post_res_coefficients_backward(
     d_next: Tensor,
     d_pre: Tensor,
     d_post: Tensor,
@@ -346,6 +322,10 @@ def _post_res_coefficients_backward_op(
     eps: float,
     post_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`post_res_coefficients_fwd` from the gradients of its outputs (``d_next``
+    of x_next, fp32 ``d_pre``, ``d_post``, ``d_res``; all given, contiguous) and its saved tensors
+    -> ``(dx, df, dh_post, dh_res, dfn, dscale, dbase)``: the coefficient backward of l+1 (adding
+    ``d_next`` in its dx pass), then the post-res backward of l."""
     t, n, c = x.shape
     if t == 0:
         zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
@@ -359,17 +339,25 @@ def _post_res_coefficients_backward_op(
     return dx, df, dh_post, dh_res, dfn, dscale, dbase
 
 
-@_post_res_coefficients_backward_op.register_fake
-def _(d_next, d_pre, d_post, d_res, x, f_out, h_post, h_res, x_next, fn, scale, base, *_saved_and_config):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(f_out),
-        torch.empty_like(h_post),
-        torch.empty_like(h_res),
-        torch.empty_like(fn),
-        torch.empty_like(scale),
-        torch.empty_like(base),
-    )
+#: See :func:`post_res_coefficients_fwd`.
+post_res_coefficients_op = define_op(
+    "post_res_coefficients",
+    "(Tensor x, Tensor f_out, Tensor h_post, Tensor h_res, Tensor fn, Tensor scale, Tensor base, int iters,"
+    " float eps, float rms_eps, float post_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    post_res_coefficients_fwd,
+    lambda x, *_: (torch.empty_like(x), *empty_coefficient_outputs(x)),
+)
+#: :func:`post_res_coefficients_backward`.
+_post_res_coefficients_backward_op = define_op(
+    "post_res_coefficients_backward",
+    "(Tensor d_next, Tensor d_pre, Tensor d_post, Tensor d_res, Tensor x, Tensor f_out, Tensor h_post,"
+    " Tensor h_res, Tensor x_next, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv,"
+    " int iters, float eps, float post_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    post_res_coefficients_backward,
+    lambda d_next, d_pre, d_post, d_res, x, f_out, h_post, h_res, x_next, fn, scale, base, *_: tuple(
+        torch.empty_like(t) for t in (x, f_out, h_post, h_res, fn, scale, base)
+    ),
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -387,7 +375,7 @@ def _backward(ctx, d_next, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     def grad(g: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return like.new_zeros(shape) if g is None else g.contiguous()
 
-    grads = _post_res_coefficients_backward_op(
+    grads = eager_or_compiled(_post_res_coefficients_backward_op, post_res_coefficients_backward)(
         grad(d_next, tuple(x.shape), x), grad(d_pre, (t, n), rinv), grad(d_post, (t, n), rinv),
         grad(d_res, (t, n, n), rinv), x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv,
         iters, eps, post_scale,
@@ -396,4 +384,18 @@ def _backward(ctx, d_next, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     return (*grads, None, None, None, None)
 
 
-post_res_coefficients_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("torchmhc::post_res_coefficients", _backward, setup_context=_setup_context)
+
+
+class PostResCoefficients(torch.autograd.Function):
+    """:func:`post_res_coefficients_op` in eager mode: the launcher, the same context and backward,
+    no custom-op dispatch (``_common.eager_or_compiled``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        # a forward taking ctx: Function.apply inspects the signature of one with setup_context
+        out = post_res_coefficients_fwd(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_backward)

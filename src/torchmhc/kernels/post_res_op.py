@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block, next_pow2
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2
 from torchmhc.kernels._precision import MODE_BF16, MODE_FMA, dot_f32_bf16, precision_mode
 
-__all__ = ["post_res_fwd", "post_res_bwd", "post_res_op"]
+__all__ = ["post_res_fwd", "post_res_bwd", "post_res_op", "PostRes"]
 
 
 def _token_slab(c: int, limit: int) -> int:
@@ -167,7 +167,7 @@ def post_res_bwd(
     # bf16 streams on tensor cores (fp32-exact, see _precision.py); fp16/fp32 streams and the CPU
     # interpreter multiply in fp32 on CUDA cores
     mode = MODE_BF16 if precision_mode(x) == MODE_BF16 else MODE_FMA
-    _post_res_bwd_kernel[(triton.cdiv(t, tpb),)](
+    _post_res_bwd_kernel[(cdiv(t, tpb),)](
         grad, x, f_out, h_post, h_res, dx, df, dh_post, dh_res, t,
         C=c, N=n, TPB=tpb, BLOCK_C=channel_block(c, block_c), MODE=mode, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -179,27 +179,19 @@ def post_res_bwd(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchmhc::post_res", mutates_args=())
-def post_res_op(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """``x [T, n, C]``, ``f_out [T, C]``, ``h_post [T, n]``, ``h_res [T, n, n]`` -> ``[T, n, C]``."""
-    return post_res_fwd(x, f_out, h_post, h_res)
-
-
-@post_res_op.register_fake
-def _(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("torchmhc::post_res_backward", mutates_args=())
-def _post_res_backward_op(
-    grad: Tensor, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return post_res_bwd(grad, x, f_out, h_post, h_res)
-
-
-@_post_res_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res)
+#: ``x [T, n, C]``, ``f_out [T, C]``, ``h_post [T, n]``, ``h_res [T, n, n]`` -> ``[T, n, C]``.
+post_res_op = define_op(
+    "post_res",
+    "(Tensor x, Tensor f_out, Tensor h_post, Tensor h_res) -> Tensor",
+    post_res_fwd,
+    lambda x, f_out, h_post, h_res: torch.empty_like(x),
+)
+_post_res_backward_op = define_op(
+    "post_res_backward",
+    "(Tensor grad, Tensor x, Tensor f_out, Tensor h_post, Tensor h_res) -> (Tensor, Tensor, Tensor, Tensor)",
+    post_res_bwd,
+    lambda grad, x, f_out, h_post, h_res: tuple(torch.empty_like(t) for t in (x, f_out, h_post, h_res)),
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -208,9 +200,24 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, f_out, h_post, h_res = ctx.saved_tensors
-    dx, df, dh_post, dh_res = _post_res_backward_op(grad.contiguous(), x, f_out, h_post, h_res)
+    backward = eager_or_compiled(_post_res_backward_op, post_res_bwd)
+    dx, df, dh_post, dh_res = backward(grad.contiguous(), x, f_out, h_post, h_res)
     # one gradient per input: (x, f_out, h_post, h_res)
     return dx, df, dh_post, dh_res
 
 
-post_res_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("torchmhc::post_res", _backward, setup_context=_setup_context)
+
+
+class PostRes(torch.autograd.Function):
+    """:func:`post_res_op` in eager mode: the launcher, the same context and backward, no custom-op
+    dispatch (``_common.eager_or_compiled``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+        # a forward taking ctx: Function.apply inspects the signature of one with setup_context
+        out = post_res_fwd(x, f_out, h_post, h_res)
+        _setup_context(ctx, (x, f_out, h_post, h_res), out)
+        return out
+
+    backward = staticmethod(_backward)

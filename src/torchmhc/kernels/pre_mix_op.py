@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import channel_block, next_pow2
+from torchmhc.kernels._common import channel_block, define_op, eager_or_compiled, next_pow2
 
-__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op"]
+__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op", "PreMix"]
 
 
 @triton.jit
@@ -111,30 +111,28 @@ def pre_mix_dh(grad: Tensor, x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile (fake impls give shapes), autograd attached
+# Registered ops: opaque to torch.compile (fake impls give shapes), autograd attached
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("torchmhc::pre_mix", mutates_args=())
-def pre_mix_op(x: Tensor, h_pre: Tensor) -> Tensor:
-    """``x [T, n, C]``, ``h_pre [T, n]`` fp32 -> ``[T, C]`` in x.dtype."""
-    return pre_mix_fwd(x, h_pre)
-
-
-@pre_mix_op.register_fake
-def _(x: Tensor, h_pre: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[2]))
-
-
-@torch.library.custom_op("torchmhc::pre_mix_backward", mutates_args=())
-def _pre_mix_backward_op(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    """``(dx, dh_pre)`` of :func:`pre_mix_bwd`."""
-    return pre_mix_bwd(grad, x, h_pre)
-
-
-@_pre_mix_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), h_pre.new_empty(h_pre.shape)
+#: ``x [T, n, C]``, ``h_pre [T, n]`` fp32 -> ``[T, C]`` in x.dtype.
+pre_mix_op = define_op(
+    "pre_mix", "(Tensor x, Tensor h_pre) -> Tensor", pre_mix_fwd, lambda x, h_pre: x.new_empty((x.shape[0], x.shape[2]))
+)
+#: ``(dx, dh_pre)`` of :func:`pre_mix_bwd`.
+_pre_mix_backward_op = define_op(
+    "pre_mix_backward",
+    "(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)",
+    pre_mix_bwd,
+    lambda grad, x, h_pre: (torch.empty_like(x), torch.empty_like(h_pre)),
+)
+#: :func:`pre_mix_dh`: ``dh_pre [T, n]`` fp32 alone.
+_pre_mix_dh_op = define_op(
+    "pre_mix_dh",
+    "(Tensor grad, Tensor x) -> Tensor",
+    pre_mix_dh,
+    lambda grad, x: x.new_empty(x.shape[:2], dtype=torch.float32),
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -144,20 +142,23 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, h_pre = ctx.saved_tensors
-    dx, dh = _pre_mix_backward_op(grad.contiguous(), x, h_pre)
+    dx, dh = eager_or_compiled(_pre_mix_backward_op, pre_mix_bwd)(grad.contiguous(), x, h_pre)
     # one gradient per input: (x, h_pre)
     return dx, dh
 
 
-pre_mix_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("torchmhc::pre_mix", _backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("torchmhc::pre_mix_dh", mutates_args=())
-def _pre_mix_dh_op(grad: Tensor, x: Tensor) -> Tensor:
-    """:func:`pre_mix_dh`: ``dh_pre [T, n]`` fp32 alone."""
-    return pre_mix_dh(grad, x)
+class PreMix(torch.autograd.Function):
+    """:func:`pre_mix_op` in eager mode: the launcher, the same context and backward, no custom-op
+    dispatch (``_common.eager_or_compiled``)."""
 
+    @staticmethod
+    def forward(ctx, x: Tensor, h_pre: Tensor) -> Tensor:
+        # a forward taking ctx: Function.apply inspects the signature of one with setup_context
+        out = pre_mix_fwd(x, h_pre)
+        _setup_context(ctx, (x, h_pre), out)
+        return out
 
-@_pre_mix_dh_op.register_fake
-def _(grad: Tensor, x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[:2], dtype=torch.float32)
+    backward = staticmethod(_backward)
