@@ -4,6 +4,8 @@ The small public API; see ``torchmhc.functional`` for the reference math, ``torc
 for H_res constraints and ``torchmhc.analysis`` for stability measures.
 """
 
+from importlib import metadata as _metadata
+
 from .functional import (
     Coefficients,
     amax_gain,
@@ -17,7 +19,10 @@ from .functional import (
 from .layers import HyperConnection, StreamHead, expand_streams
 from .manifolds import Manifold, get_manifold, register
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one place the version is written
+    __version__ = _metadata.version("torchmhc")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Coefficients",
