@@ -3,6 +3,7 @@ user errors as one line (``torchmhc: error: ...``, exit status 2)."""
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import cli_overrides, tiny_config
 
 import torchmhc
 from torchmhc.cli import main
@@ -81,3 +83,28 @@ def test_bench_without_triton_says_how_to_install_it(monkeypatch, capsys):
     assert main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("torchmhc: error: ") and "pip install 'torchmhc[triton]'" in err and err.count("\n") == 1
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchmhc: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_run_errors_are_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["train", "--quiet", *cli_overrides(tiny_config(tmp_path))]
+    err = _one_line_error([*args, "--set", f"train.out_dir='{blocker}/runs'"], capsys)
+    assert f"train.out_dir '{blocker}/runs' cannot be written" in err
+    err = _one_line_error([*args, "--set", f"data.cache_dir='{blocker}/cache'"], capsys)
+    assert f"data.cache_dir '{blocker}/cache' cannot be written" in err
+
+    assert main(args) == 0
+    state = tmp_path / "runs" / "t" / "checkpoints" / "step_000002" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["tokens"]
+    state.write_text(json.dumps(meta))
+    err = _one_line_error([*args, "--set", "train.steps=3", "--resume"], capsys)
+    assert f"{str(state)!r} is incomplete: it has no 'tokens'" in err
