@@ -112,6 +112,8 @@ class HyperConnection(nn.Module):
         iters, eps: Sinkhorn t_max and DeepSeek's epsilon. rms_eps: RMS-normalization epsilon.
         post_scale: H_post = post_scale · σ(·) (2 in the paper).
         alpha_init: initial gates α (0.01, paper Table 5; HC's s).
+        Every argument is checked here (ValueError naming it): integers, finite numbers, eps >= 0,
+        rms_eps > 0, post_scale > 0 (``torchmhc.checks``).
 
     Parameters (DeepSeek-V4 layout, fp32): ``fn [2n + K, n*C]``, ``base [2n + K]``, ``scale [3]``
     with K = n² for mHC; for HC ``fn [n + 2, C]`` (θᵀ) and ``base [n² + 2n]`` (static part).
