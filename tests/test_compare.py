@@ -4,23 +4,10 @@ import json
 import math
 
 import pytest
-from train_helpers import tiny_config
+from train_helpers import cli_overrides, tiny_config
 
 from torchmhc.cli import main
 from torchmhc.report import format_gain, run_compare
-
-
-def _overrides(cfg):
-    """The tiny test config as ``--set`` arguments for the command line."""
-    from torchmhc.config import config_to_dict
-
-    args = ["--set", f"name={cfg.name}"]
-    for section, values in config_to_dict(cfg).items():
-        if not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            args += ["--set", f"{section}.{key}={json.dumps(value)}"]
-    return args
 
 
 def test_compare_two_steps_writes_a_report_with_this_runs_numbers(tmp_path):
@@ -62,14 +49,14 @@ def test_compare_two_steps_writes_a_report_with_this_runs_numbers(tmp_path):
 def test_cli_compare_and_train(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     out = tmp_path / "cli-report"
-    assert main(["compare", "--quiet", "--variants", "residual,mhc", "--out", str(out), *_overrides(cfg)]) == 0
+    assert main(["compare", "--quiet", "--variants", "residual,mhc", "--out", str(out), *cli_overrides(cfg)]) == 0
     data = json.loads((out / "data.json").read_text())
     assert list(data["variants"]) == ["residual", "mhc"]
     assert "report:" in capsys.readouterr().out
     assert data["command"].startswith("torchmhc compare --quiet --variants residual,mhc --out ")
 
-    assert main(["train", "--quiet", *_overrides(cfg), "--set", "train.steps=3"]) == 0
-    assert main(["train", "--quiet", *_overrides(cfg), "--set", "train.steps=4", "--resume"]) == 0
+    assert main(["train", "--quiet", *cli_overrides(cfg), "--set", "train.steps=3"]) == 0
+    assert main(["train", "--quiet", *cli_overrides(cfg), "--set", "train.steps=4", "--resume"]) == 0
     rows = (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows if '"train"' in r] == [1, 2, 3, 4]
 

@@ -1,5 +1,7 @@
 """Config dataclasses, TOML presets and command-line overrides."""
 
+import re
+
 import pytest
 
 from torchmhc.config import (
@@ -7,6 +9,7 @@ from torchmhc.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    find_preset,
     list_presets,
     load_config,
 )
@@ -118,3 +121,78 @@ def test_compile_is_off_on_cpu_presets_and_on_for_the_gpu_benchmarks():
     assert RunConfig().train.compile_mode == "default"
     with pytest.raises(ValueError, match="train.compile_mode must be one of"):
         load_config("tiny", ["train.compile_mode=fast"])
+
+
+@pytest.mark.parametrize("override", [
+    "optim.lr=inf", "optim.lr=nan", "optim.eps=inf", "optim.weight_decay=inf", "optim.grad_clip=inf",
+    "optim.betas=[0.9, nan]", "optim.step_gamma=nan", "optim.min_lr_ratio=nan",
+    "model.rope_theta=inf",
+])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ValueError, match=rf"^{re.escape(override.split('=')[0])} must be "):
+        load_config("tiny", [override])
+    with pytest.raises(ValueError, match=r"^model.router_bias_rate must be a finite number"):
+        load_config("tiny", ["model.arch=moe", "model.router_bias_rate=inf"])
+
+
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:x", "cuda:-1", "tpu", "cpu0", ""])
+def test_malformed_devices_are_refused_at_config_time(device):
+    with pytest.raises(ValueError, match=rf"train.device must be .*got {re.escape(repr(device))}"):
+        load_config("tiny", [f"train.device='{device}'"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "cpu:0"])
+def test_well_formed_devices_are_accepted(device):
+    assert load_config("tiny", [f"train.device='{device}'"]).train.device == device
+
+
+def test_a_config_path_is_never_taken_for_a_preset(tmp_path):
+    cfg = tmp_path / "file.cfg"
+    with pytest.raises(ValueError, match=r"config file .*file.cfg' does not exist"):
+        load_config(cfg)
+    with pytest.raises(ValueError, match=r"config file .*file.cfg' does not exist"):
+        load_config(str(cfg))
+    cfg.write_text("[model\n")
+    with pytest.raises(ValueError, match=r"config file .*file.cfg' is not valid TOML"):
+        load_config(cfg)
+    cfg.write_text("[model]\ndim = 64\nnum_heads = 2\n")
+    assert load_config(cfg).model.dim == 64  # any suffix: the content is TOML
+    with pytest.raises(ValueError, match=r"config file .* is a directory"):
+        load_config(tmp_path)
+
+
+def test_a_non_utf8_config_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('description = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config file .*latin1.toml' is not UTF-8"):
+        load_config(path)
+
+
+def test_unknown_preset_lists_each_searched_place_once():
+    with pytest.raises(ValueError, match="unknown preset 'nope'") as info:
+        load_config("nope")
+    message = str(info.value)
+    assert "tiny" in message
+    places = [str(find_preset("tiny").parent)]
+    assert all(message.count(p) == 1 for p in places), message
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("name=2024", "name", "2024"),
+    ("name=1_000", "name", "1_000"),
+    ("name=true", "name", "true"),
+    ("description=3.5", "description", "3.5"),
+    ("description=2024-01-01", "description", "2024-01-01"),
+    ("name='2024'", "name", "2024"),
+    ('name="x y"', "name", "x y"),
+])
+def test_set_takes_a_bare_number_for_a_text_field_as_typed(override, field, value):
+    assert getattr(load_config("tiny", [override]), field) == value
+
+
+def test_set_coerces_only_text_fields():
+    assert load_config("tiny", ["data.path=2024"]).data.path == "2024"
+    with pytest.raises(TypeError, match="model.dim must be int"):
+        load_config("tiny", ["model.dim=wide"])
+    with pytest.raises(TypeError, match="name must be a string"):
+        load_config("tiny", ["name=[1, 2]"])

@@ -121,3 +121,55 @@ def test_bits_per_byte():
     assert bits_per_byte(np.log(2), 1.0) == pytest.approx(1.0)
     assert bits_per_byte(np.log(4), 2.0) == pytest.approx(1.0)
     assert np.isnan(bits_per_byte(1.0, None))
+
+
+def test_an_incomplete_cache_entry_is_rebuilt(tmp_path, corpus):
+    cfg = _cfg(tmp_path, corpus)
+    first = load_data(cfg, progress=False)
+    train, val = bytes(first.train), bytes(first.val)
+    (entry,) = (tmp_path / "cache").iterdir()
+    del first
+    (entry / "train.bin").unlink()  # deleted by hand, or a disk cleaner
+    again = load_data(cfg, progress=False)
+    assert bytes(again.train) == train and bytes(again.val) == val
+    del again
+    with open(entry / "val.bin", "r+b") as f:  # cut short
+        f.truncate(10)
+    (entry / "meta.json").write_text("{")  # and a corrupt meta.json
+    again = load_data(cfg, progress=False)
+    assert bytes(again.train) == train and bytes(again.val) == val
+
+
+@pytest.mark.parametrize("content", [b"", b"x"])
+def test_a_text_file_too_small_to_split_names_the_path_and_leaves_no_cache_entry(tmp_path, content):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"data.path '{path}'.*{len(content)} byte"):
+        load_data(_cfg(tmp_path, path), progress=False)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_splits_shorter_than_a_window_are_named_at_load_time(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("a" * 30)  # 24 train bytes, 6 validation bytes: fewer than seq_len + 1 = 9
+    with pytest.raises(ValueError, match=rf"data.path '{path}'.*validation split has 6 tokens.*data.seq_len = 8"):
+        load_data(_cfg(tmp_path, path), progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+def test_an_empty_token_file_names_the_path(tmp_path, suffix):
+    path = tmp_path / f"tokens{suffix}"
+    if suffix == ".npy":
+        np.save(path, np.zeros(0, dtype=np.uint16))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"data.path '{path}'.* 0 tokens"):
+        load_data(_cfg(tmp_path, path), progress=False)
+
+
+def test_an_unwritable_cache_dir_is_named(tmp_path, corpus):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should go")
+    cfg = DataConfig(path=str(corpus), cache_dir=str(blocker / "cache"), val_fraction=0.2, seq_len=8)
+    with pytest.raises(ValueError, match=rf"data.cache_dir '{blocker / 'cache'}'.*cannot be written"):
+        load_data(cfg, progress=False)

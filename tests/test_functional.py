@@ -1,5 +1,8 @@
 """The reference math against independent re-derivations from SPEC.md, gradcheck and edge cases."""
 
+import math
+import re
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -322,3 +325,57 @@ def test_orientation_helpers_are_inverse():
     paper = F.comb_to_paper(comb, 3)
     assert paper[0, 1] == comb[3]  # destination 0 from source 1 = comb[1, 0]
     assert torch.equal(F.paper_to_comb(paper), comb)
+
+
+# -- scalar options and degenerate shapes -------------------------------------------------------
+
+BAD_EPS = [None, math.inf, -math.inf, math.nan, -1e-6, "1e-6", True]
+BAD_RMS_EPS = [None, math.inf, math.nan, -1e-6, 0.0, True]
+
+
+@pytest.mark.parametrize("value", BAD_EPS)
+def test_eps_must_be_a_finite_non_negative_number(value):
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match=rf"eps must be a finite number >= 0, got {re.escape(repr(value))}"):
+        mhc.mhc_coefficients(x, *make_mhc_params(4, 8, dtype=torch.float32), eps=value)
+    with pytest.raises(ValueError, match=r"^eps must be a finite number >= 0"):
+        mhc.head_mix(x, torch.randn(4, 32), torch.rand(1), torch.randn(4), eps=value)
+
+
+@pytest.mark.parametrize("value", BAD_RMS_EPS)
+def test_rms_eps_must_be_a_finite_positive_number(value):
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match=rf"rms_eps must be a finite number > 0, got {re.escape(repr(value))}"):
+        mhc.mhc_coefficients(x, *make_mhc_params(4, 8, dtype=torch.float32), rms_eps=value)
+    with pytest.raises(ValueError, match="rms_eps must be a finite number > 0"):
+        mhc.hc_coefficients(x, torch.randn(6, 8), torch.rand(3), torch.randn(24), rms_eps=value)
+    with pytest.raises(ValueError, match="rms_eps must be a finite number > 0"):
+        mhc.head_mix(x, torch.randn(4, 32), torch.rand(1), torch.randn(4), rms_eps=value)
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, math.inf, math.nan, None])
+def test_post_scale_must_be_a_finite_positive_number(value):
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="post_scale must be a finite number > 0"):
+        mhc.mhc_coefficients(x, *make_mhc_params(4, 8, dtype=torch.float32), post_scale=value)
+
+
+def test_iters_of_the_coefficients_must_be_a_positive_integer():
+    x = torch.randn(3, 4, 8)
+    for value in (0, 2.5, None, True):
+        with pytest.raises(ValueError, match="iters must be an integer >= 1"):
+            mhc.mhc_coefficients(x, *make_mhc_params(4, 8, dtype=torch.float32), iters=value)
+
+
+def test_valid_edge_options_give_finite_coefficients():
+    # eps = 0 is allowed; a tiny positive rms_eps keeps an all-zero token finite
+    x = torch.zeros(2, 4, 8)
+    out = mhc.mhc_coefficients(x, *make_mhc_params(4, 8, dtype=torch.float32), eps=0.0, rms_eps=1e-30, post_scale=0.5)
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+def test_amax_gain_of_an_empty_matrix_is_a_value_error():
+    with pytest.raises(ValueError, match=r"h must have shape \[\.\.\., n, n\] with n >= 1, got \[3, 0, 0\]"):
+        mhc.amax_gain(torch.zeros(3, 0, 0))
+    with pytest.raises(TypeError, match="h must be a floating torch.Tensor"):
+        mhc.amax_gain([[1.0]])

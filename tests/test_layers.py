@@ -1,5 +1,7 @@
 """HyperConnection, StreamHead and expand_streams as a model uses them."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -252,3 +254,45 @@ def test_every_init_gives_finite_coefficients(init):
         hc = mhc.HyperConnection(8, n, "mhc", init=init)
         coefficients = hc.coefficients(torch.randn(3, n, 8))
         assert all(torch.isfinite(c).all() for c in coefficients)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"layer_index": 1.5}, r"layer_index must be an integer >= 0, got 1.5"),
+    ({"layer_index": -1}, r"layer_index must be an integer >= 0, got -1"),
+    ({"layer_index": True}, r"layer_index must be an integer >= 0, got True"),
+    ({"iters": 0}, r"iters must be an integer >= 1, got 0"),
+    ({"iters": 2.0}, r"iters must be an integer >= 1, got 2.0"),
+    ({"eps": None}, r"eps must be a finite number >= 0, got None"),
+    ({"eps": math.inf}, r"eps must be a finite number >= 0, got inf"),
+    ({"eps": -1e-3}, r"eps must be a finite number >= 0, got -0.001"),
+    ({"rms_eps": -1e-6}, r"rms_eps must be a finite number > 0, got -1e-06"),
+    ({"rms_eps": math.nan}, r"rms_eps must be a finite number > 0, got nan"),
+    ({"post_scale": 0}, r"post_scale must be a finite number > 0, got 0"),
+    ({"post_scale": math.inf}, r"post_scale must be a finite number > 0, got inf"),
+    ({"alpha_init": math.nan}, r"alpha_init must be a finite number, got nan"),
+    ({"alpha_init": -math.inf}, r"alpha_init must be a finite number, got -inf"),
+])
+@pytest.mark.parametrize("residual", ["mhc", "hc", "residual", "spectral"])
+def test_constructor_checks_every_option_at_construction(residual, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mhc.HyperConnection(8, 4, residual, **kwargs)
+
+
+def test_stream_head_constructor_checks_its_options():
+    for kwargs, match in [({"eps": math.nan}, "eps must be a finite number >= 0"),
+                          ({"rms_eps": 0.0}, "rms_eps must be a finite number > 0"),
+                          ({"alpha_init": math.inf}, "alpha_init must be a finite number")]:
+        with pytest.raises(ValueError, match=match):
+            mhc.StreamHead(8, 4, **kwargs)
+
+
+@pytest.mark.parametrize("residual", residual_kinds())
+def test_post_checks_the_branch_output_shape_for_every_kind(residual):
+    hc = mhc.HyperConnection(8, 4, residual)
+    x = torch.randn(2, 3, hc.num_streams, 8)
+    _, ctx = hc.pre(x)
+    for bad in (torch.randn(2, 1, 8), torch.randn(8), torch.randn(2, 3, 1), torch.randn(2, 3, 16)):
+        with pytest.raises(ValueError, match=r"f_out must have shape \[2, 3, 8\]"):
+            hc.post(ctx, bad)
+    with pytest.raises(TypeError, match="f_out must have a floating dtype"):
+        hc.post(ctx, torch.ones(2, 3, 8, dtype=torch.int64))

@@ -118,7 +118,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     blob[-5] ^= 0xFF
     weights.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="corrupt: model.safetensors"):
-        train(cfg, resume=True, progress=False)
+        train(tiny_config(tmp_path, "train.steps=3"), resume=True, progress=False)
     weights.unlink()
     with pytest.raises(CheckpointError, match="incomplete: model.safetensors is missing"):
         load_checkpoint(ckpt, build_model(cfg.model))
@@ -226,3 +226,247 @@ def test_a_checkpoint_keeps_the_loading_optimizers_implementation(tmp_path):
     loading = build_optimizer(model, cfg.optim)
     load_checkpoint(ckpt, model, loading)
     assert all(g["foreach"] is False and g["lr"] == 0.123 for g in loading.param_groups)
+
+
+# -- resume: what may change, what may not ------------------------------------------------------
+
+
+def test_a_failed_resume_leaves_the_run_untouched(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2")
+    train(cfg, progress=False)
+    before = {f: (cfg.out_dir / f).read_bytes() for f in ("config.json", "metrics.jsonl", "summary.json")}
+    changed = tiny_config(tmp_path, "train.steps=4", "model.dim=64")
+    with pytest.raises(CheckpointError, match=r"model.dim: 32 in the checkpoint, 64 now"):
+        train(changed, resume=True, progress=False)
+    assert {f: (cfg.out_dir / f).read_bytes() for f in before} == before
+    train(tiny_config(tmp_path, "train.steps=3"), resume=True, progress=False)  # the run still resumes
+
+
+def test_resume_may_change_how_the_model_is_run_but_not_what_it_is(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2", "model.residual=mhc"), progress=False)
+    result = train(tiny_config(tmp_path, "train.steps=3", "model.recompute=true"), resume=True, progress=False)
+    assert result.summary["steps"] == 3
+    with pytest.raises(CheckpointError, match=r"model.residual: 'mhc' in the checkpoint, 'unconstrained' now"):
+        # same parameter shapes, another constraint: loading would succeed and mean something else
+        train(tiny_config(tmp_path, "train.steps=4", "model.residual=unconstrained"), resume=True, progress=False)
+
+
+def test_resume_applies_the_new_optimizer_settings(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2"), progress=False)
+    new = ["train.steps=3", "optim.weight_decay=0.05", "optim.betas=[0.8, 0.9]", "optim.eps=1e-7"]
+    cfg = tiny_config(tmp_path, *new)
+    train(cfg, resume=True, progress=False)
+    groups = json.loads((latest_checkpoint(cfg.out_dir) / "state.json").read_text())["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(g["betas"] == [0.8, 0.9] and g["eps"] == 1e-7 for g in groups)
+    recorded = json.loads((cfg.out_dir / "config.json").read_text())["optim"]
+    assert (recorded["weight_decay"], recorded["betas"], recorded["eps"]) == (0.05, [0.8, 0.9], 1e-7)
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_warning(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2")
+    train(cfg, progress=False)
+    metrics = cfg.out_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "st')  # a crash in the middle of a write
+    with pytest.warns(UserWarning, match=rf"{metrics}.*line 6"):
+        train(tiny_config(tmp_path, "train.steps=3"), resume=True, progress=False)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_corrupt_metrics_line_is_an_error_naming_file_and_line(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=2")
+    train(cfg, progress=False)
+    metrics = cfg.out_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = "garbage\n"
+    metrics.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"{metrics}, line 2"):
+        train(tiny_config(tmp_path, "train.steps=3"), resume=True, progress=False)
+
+
+def test_an_unwritable_out_dir_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tiny_config(tmp_path, f"train.out_dir='{blocker}/runs'")
+    with pytest.raises(ValueError, match=rf"train.out_dir '{blocker}/runs' cannot be written"):
+        train(cfg, progress=False)
+
+
+# -- checkpoint files ---------------------------------------------------------------------------
+
+
+def _saved_run(tmp_path):
+    cfg = tiny_config(tmp_path)
+    train(cfg, progress=False)
+    return cfg, latest_checkpoint(cfg.out_dir)
+
+
+def _edit_state(ckpt, edit):
+    meta = json.loads((ckpt / "state.json").read_text())
+    edit(meta)
+    (ckpt / "state.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("files", [{}, {"model.safetensors"}, {"optimizer.safetensors"}])
+def test_every_weight_file_must_have_a_hash(tmp_path, files):
+    cfg, ckpt = _saved_run(tmp_path)
+    _edit_state(ckpt, lambda meta: meta.update(files={k: v for k, v in meta["files"].items() if k in files}))
+    weights = ckpt / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-5] ^= 0xFF  # corrupt the weights too: without a hash they would load
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"state.json records no SHA-256 for (model|optimizer).safetensors"):
+        load_checkpoint(ckpt, build_model(cfg.model))
+
+
+@pytest.mark.parametrize("key", ["format", "files", "param_groups", "step"])
+def test_a_state_json_missing_a_key_names_it(tmp_path, key):
+    cfg, ckpt = _saved_run(tmp_path)
+    _edit_state(ckpt, lambda meta: meta.pop(key))
+    with pytest.raises(CheckpointError, match=rf"{ckpt / 'state.json'}.*{key!r}"):
+        load_checkpoint(ckpt, build_model(cfg.model))
+
+
+@pytest.mark.parametrize("key", ["tokens", "train_time_s", "skipped_steps"])
+def test_resume_names_a_missing_training_state_key(tmp_path, key):
+    cfg, ckpt = _saved_run(tmp_path)
+    _edit_state(ckpt, lambda meta: meta.pop(key))
+    with pytest.raises(CheckpointError, match=rf"{ckpt / 'state.json'}.*{key!r}"):
+        train(tiny_config(tmp_path, "train.steps=3"), resume=True, progress=False)
+
+
+class _Crash(BaseException):
+    """A kill: nothing after it runs (BaseException, so no ``except Exception`` catches it)."""
+
+
+def _crash_at(monkeypatch, call: int) -> dict:
+    """Make the ``call``-th file-system rename, link or tree removal (0-based) raise _Crash."""
+    import os
+    import shutil
+
+    count = {"n": 0}
+    for module, name in ((os, "replace"), (os, "rename"), (os, "link"), (shutil, "rmtree")):
+        original = getattr(module, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            count["n"] += 1
+            if count["n"] - 1 == call:
+                raise _Crash
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+    return count
+
+
+@pytest.mark.parametrize("latest_names_the_step", [True, False])
+def test_resaving_a_step_leaves_a_loadable_latest_checkpoint_at_every_instant(tmp_path, monkeypatch, latest_names_the_step):
+    from torchmhc.train import save_checkpoint
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    run = tmp_path / "run"
+    old = _weights(model)
+    save_checkpoint(run, model, optimizer, {"step": 1}, keep=3)
+    if not latest_names_the_step:
+        save_checkpoint(run, model, optimizer, {"step": 2}, keep=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    new = _weights(model)
+    call = 0
+    while True:
+        with monkeypatch.context() as patch:
+            count = _crash_at(patch, call)
+            try:
+                save_checkpoint(run, model, optimizer, {"step": 1}, keep=3)
+                crashed = False
+            except _Crash:
+                crashed = True
+        loaded = build_model(cfg.model)
+        load_checkpoint(latest_checkpoint(run), loaded)  # must never fail
+        got = _weights(loaded)
+        assert all(torch.equal(got[k], old[k]) for k in got) or all(torch.equal(got[k], new[k]) for k in got)
+        step_1 = build_model(cfg.model)
+        if crashed:
+            # what is left is cleaned up by the next save, which succeeds
+            save_checkpoint(run, model, optimizer, {"step": 1}, keep=3)
+        load_checkpoint(run / "checkpoints" / "step_000001", step_1)
+        assert all(torch.equal(v, new[k]) for k, v in _weights(step_1).items())
+        assert latest_checkpoint(run).name == "step_000001"
+        assert not list((run / "checkpoints").glob(".step_*")), "temporary directories left behind"
+        if not crashed:
+            break
+        call += 1
+    assert call == count["n"] >= 3  # every rename, link and removal of the re-save was a crash point
+
+
+def test_orphaned_temporary_directories_are_removed_by_the_next_save(tmp_path):
+    from torchmhc.train import save_checkpoint
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    root = tmp_path / "run" / "checkpoints"
+    for name in (".step_000005.tmp12345", ".step_000003.tmpabc", ".step_000001.prev99"):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"partial")
+    save_checkpoint(tmp_path / "run", model, optimizer, {"step": 4})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004"]
+
+
+# -- non-finite weights are never a "good" checkpoint -------------------------------------------
+
+
+def _poison_weights_at(monkeypatch, bad_call):
+    """Make the ``bad_call``-th optimizer step (0-based) leave NaN in the weights (as an infinite lr would)."""
+    original = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] - 1 == bad_call:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(math.nan)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_save_checkpoint_refuses_non_finite_tensors(tmp_path):
+    from torchmhc.train import save_checkpoint
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    with torch.no_grad():
+        model.blocks[0].attn.wqkv.weight[0, 0] = math.inf
+    with pytest.raises(CheckpointError, match=r"blocks.0.attn.wqkv.weight"):
+        save_checkpoint(tmp_path / "run", model, optimizer, {"step": 1})
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_weights_that_turn_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, on_nonfinite):
+    cfg = tiny_config(tmp_path, "train.steps=5", "train.checkpoint_interval=2", f"train.on_nonfinite={on_nonfinite}")
+    _poison_weights_at(monkeypatch, 2)  # the third step's update makes the weights NaN
+    with pytest.raises(NonFiniteLossError, match="step 3") as info:
+        train(cfg, progress=False)
+    ckpt = info.value.checkpoint
+    assert ckpt == latest_checkpoint(cfg.out_dir) and ckpt.name == "step_000002"
+    assert f"Last good checkpoint: {ckpt}" in str(info.value)
+    model = build_model(cfg.model)
+    load_checkpoint(ckpt, model)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_weights_non_finite_after_the_last_step_are_not_saved(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "train.steps=2", "train.on_nonfinite=skip")
+    _poison_weights_at(monkeypatch, 1)
+    with pytest.raises(NonFiniteLossError, match="not finite") as info:
+        train(cfg, progress=False)
+    assert info.value.checkpoint is None and latest_checkpoint(cfg.out_dir) is None
+    assert "No checkpoint of finite weights" in str(info.value)

@@ -1,8 +1,9 @@
 """A tiny corpus and run config shared by the training and compare tests (fast on 2 CPU cores)."""
 
+import json
 from pathlib import Path
 
-from torchmhc.config import load_config
+from torchmhc.config import config_to_dict, load_config
 
 
 def make_corpus(root: Path) -> Path:
@@ -38,3 +39,13 @@ def tiny_config(tmp_path: Path, *overrides: str):
         f"compare.report_dir='{tmp_path / 'report'}'",
     ]
     return load_config(None, base + list(overrides))
+
+
+def cli_overrides(cfg) -> list[str]:
+    """``cfg`` as ``--set`` arguments for the command line."""
+    args = ["--set", f"name={cfg.name}"]
+    for section, values in config_to_dict(cfg).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                args += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return args

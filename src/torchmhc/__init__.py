@@ -7,12 +7,17 @@ kernels on CUDA tensors of the shapes they handle and the plain-PyTorch referenc
 ``torchmhc.analysis`` the stability measures.
 """
 
+from importlib import metadata as _metadata
+
 from .functional import Coefficients, amax_gain, hc_coefficients, head_mix, sinkhorn_knopp
 from .kernels import mhc_coefficients, post_res, pre_mix
 from .layers import HyperConnection, StreamHead, expand_streams
 from .manifolds import Manifold, get_manifold, register
 
-__version__ = "0.1.0"
+try:  # pyproject.toml is the one place the version is written
+    __version__ = _metadata.version("torchmhc")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Coefficients",

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import Coefficients, _check_square, amax_gain
+from .checks import check_square
+from .functional import Coefficients, amax_gain
 from .layers import HyperConnection
 
 __all__ = [
@@ -53,7 +54,7 @@ def gain_profile(h_list: Sequence[Tensor]) -> GainProfile:
     if len(h_list) == 0:
         raise ValueError("h_list must hold at least one [..., n, n] matrix")
     for i, h in enumerate(h_list):
-        _check_square(h, f"h_list[{i}]")
+        check_square(h, f"h_list[{i}]")
         if h.shape != h_list[0].shape:
             raise ValueError(f"h_list[{i}] has shape {list(h.shape)}, h_list[0] has {list(h_list[0].shape)}")
 
@@ -80,7 +81,7 @@ def gain_profile(h_list: Sequence[Tensor]) -> GainProfile:
 def doubly_stochastic_error(h: Tensor) -> Tensor:
     """Distance from the Birkhoff polytope's defining equations, ``[..., n, n]`` -> ``[...]``:
     the largest of |row sum − 1|, |column sum − 1| and the most negative entry's magnitude."""
-    _check_square(h)
+    check_square(h)
     rows = (h.sum(-1) - 1).abs().amax(-1)
     cols = (h.sum(-2) - 1).abs().amax(-1)
     negative = (-h).clamp_min(0).flatten(-2).amax(-1)
@@ -89,14 +90,14 @@ def doubly_stochastic_error(h: Tensor) -> Tensor:
 
 def distance_from_identity(h: Tensor) -> Tensor:
     """Frobenius distance ‖h − I‖ per matrix, ``[..., n, n]`` -> ``[...]`` (0: streams never mix)."""
-    _check_square(h)
+    check_square(h)
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     return torch.linalg.matrix_norm(h - eye)
 
 
 def distance_from_uniform(h: Tensor) -> Tensor:
     """Frobenius distance ‖h − 11ᵀ/n‖ per matrix (0: every stream becomes the same average)."""
-    _check_square(h)
+    check_square(h)
     return torch.linalg.matrix_norm(h - 1.0 / h.shape[-1])
 
 

@@ -5,16 +5,19 @@
     torchmhc train --preset tiny --set model.residual=hc --set train.steps=100
     torchmhc train --config my.toml --resume  # continue from the run's latest checkpoint
     torchmhc bench                            # kernel benchmarks (benchmarks/kernels.py)
+    python -m torchmhc ...                    # the same command line
 """
 
 import argparse
+import importlib.util
 import shlex
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from torchmhc.config import CompareConfig, RunConfig, list_presets, load_config
+from torchmhc import __version__
+from torchmhc.config import OVERRIDE_RULE, CompareConfig, RunConfig, list_presets, load_config
 from torchmhc.report import run_compare
 from torchmhc.train import CheckpointError, NonFiniteLossError, train
 
@@ -24,11 +27,11 @@ __all__ = ["main"]
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None,
-                        help=f"named preset from configs/ (default: {default_preset}); one of: "
+                        help=f"a preset shipped with torchmhc (default: {default_preset}); one of: "
                              f"{', '.join(list_presets()) or 'none found'}")
-    source.add_argument("--config", type=Path, default=None, help="path to a TOML config file")
+    source.add_argument("--config", type=Path, default=None, help="path to a TOML config file of your own")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
+                        help=f"override a config value, e.g. --set train.steps=100 (repeatable); {OVERRIDE_RULE}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -61,6 +64,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(bench_args: list[str]) -> int:
+    if importlib.util.find_spec("triton") is None:
+        print("torchmhc: error: torchmhc bench runs the Triton kernels, and Triton is not installed: "
+              "pip install 'torchmhc[triton]' (the benchmarks also need a CUDA GPU).", file=sys.stderr)
+        return 2
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
     if not script.is_file():
         print(f"torchmhc bench: {script} not found (benchmarks ship with the source checkout).", file=sys.stderr)
@@ -75,6 +82,7 @@ def _command(argv: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchmhc", description="Manifold-Constrained Hyper-Connections for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"torchmhc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compare", help="train residual / HC / mHC side by side and write a report")

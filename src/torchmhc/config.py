@@ -15,15 +15,20 @@ TOML layout (every key optional; missing keys take the defaults below)::
     [train]   steps, seed, eval_interval, out_dir, ...
     [compare] variants, report_dir
 
-Presets are TOML files named ``configs/<preset>.toml``; see :func:`find_preset`.
+Presets are TOML files shipped inside the package (``torchmhc/presets/<name>.toml``): a name
+such as ``"tiny"`` is always a preset, anything else (a :class:`~pathlib.Path`, or a string with a
+path separator or a suffix) is a config file; see :func:`load_config`.
 """
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from torchmhc.layers import INITS, residual_kinds
 
@@ -112,7 +117,10 @@ class ModelConfig:
             f"{self.dim // self.num_heads}.",
         )
         _check(self.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}.")
-        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}.")
+        _check(
+            math.isfinite(self.rope_theta) and self.rope_theta > 0,
+            f"model.rope_theta must be a finite number > 0, got {self.rope_theta}.",
+        )
         if self.arch == "moe":
             _check(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}.")
             _check(
@@ -125,8 +133,8 @@ class ModelConfig:
             )
             _check(self.expert_hidden >= 0, f"model.expert_hidden must be >= 0, got {self.expert_hidden}.")
             _check(
-                self.router_bias_rate >= 0,
-                f"model.router_bias_rate must be >= 0, got {self.router_bias_rate}.",
+                math.isfinite(self.router_bias_rate) and self.router_bias_rate >= 0,
+                f"model.router_bias_rate must be a finite number >= 0, got {self.router_bias_rate}.",
             )
 
     @property
@@ -196,13 +204,17 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.step_milestones = tuple(self.step_milestones)
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
+        # every number here must be finite: an infinite lr passes "> 0" and turns the weights into NaN
+        _check(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be a finite number > 0, got {self.lr}.")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             f"optim.betas must be two numbers in [0, 1), got {self.betas}.",
         )
-        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}.")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        _check(math.isfinite(self.eps) and self.eps > 0, f"optim.eps must be a finite number > 0, got {self.eps}.")
+        _check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}.",
+        )
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         _check(
             self.schedule in ("step", "cosine", "constant"),
@@ -215,7 +227,18 @@ class OptimConfig:
         )
         _check(0 < self.step_gamma <= 1, f"optim.step_gamma must be in (0, 1], got {self.step_gamma}.")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
+        _check(
+            math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+            f"optim.grad_clip must be a finite number >= 0 (0 turns clipping off), got {self.grad_clip}.",
+        )
+
+
+def _device_type(name: str) -> str | None:
+    """The type of a device string as torch parses it (``"cuda:1"`` -> ``"cuda"``), None if malformed."""
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError):
+        return None
 
 
 #: torch.compile modes accepted for ``train.compile_mode``.
@@ -250,8 +273,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}.")
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}.",
+            self.device == "auto" or _device_type(self.device) in ("cpu", "cuda"),
+            f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}.",
         )
         _check(
             self.dtype in ("auto", "bf16", "fp32"),
@@ -398,17 +421,35 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return out
 
 
+#: How ``--set`` reads a value; shown in the command line's help.
+OVERRIDE_RULE = (
+    "the value is read as TOML; a bare word is text (model.residual=hc), and so is a bare number, "
+    "date or true/false given to a text field (name=2024)"
+)
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotated type of the config field at ``path`` (``["name"]``, ``["model", "dim"]``), or None."""
+    if path in (["name"], ["description"]):
+        return str
+    if len(path) == 2 and path[0] in _SECTIONS:
+        return typing.get_type_hints(_SECTIONS[path[0]]).get(path[1])
+    return None
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
-    """``"model.dim=256"`` -> (["model", "dim"], 256); values are parsed as TOML, else string."""
+    """``"model.dim=256"`` -> (["model", "dim"], 256); see :data:`OVERRIDE_RULE`."""
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.steps=100).")
     key, raw = item.split("=", 1)
-    key, raw = key.strip(), raw.strip()
+    path, raw = key.strip().split("."), raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # bare words such as hc or cosine
-    return key.split("."), value
+        return path, raw  # bare words such as hc or cosine
+    if _field_type(path) is str and not isinstance(value, (str, list, dict)):
+        return path, raw  # name=2024: the text as typed, not the number TOML reads
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -428,28 +469,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def _preset_dirs() -> list[Path]:
-    # A checkout's configs/ (editable install or running from the repo) and the current directory.
-    repo_configs = Path(__file__).resolve().parents[2] / "configs"
-    return [Path.cwd() / "configs", repo_configs]
+#: Where the presets live: inside the package, so that they ship with a wheel.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def list_presets() -> list[str]:
-    """Names of the presets found in the preset directories."""
-    names = {p.stem for d in _preset_dirs() if d.is_dir() for p in d.glob("*.toml")}
-    return sorted(names)
+    """Names of the packaged presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 def find_preset(name: str) -> Path:
-    """Path of ``configs/<name>.toml`` (current directory first, then the torchmhc checkout)."""
-    for directory in _preset_dirs():
-        path = directory / f"{name}.toml"
-        if path.is_file():
-            return path
-    raise ValueError(
-        f"unknown preset {name!r}; available presets: {', '.join(list_presets()) or 'none found'} "
-        f"(searched {', '.join(str(d) for d in _preset_dirs())})."
-    )
+    """Path of the packaged preset ``name`` (``torchmhc/presets/<name>.toml``)."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown preset {name!r}; presets: {', '.join(list_presets()) or 'none found'} (in {PRESET_DIR}). "
+            f"A config file of your own is given by its path (--config my.toml)."
+        )
+    return path
+
+
+def _is_path(source: str | Path) -> bool:
+    """A Path, or a string with a path separator or a suffix, names a file; a bare word a preset."""
+    if isinstance(source, Path):
+        return True
+    return "/" in source or "\\" in source or Path(source).suffix != ""
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The table in the TOML file ``path``; ValueError naming the file when it cannot be read."""
+    where = f"config file {str(path)!r}"
+    if not path.exists():
+        raise ValueError(f"{where} does not exist.")
+    if path.is_dir():
+        raise ValueError(f"{where} is a directory; give the path of a TOML file.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ValueError(f"{where} cannot be read: {exc.strerror or exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not UTF-8 text (TOML files must be): {exc}.") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where} is not valid TOML: {exc}") from exc
 
 
 def load_config(
@@ -458,19 +521,15 @@ def load_config(
     """Load a run config.
 
     Args:
-        source: a path to a ``.toml`` file, a preset name (``"tiny"``), or None for the defaults.
-        overrides: ``section.key=value`` strings applied on top (values parsed as TOML).
+        source: a preset name (``"tiny"``, see :func:`list_presets`); a config file: a
+            :class:`~pathlib.Path`, or a string with a path separator or a suffix
+            (``"my.toml"``, ``"./exp/a"``), read as TOML whatever its suffix; or None for the
+            defaults. The run's name defaults to the preset's or the file's stem.
+        overrides: ``section.key=value`` strings applied on top (see :data:`OVERRIDE_RULE`).
     """
     data: dict[str, Any] = {}
     if source is not None:
-        path = Path(source)
-        if path.suffix != ".toml":
-            path = find_preset(str(source))
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist.")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+        path = Path(source).expanduser() if _is_path(source) else find_preset(source)
+        data = _read_toml(path)
         data.setdefault("name", path.stem)
     return config_from_dict(apply_overrides(data, overrides or []))

@@ -8,7 +8,8 @@ removes files. Tokens are bytes (vocabulary 256), files are separated by a 0 byt
 
 Prepared corpora are cached as raw token files next to a ``meta.json`` and read back through
 ``numpy.memmap``, so preparation happens once per corpus and training never holds the corpus in
-memory. Batches are a pure function of ``(seed, step)``: a resumed run, or another residual
+memory. An entry whose token files are missing or do not have the sizes ``meta.json`` records
+(deleted by hand, a disk cleaner) is prepared again. Batches are a pure function of ``(seed, step)``: a resumed run, or another residual
 variant, sees exactly the same tokens at the same step.
 """
 
@@ -79,8 +80,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_text(root: Path, files: list[Path], val_fraction: float, out: Path) -> dict:
-    """Tokenize ``files`` into ``out/train.bin`` and ``out/val.bin`` (uint8 bytes)."""
+def _split_text(root: Path, files: list[Path], val_fraction: float, label: str) -> dict[str, list[bytes]]:
+    """The documents of each split (``"train"``, ``"val"``); ValueError if a split would be empty."""
     splits: dict[str, list[bytes]] = {"train": [], "val": []}
     for p in files:
         rel = p.relative_to(root).as_posix()
@@ -90,14 +91,35 @@ def _prepare_text(root: Path, files: list[Path], val_fraction: float, out: Path)
         blob = _SEPARATOR.join(splits["train"] + splits["val"])
         cut = int(len(blob) * (1 - val_fraction))
         splits = {"train": [blob[:cut]], "val": [blob[cut:]]}
+        if not (0 < cut < len(blob)):
+            raise ValueError(
+                f"data.path {label!r} holds {len(blob)} byte(s) of text: too little for a training and a "
+                f"validation split."
+            )
+    return splits
+
+
+def _write_cache_entry(splits: dict[str, list[bytes]], out: Path, source: str) -> dict:
+    """Write ``out/train.bin``, ``out/val.bin`` (uint8 bytes) and, last, ``out/meta.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": _FORMAT_VERSION, "dtype": "uint8", "vocab_size": 256, "bytes_per_token": 1.0}
+    meta = {"format": _FORMAT_VERSION, "dtype": "uint8", "vocab_size": 256, "bytes_per_token": 1.0, "source": source}
     for split, docs in splits.items():
         blob = _SEPARATOR.join(docs)
         _atomic_write(out / f"{split}.bin", blob)
         meta[f"{split}_tokens"] = len(blob)
         meta[f"{split}_files"] = len(docs)
+    # meta.json is written last: with token files of the sizes it records, the entry is complete.
+    _atomic_write(out / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
+
+
+def _cached_meta(entry: Path) -> dict | None:
+    """``meta.json`` of a complete cache entry, or None (no entry, or a token file missing or cut short)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        return meta if all((entry / f"{s}.bin").stat().st_size == meta[f"{s}_tokens"] for s in ("train", "val")) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fingerprint(root: Path, files: list[Path], cfg: DataConfig) -> str:
@@ -183,16 +205,22 @@ def load_data(cfg: DataConfig, *, progress: bool = True) -> TokenData:
     Args:
         cfg: data section of the run config (``path``, ``cache_dir``, ``val_fraction``, ...).
         progress: print a line while a corpus is tokenized for the first time.
+
+    Raises:
+        ValueError: naming the path: a missing or empty corpus, a split shorter than one
+            ``seq_len + 1`` window, or a cache directory that cannot be written.
     """
     path = Path(cfg.path).expanduser() if cfg.path else None
     if path is not None and not path.exists():
         raise ValueError(f"data.path {cfg.path!r} does not exist.")
 
     if path is not None and path.is_file() and path.suffix in _TOKEN_SUFFIXES:
+        if path.stat().st_size == 0:  # numpy cannot map an empty file
+            raise ValueError(f"data.path {str(path)!r} holds 0 tokens (an empty file).")
         tokens = _open_tokens(path, cfg)
         cut = int(len(tokens) * (1 - cfg.val_fraction))
         vocab = int(tokens.max()) + 1 if len(tokens) else 1
-        return TokenData(tokens[:cut], tokens[cut:], vocab, None, f"tokens from {path}")
+        return _checked(TokenData(tokens[:cut], tokens[cut:], vocab, None, f"tokens from {path}"), cfg, str(path))
 
     if path is None:
         root, files = stdlib_files()
@@ -205,18 +233,36 @@ def load_data(cfg: DataConfig, *, progress: bool = True) -> TokenData:
 
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     entry = cache / f"bytes-{_fingerprint(root, files, cfg)}"
-    meta_path = entry / "meta.json"
-    if not meta_path.is_file():
+    meta = _cached_meta(entry)
+    if meta is None:
+        splits = _split_text(root, files, cfg.val_fraction, str(path or root))
         if progress:
-            print(f"torchmhc: tokenizing {len(files)} files of {label} into {entry} (once)")
-        meta = _prepare_text(root, files, cfg.val_fraction, entry)
-        meta["source"] = label
-        # meta.json is written last: its presence means the token files are complete.
-        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
-    meta = json.loads(meta_path.read_text())
+            again = " again: the cached copy was incomplete" if entry.exists() else " (once)"
+            print(f"torchmhc: tokenizing {len(files)} files of {label} into {entry}{again}")
+        try:
+            meta = _write_cache_entry(splits, entry, label)
+        except OSError as exc:
+            where = f"data.cache_dir {cfg.cache_dir!r}" if cfg.cache_dir else f"the token cache {str(cache)!r}"
+            raise ValueError(
+                f"{where} cannot be written ({exc.strerror or exc}: {exc.filename or entry}); "
+                f"set data.cache_dir or $TORCHMHC_CACHE to a writable directory."
+            ) from exc
     train = np.memmap(entry / "train.bin", dtype=np.uint8, mode="r")
     val = np.memmap(entry / "val.bin", dtype=np.uint8, mode="r")
-    return TokenData(train, val, meta["vocab_size"], meta["bytes_per_token"], meta["source"])
+    data = TokenData(train, val, meta["vocab_size"], meta["bytes_per_token"], meta["source"])
+    return _checked(data, cfg, str(path or root))
+
+
+def _checked(data: TokenData, cfg: DataConfig, where: str) -> TokenData:
+    """``data``, if each split holds at least one window of ``seq_len + 1`` tokens; else ValueError."""
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) < cfg.seq_len + 1:
+            raise ValueError(
+                f"data.path {where!r}: the {split} split has {len(tokens)} tokens, and data.seq_len = "
+                f"{cfg.seq_len} needs at least {cfg.seq_len + 1}; use more data, a smaller data.seq_len or "
+                f"another data.val_fraction ({cfg.val_fraction})."
+            )
+    return data
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float | None) -> float:

@@ -24,6 +24,21 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .checks import (
+    check_branch_output,
+    check_coefficient_options,
+    check_eps,
+    check_floating,
+    check_rms_eps,
+    check_same_device,
+    check_shape,
+    check_square,
+    check_streams,
+)
+
+# sinkhorn_knopp's name for check_floating (that function is edited elsewhere; rename it there)
+_check_floating = check_floating
+
 __all__ = [
     "Coefficients",
     "sinkhorn_knopp",
@@ -55,43 +70,6 @@ class ResidualProjection(Protocol):
     def num_logits(self, n: int) -> int: ...
 
     def project(self, logits: Tensor, n: int) -> Tensor: ...
-
-
-# ----------------------------------------------------------------------------------------------
-# Input checks: user errors are ValueError / TypeError naming the argument, never assert.
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_floating(t: object, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype (bf16, fp16, fp32 or fp64), got {t.dtype}")
-    return t
-
-
-def _check_streams(x: object, name: str = "x") -> tuple[int, int]:
-    """Checks ``x`` is ``[..., n, C]`` floating; returns (n, C)."""
-    x = _check_floating(x, name)
-    if x.dim() < 2:
-        raise ValueError(f"{name} must have shape [..., n, C] (at least 2 dims), got {tuple(x.shape)}")
-    n, c = x.shape[-2:]
-    if n < 1 or c < 1:
-        raise ValueError(f"{name} must have n >= 1 streams and C >= 1 channels, got shape {tuple(x.shape)}")
-    return n, c
-
-
-def _check_same_device(reference: Tensor, **tensors: Tensor) -> None:
-    for name, t in tensors.items():
-        if t.device != reference.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {reference.device}; move both to one device")
-
-
-def _check_shape(t: object, name: str, expected: tuple[int, ...], why: str = "") -> Tensor:
-    t = _check_floating(t, name)
-    if tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape {list(expected)}{why}, got {list(t.shape)}")
-    return t
 
 
 def coefficient_dtype(*tensors: Tensor) -> torch.dtype:
@@ -254,14 +232,15 @@ def mhc_coefficients(
         :class:`Coefficients` ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32,
         paper orientation.
     """
-    n, c = _check_streams(x)
+    check_coefficient_options(iters, eps, rms_eps, post_scale)
+    n, c = check_streams(x)
     num_res = n * n if manifold is None else manifold.num_logits(n)
     rows = 2 * n + num_res
     what = f" for x with n={n} streams of C={c} ([2n + {num_res}, n*C])"
-    _check_shape(fn, "fn", (rows, n * c), what)
-    _check_shape(scale, "scale", (3,), " (α_pre, α_post, α_res)")
-    _check_shape(base, "base", (rows,), f" (one bias per row of fn, n={n})")
-    _check_same_device(x, fn=fn, scale=scale, base=base)
+    check_shape(fn, "fn", (rows, n * c), what)
+    check_shape(scale, "scale", (3,), " (α_pre, α_post, α_res)")
+    check_shape(base, "base", (rows,), f" (one bias per row of fn, n={n})")
+    check_same_device(x, fn=fn, scale=scale, base=base)
 
     mixes = _rms_scaled_projection(x, fn, rms_eps)
     scale, base = scale.to(mixes.dtype), base.to(mixes.dtype)
@@ -302,11 +281,12 @@ def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_e
     Returns:
         :class:`Coefficients` in paper orientation, fp32; entries may be negative.
     """
-    n, c = _check_streams(x)
-    _check_shape(fn, "fn", (n + 2, c), f" for x with n={n} streams of C={c} ([n + 2, C])")
-    _check_shape(scale, "scale", (3,), " (s_pre, s_post, s_res)")
-    _check_shape(base, "base", (n * n + 2 * n,), f" ([n*n + 2n] static coefficients, n={n})")
-    _check_same_device(x, fn=fn, scale=scale, base=base)
+    check_rms_eps(rms_eps)
+    n, c = check_streams(x)
+    check_shape(fn, "fn", (n + 2, c), f" for x with n={n} streams of C={c} ([n + 2, C])")
+    check_shape(scale, "scale", (3,), " (s_pre, s_post, s_res)")
+    check_shape(base, "base", (n * n + 2 * n,), f" ([n*n + 2n] static coefficients, n={n})")
+    check_same_device(x, fn=fn, scale=scale, base=base)
 
     dtype = coefficient_dtype(x, fn)
     xf = x.to(dtype)
@@ -326,8 +306,8 @@ def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_e
 
 def _check_mix_weights(x: Tensor, weights: object, name: str, trailing: tuple[int, ...]) -> Tensor:
     expected = tuple(x.shape[:-2]) + trailing
-    weights = _check_shape(weights, name, expected, " (x's leading dims, then the stream dims)")
-    _check_same_device(x, **{name: weights})
+    weights = check_shape(weights, name, expected, " (x's leading dims, then the stream dims)")
+    check_same_device(x, **{name: weights})
     return weights
 
 
@@ -336,7 +316,7 @@ def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
 
     Accumulates in the coefficients' precision (fp32, or fp64 for fp64 inputs).
     """
-    n, _ = _check_streams(x)
+    n, _ = check_streams(x)
     _check_mix_weights(x, h_pre, "h_pre", (n,))
     dtype = coefficient_dtype(x, h_pre)
     return torch.einsum("...j,...jc->...c", h_pre.to(dtype), x.to(dtype)).to(x.dtype)
@@ -354,11 +334,8 @@ def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     Returns:
         ``[..., n, C]`` in x.dtype, computed in fp32 (fp64 for fp64 inputs).
     """
-    n, c = _check_streams(x)
-    _check_floating(f_out, "f_out")
-    if tuple(f_out.shape) != tuple(x.shape[:-2]) + (c,):
-        raise ValueError(f"f_out must have shape {list(x.shape[:-2]) + [c]} (x without its stream dim), got {list(f_out.shape)}")
-    _check_same_device(x, f_out=f_out)
+    n, _ = check_streams(x)
+    check_branch_output(x, f_out)
     _check_mix_weights(x, h_post, "h_post", (n,))
     _check_mix_weights(x, h_res, "h_res", (n, n))
     dtype = coefficient_dtype(x, f_out, h_post, h_res)
@@ -377,11 +354,13 @@ def head_mix(
         scale: ``[1]`` fp32 gate α.
         base: ``[n]`` fp32 biases.
     """
-    n, c = _check_streams(x)
-    _check_shape(fn, "fn", (n, n * c), f" for x with n={n} streams of C={c} ([n, n*C])")
-    _check_shape(scale, "scale", (1,))
-    _check_shape(base, "base", (n,))
-    _check_same_device(x, fn=fn, scale=scale, base=base)
+    check_eps(eps)
+    check_rms_eps(rms_eps)
+    n, c = check_streams(x)
+    check_shape(fn, "fn", (n, n * c), f" for x with n={n} streams of C={c} ([n, n*C])")
+    check_shape(scale, "scale", (1,))
+    check_shape(base, "base", (n,))
+    check_same_device(x, fn=fn, scale=scale, base=base)
     mixes = _rms_scaled_projection(x, fn, rms_eps)
     weights = torch.sigmoid(scale.to(mixes.dtype) * mixes + base.to(mixes.dtype)) + eps
     return pre_mix(x, weights)
@@ -392,18 +371,11 @@ def head_mix(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_square(h: Tensor, name: str = "h") -> None:
-    if not isinstance(h, Tensor) or not h.is_floating_point():
-        raise TypeError(f"{name} must be a floating torch.Tensor")
-    if h.dim() < 2 or h.shape[-1] != h.shape[-2]:
-        raise ValueError(f"{name} must have shape [..., n, n], got {list(h.shape)}")
-
-
 def amax_gain(h: Tensor) -> tuple[Tensor, Tensor]:
     """Amax gain magnitudes of ``h [..., n, n]`` (paper Sec. 3.1) -> ``(forward [...], backward [...])``.
 
     forward = max_i |Σ_j h[i, j]| (max absolute row sum: how much a signal can grow going forward),
     backward = max_j |Σ_i h[i, j]| (max absolute column sum: the same for gradients).
     """
-    _check_square(h)
+    check_square(h)
     return h.sum(-1).abs().amax(-1), h.sum(-2).abs().amax(-1)

@@ -34,6 +34,16 @@ from torch.utils.hooks import RemovableHandle
 
 from . import functional as F
 from . import kernels
+from .checks import (
+    check_branch_output,
+    check_coefficient_options,
+    check_eps,
+    check_floating,
+    check_int,
+    check_real,
+    check_rms_eps,
+    check_streams,
+)
 from .functional import Coefficients
 from .manifolds import IDENTITY_WEIGHT, MANIFOLDS, get_manifold
 
@@ -60,7 +70,7 @@ CoefficientHook = Callable[["HyperConnection", Tensor, Coefficients], None]
 
 def expand_streams(h: Tensor, n: int) -> Tensor:
     """Copies a hidden state into n streams (SPEC §7, no 1/n scaling): ``[..., C]`` -> ``[..., n, C]``."""
-    F._check_floating(h, "h")
+    check_floating(h, "h")
     if h.dim() < 1:
         raise ValueError("h must have shape [..., C], got a scalar")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -102,6 +112,8 @@ class HyperConnection(nn.Module):
         iters, eps: Sinkhorn t_max and DeepSeek's epsilon. rms_eps: RMS-normalization epsilon.
         post_scale: H_post = post_scale · σ(·) (2 in the paper).
         alpha_init: initial gates α (0.01, paper Table 5; HC's s).
+        Every argument is checked here (ValueError naming it): integers, finite numbers, eps >= 0,
+        rms_eps > 0, post_scale > 0 (``torchmhc.checks``).
 
     Parameters (DeepSeek-V4 layout, fp32): ``fn [2n + K, n*C]``, ``base [2n + K]``, ``scale [3]``
     with K = n² for mHC; for HC ``fn [n + 2, C]`` (θᵀ) and ``base [n² + 2n]`` (static part).
@@ -133,6 +145,9 @@ class HyperConnection(nn.Module):
             raise ValueError(f"residual must be one of {list(residual_kinds())}, got {residual!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        check_int(layer_index, "layer_index", minimum=0)
+        check_coefficient_options(iters, eps, rms_eps, post_scale)
+        check_real(alpha_init, "alpha_init")
         self.dim, self.residual, self.layer_index, self.init = dim, residual, layer_index, init
         self.num_streams = 1 if residual == "residual" else n
         self.eps, self.rms_eps, self.post_scale = eps, rms_eps, post_scale
@@ -220,6 +235,7 @@ class HyperConnection(nn.Module):
     def post(self, ctx: HyperConnectionContext, f_out: Tensor) -> Tensor:
         """Streams after the sub-layer: ``[..., n, C]`` in x.dtype."""
         if self.residual == "residual":
+            check_branch_output(ctx.x, f_out)  # the other kinds' post_res checks it
             return ctx.x + f_out.unsqueeze(-2)
         return kernels.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
 
@@ -269,7 +285,7 @@ class HyperConnection(nn.Module):
         return self.post(ctx, branch(layer_input))
 
     def _check_input(self, x: Tensor) -> None:
-        n, c = F._check_streams(x)
+        n, c = check_streams(x)
         if (n, c) != (self.num_streams, self.dim):
             raise ValueError(
                 f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this HyperConnection, "
@@ -299,13 +315,16 @@ class StreamHead(nn.Module):
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        check_eps(eps)
+        check_rms_eps(rms_eps)
+        check_real(alpha_init, "alpha_init")
         self.dim, self.num_streams, self.eps, self.rms_eps = dim, n, eps, rms_eps
         self.fn = nn.Parameter(torch.randn(n, n * dim) / math.sqrt(n * dim))
         self.base = nn.Parameter(torch.full((n,), _logit(1 / n)))
         self.scale = nn.Parameter(torch.full((1,), float(alpha_init)))
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c = F._check_streams(x)
+        n, c = check_streams(x)
         if (n, c) != (self.num_streams, self.dim):
             raise ValueError(f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this StreamHead, got {list(x.shape)}")
         return F.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)

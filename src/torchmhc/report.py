@@ -190,6 +190,8 @@ def run_compare(
                                    eval_hook=lambda m: gain_snapshot(m, probe))
             model, summary, history, evals = run.model, run.summary, run.history, run.evals
         except NonFiniteLossError as exc:
+            if exc.checkpoint is None:  # no finite weights to analyse: the comparison cannot go on
+                raise
             if progress:
                 print(f"{desc}: stopped: {exc}")
             summary, history, evals, model = _reload_stopped(vcfg, exc, device)

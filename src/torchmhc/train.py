@@ -10,8 +10,10 @@ What a run writes under its ``out_dir``::
     checkpoints/step_000300/    model.safetensors, optimizer.safetensors, state.json
 
 A checkpoint directory is written under a temporary name and renamed into place, and
-``latest`` is replaced atomically afterwards, so an interrupted save never leaves a checkpoint
-that looks complete but is not; ``state.json`` records a SHA-256 of each file, checked on load.
+``latest`` is replaced atomically afterwards, so that a save killed at any instant leaves
+``latest`` naming a complete checkpoint (:func:`save_checkpoint`); ``state.json`` records a
+SHA-256 of each file, checked on load, and the run's config, checked on resume. A checkpoint
+never holds a NaN or an Inf.
 Training batches are a pure function of ``(seed, step)`` (``torchmhc.data``) and the learning
 rate a pure function of the step, so on the CPU a resumed run is bit-identical to one that never
 stopped (with the same number of threads: reductions split differently give other roundings).
@@ -24,11 +26,13 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +57,12 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "nonfinite_tensors",
 ]
 
 _CHECKPOINT_FORMAT = 1
+#: The files of a checkpoint directory that state.json records a SHA-256 of (besides itself).
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -204,7 +211,8 @@ def train_step(
         batch: inputs and targets, int64 ``[B, T]`` each, on the model's device.
         grad_clip: max global gradient norm; 0 = no clipping (the norm is still measured).
         on_nonfinite: "stop" raises :class:`NonFiniteLossError` before the optimizer touches the
-            weights; "skip" drops this step's gradients and reports ``skipped=True``.
+            weights; "skip" drops this step's gradients and reports ``skipped=True``, unless the
+            weights themselves are no longer finite: then it raises too.
     """
     x, y = batch
     for group in optimizer.param_groups:
@@ -223,10 +231,17 @@ def train_step(
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         model.update_router_bias()  # discards the loads counted in this step's forward
+        signal = f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}."
+        bad = nonfinite_tensors(model, optimizer)
+        if bad:  # skipping cannot help: every later step would start from the same weights
+            raise NonFiniteLossError(
+                f"{signal} The weights or the optimizer state are not finite ({_some(bad)}): an earlier "
+                f"update made them so. Lower optim.lr or enable optim.grad_clip.",
+                step=step,
+            )
         if on_nonfinite == "stop":
             raise NonFiniteLossError(
-                f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}. "
-                f"The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
+                f"{signal} The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
                 f"or set train.on_nonfinite=skip to skip such steps.",
                 step=step,
             )
@@ -284,6 +299,32 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _rename(src: Path, dst: Path) -> None:
+    """Atomic rename, made durable: the directory entry is flushed too (where the OS allows)."""
+    os.replace(src, dst)
+    with contextlib.suppress(OSError):  # directories cannot be opened for fsync on some systems
+        fd = os.open(dst.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    _fsync_write(root / ".latest.tmp", name)
+    _rename(root / ".latest.tmp", root / "latest")
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """A second directory ``dst`` holding ``src``'s files: hard links (no data copied), else copies."""
+    dst.mkdir()
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(f, dst / f.name)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete checkpoint of a run directory, or None if it has none."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
@@ -292,10 +333,39 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return pointer.parent / pointer.read_text().strip()
 
 
+def nonfinite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """Names of the model's floating tensors (parameters, buffers) and of the optimizer's state
+    tensors that hold a NaN or an Inf; empty when all are finite (one wait for the device)."""
+    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if optimizer is not None:
+        named += [
+            (f"optimizer state {index}.{key}", value)
+            for index, entry in enumerate(optimizer.state_dict()["state"].values())
+            for key, value in entry.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
+        ]
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:  # AdamW keeps its step counts on the CPU, the rest where the weights are
+        by_device.setdefault(t.device, []).append((name, t))
+    bad = []
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in group]).tolist()
+        bad += [name for (name, _), ok in zip(group, finite) if not ok]
+    return bad
+
+
 def save_checkpoint(
     run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], *, keep: int = 1
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_<step>/`` atomically and point ``latest`` at it.
+    """Write ``run_dir/checkpoints/step_<step>/`` and point ``latest`` at it, safe against a kill at
+    any instant: ``latest`` always names a complete checkpoint.
+
+    The files are written into a temporary directory that is renamed into place when complete;
+    only then does ``latest`` name it. Re-saving a step that exists (a new run in the same
+    directory, or a stop re-saving the step an interval checkpoint just wrote): while ``latest``
+    names the old directory, a second name for it (hard links) becomes ``latest`` until the new
+    directory has replaced the old one. Temporary directories (``.step_*``) that an interrupted
+    save left behind are deleted at the end of the next save.
 
     Args:
         state: JSON-serializable training state; must contain ``"step"`` (optimizer steps done).
@@ -303,15 +373,20 @@ def save_checkpoint(
 
     Returns:
         The checkpoint directory.
+
+    Raises:
+        CheckpointError: a tensor of the model or of the optimizer state is NaN or Inf (nothing
+            is written: a checkpoint always holds finite numbers).
     """
     from safetensors.torch import save_file, save_model
 
+    bad = nonfinite_tensors(model, optimizer)
+    if bad:
+        raise CheckpointError(f"refusing to save a checkpoint of non-finite tensors: {_some(bad)}.")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:06d}"
-    tmp = root / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=root))
 
     save_model(model, str(tmp / "model.safetensors"))
     opt_state = optimizer.state_dict()
@@ -324,7 +399,7 @@ def save_checkpoint(
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}
+    files = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
     meta = {
         "format": _CHECKPOINT_FORMAT,
         **state,
@@ -334,44 +409,85 @@ def save_checkpoint(
     _fsync_write(tmp / "state.json", json.dumps(meta, indent=2))
 
     final = root / name
-    if final.exists():  # re-saving the same step (e.g. after a stop): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_write(root / ".latest.tmp", name)
-    os.replace(root / ".latest.tmp", root / "latest")
+    if final.exists():
+        if latest_checkpoint(run_dir) == final:
+            backup = tmp.with_name(tmp.name.replace(".tmp", ".prev", 1))
+            _link_copy(final, backup)
+            _point_latest(root, backup.name)
+        _rename(final, tmp.with_name(tmp.name.replace(".tmp", ".old", 1)))  # deleted below
+    _rename(tmp, final)
+    _point_latest(root, name)
 
+    # Everything else named .step_* is a leftover: of this save, or of one that was interrupted.
+    for p in root.glob(".step_*"):
+        shutil.rmtree(p, ignore_errors=True)
     old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def _some(names: list[str], limit: int = 3) -> str:
+    """``a, b, c and 4 more``: a list of names short enough for one error line."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _read_state(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``path/state.json``, checked to be a checkpoint of this format holding ``keys``."""
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r} (state.json is missing).")
+    try:
+        meta = json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: state.json is not valid JSON ({exc}).") from exc
+    missing = [k for k in ("format", *keys) if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{str(state_file)!r} is incomplete: it has no {', '.join(map(repr, missing))}.")
+    if meta["format"] != _CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta['format']!r}, expected {_CHECKPOINT_FORMAT}.")
+    return meta
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    hyperparameters: Literal["checkpoint", "optimizer"] = "checkpoint",
+) -> dict[str, Any]:
     """Load a checkpoint directory into ``model`` (and ``optimizer``), restore the RNG state.
+
+    Args:
+        hyperparameters: where the optimizer's param-group settings (lr, betas, eps, weight
+            decay, ...) come from: ``"checkpoint"`` restores the saved ones, ``"optimizer"`` keeps
+            those ``optimizer`` was built with (a resumed run with new settings). Either way the
+            per-parameter state (moments, step counts) is the checkpoint's, and the implementation
+            (fused on CUDA, the plain loop on the CPU) stays ``optimizer``'s.
 
     Returns:
         The saved training state (``step``, ``tokens``, ...).
 
     Raises:
-        CheckpointError: missing files, a checksum mismatch, or tensors that do not fit the model.
+        CheckpointError: missing files or keys, a checksum mismatch, or tensors that do not fit the model.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
     path = Path(path)
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r} (state.json is missing).")
-    try:
-        meta = json.loads(state_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: state.json is not valid JSON ({exc}).") from exc
-    if meta.get("format") != _CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}, expected {_CHECKPOINT_FORMAT}.")
-    for name, digest in meta["files"].items():
+    meta = _read_state(path, ("files", "param_groups", "step"))
+    files = meta["files"]
+    unrecorded = [name for name in CHECKPOINT_FILES if not isinstance(files, dict) or name not in files]
+    if unrecorded:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: state.json records no SHA-256 for {' and '.join(unrecorded)}, "
+            f"so the checkpoint cannot be verified."
+        )
+    for name in CHECKPOINT_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {name} is missing.")
-        if _sha256(path / name) != digest:
+        if _sha256(path / name) != files[name]:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: {name} does not match its SHA-256 in state.json.")
 
     device = next(model.parameters()).device
@@ -380,18 +496,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except (RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {exc}") from exc
     tensors = load_file(str(path / "optimizer.safetensors"))
+    if "rng.cpu" not in tensors:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: optimizer.safetensors has no 'rng.cpu'.")
     if optimizer is not None:
         per_param: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("state."):
                 _, index, name = key.split(".", 2)
                 per_param.setdefault(int(index), {})[name] = value
+        current = optimizer.state_dict()["param_groups"]
         groups = meta["param_groups"]
-        if len(groups) == len(optimizer.param_groups):
-            # Hyperparameters come from the checkpoint; the implementation (fused on CUDA, the plain
-            # loop on CPU) stays this optimizer's, so a checkpoint moves between devices.
+        if hyperparameters == "optimizer":
+            groups = current
+        elif len(groups) == len(current):
+            # The implementation stays this optimizer's, so that a checkpoint moves between devices.
             impl = ("foreach", "fused", "capturable")
-            groups = [{**g, **{k: cur[k] for k in impl if k in cur}} for g, cur in zip(groups, optimizer.param_groups)]
+            groups = [{**g, **{k: cur[k] for k in impl if k in cur}} for g, cur in zip(groups, current)]
         try:
             optimizer.load_state_dict({"state": per_param, "param_groups": groups})
         except (ValueError, KeyError) as exc:
@@ -459,10 +579,81 @@ class RunResult:
 
 
 def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` up to ``up_to_step``.
+
+    A last line that a crash cut short (no newline, not JSON) is dropped with a warning; any other
+    line that is not a metrics row is a ValueError naming the file and the line.
+    """
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row["step"], int) and row["kind"] in ("train", "eval")):
+                raise ValueError("no 'step' and 'kind'")
+        except (ValueError, KeyError, TypeError) as exc:
+            if number == len(lines):  # the last line, without its newline: an interrupted write
+                warnings.warn(f"{path}: dropped line {number}, cut short by an interrupted write: {line[:60]!r}", stacklevel=2)
+                continue
+            raise ValueError(
+                f"{path}, line {number}: not a metrics row ({exc}): {line[:60]!r}. Delete the line to resume, "
+                f"or train afresh without --resume."
+            ) from exc
+        rows.append(row)
     return [r for r in rows if r["step"] <= up_to_step]
+
+
+#: Model settings that change how a model is computed, not what it is: a resume may change them.
+_RUNTIME_MODEL_SETTINGS = ("recompute", "recompute_block_length")
+
+
+def _resume_state(cfg: RunConfig, ckpt: Path) -> dict[str, Any]:
+    """The training state of checkpoint ``ckpt`` if ``cfg`` may resume from it, else CheckpointError."""
+    state = _read_state(ckpt, ("step", "tokens", "train_time_s", "skipped_steps"))
+    saved = state.get("config", {}).get("model")  # checkpoints from before configs were recorded: none
+    if saved is not None:
+        now = config_to_dict(cfg)["model"]
+        changed = [
+            f"model.{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+            for key, value in now.items()
+            if key not in _RUNTIME_MODEL_SETTINGS and saved.get(key) != value
+        ]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume from {str(ckpt)!r}: it holds another model ({'; '.join(changed)}). "
+                f"Resume with the run's model settings, or train afresh into another train.out_dir."
+            )
+    if state["step"] >= cfg.train.steps:
+        raise ValueError(
+            f"the checkpoint {str(ckpt)!r} is at step {state['step']}, and train.steps is {cfg.train.steps}: "
+            f"nothing to resume; raise train.steps to train further."
+        )
+    return state
+
+
+def _changed_settings(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``section.key old -> new`` for every setting that differs between two config dicts."""
+    changes = []
+    for section, values in after.items():
+        if isinstance(values, dict):
+            old = before.get(section, {})
+            changes += [f"{section}.{k} {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
+    return changes
+
+
+def _writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (and parents) and check a file can be made in it; ValueError naming ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be written ({exc.strerror or exc}); choose another directory.") from exc
+    return path
 
 
 def train(
@@ -479,6 +670,9 @@ def train(
     Args:
         resume: False starts fresh (an existing ``metrics.jsonl`` is overwritten); True continues
             from ``cfg.out_dir``'s latest checkpoint; a path continues from that checkpoint dir.
+            The model settings must be the checkpoint's (``model.recompute`` may change); every
+            other setting is ``cfg``'s, optimizer settings included (``config.json`` records them).
+            Nothing in the run directory changes unless the checkpoint loads.
         progress: show a tqdm bar (loss, tokens/s, ETA) on stderr.
         desc: label of the progress bar (defaults to the run name).
         data: an already opened corpus (``torchmhc compare`` shares one between variants).
@@ -486,9 +680,11 @@ def train(
             JSON-serializable dict it returns is merged into that evaluation's metrics row.
 
     Raises:
-        NonFiniteLossError: with ``train.on_nonfinite = "stop"``; a checkpoint of the last good
-            weights is written first and named in the error.
-        CheckpointError: ``resume`` asked for a checkpoint that is missing or corrupt.
+        NonFiniteLossError: with ``train.on_nonfinite = "stop"``, or whenever the weights
+            themselves stop being finite; names the newest checkpoint of finite weights, written
+            first when the weights are still finite (None if there is none).
+        CheckpointError: ``resume`` asked for a checkpoint that is missing, corrupt, or of another model.
+        ValueError: ``train.out_dir`` cannot be written, or a corpus problem (``torchmhc.data``).
         ImportError: safetensors or tqdm (the ``train`` extra) is not installed.
     """
     require("safetensors", "train")
@@ -499,8 +695,13 @@ def train(
     device = resolve_device(tc.device)
     autocast = autocast_context(device, tc.dtype)
     out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(out_dir) if resume is True else Path(resume)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {str(out_dir / 'checkpoints')!r}.")
+        _resume_state(cfg, ckpt)
+    _writable_dir(out_dir, "train.out_dir")
 
     data = data if data is not None else load_data(dc, progress=progress)
     if data.vocab_size > cfg.model.vocab_size:
@@ -517,19 +718,19 @@ def train(
 
     start_step, tokens_seen, train_time, skipped = 0, 0, 0.0, 0
     metrics_path = out_dir / "metrics.jsonl"
-    if resume:
-        ckpt = latest_checkpoint(out_dir) if resume is True else Path(resume)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {str(out_dir / 'checkpoints')!r}.")
-        state = load_checkpoint(ckpt, model, optimizer)
+    last_good: Path | None = None  # newest checkpoint of finite weights that this run can stand on
+    if ckpt is not None:
+        # the optimizer's settings are this config's; its moments and step counts the checkpoint's
+        state = load_checkpoint(ckpt, model, optimizer, hyperparameters="optimizer")
         start_step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time_s"]
         skipped = state["skipped_steps"]
-        if start_step >= tc.steps:
-            raise ValueError(
-                f"the checkpoint {str(ckpt)!r} is at step {start_step}, and train.steps is {tc.steps}: "
-                f"nothing to resume; raise train.steps to train further."
-            )
+        last_good = ckpt
+        changes = _changed_settings(state.get("config", {}), config_to_dict(cfg))
+        if progress and changes:
+            print(f"{desc or cfg.name}: resuming at step {start_step} with changed settings: {'; '.join(changes)}")
     rows = _read_metrics(metrics_path, start_step) if resume else []
+    # The run directory changes only now, when the checkpoint has loaded.
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     history = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
@@ -540,10 +741,20 @@ def train(
     tokens_per_step = dc.batch_size * dc.seq_len
 
     def checkpoint(step: int) -> Path:
+        nonlocal last_good
+        bad = nonfinite_tensors(model, optimizer)
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights or the optimizer state are not finite after step {step} ({_some(bad)}); "
+                f"lower optim.lr or enable optim.grad_clip.",
+                step=step,
+            )
+        # Batches are a pure function of (seed, step): the step is the data position. The config
+        # is recorded so that a resume can tell whether it is given the same model.
         state = {"step": step, "tokens": tokens_seen, "train_time_s": train_time, "skipped_steps": skipped,
-                 # Batches are a pure function of (seed, step): the step is the data position.
-                 "data_position": step}
-        return save_checkpoint(out_dir, model, optimizer, state, keep=tc.keep_checkpoints)
+                 "data_position": step, "config": config_to_dict(cfg)}
+        last_good = save_checkpoint(out_dir, model, optimizer, state, keep=tc.keep_checkpoints)
+        return last_good
 
     def log(row: dict[str, Any]) -> None:
         with open(metrics_path, "a") as f:
@@ -604,10 +815,16 @@ def train(
                     bar.write(f"{desc or cfg.name}: step {done} val_loss {row['val_loss']:.4f} bpb {row['val_bpb']:.3f}")
             if tc.checkpoint_interval and done % tc.checkpoint_interval == 0 and done < tc.steps:
                 checkpoint(done)
+        bar.close()
+        final_eval = run_eval(tc.steps)
+        checkpoint(tc.steps)
     except NonFiniteLossError as exc:
-        # The failed step did not touch the weights: what the model holds now is the last good state.
-        exc.checkpoint = checkpoint(exc.step)
-        exc.args = (f"{exc.args[0]} Last good checkpoint: {exc.checkpoint}",)
+        # A stopped step did not touch the weights: if they are finite, they are the last good state.
+        if not nonfinite_tensors(model, optimizer):
+            checkpoint(exc.step)
+        exc.checkpoint = last_good
+        where = f" Last good checkpoint: {last_good}" if last_good else " No checkpoint of finite weights exists for this run."
+        exc.args = (exc.args[0] + where,)
         stopped = str(exc)
         raise
     finally:
@@ -616,8 +833,6 @@ def train(
             _write_summary(out_dir, _summary(cfg, model, data, history, evals, tokens_seen, train_time,
                                              device, meter, skipped, stopped))
 
-    final_eval = run_eval(tc.steps)
-    checkpoint(tc.steps)
     summary = _summary(cfg, model, data, history, evals, tokens_seen, train_time, device, meter, skipped, None)
     _write_summary(out_dir, summary)
     if progress:

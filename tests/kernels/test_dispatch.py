@@ -112,3 +112,36 @@ def test_triton_mode_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_kernels("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         pre_mix(streams(3, 4, 64, torch.float32, device="cpu"), torch.rand(3, 4))
+
+
+BAD_OPTIONS = [
+    dict(eps=None), dict(eps=float("inf")), dict(eps=float("nan")), dict(eps=-1e-6),
+    dict(rms_eps=-1e-6), dict(rms_eps=float("nan")), dict(rms_eps=0.0),
+    dict(post_scale=0.0), dict(post_scale=float("inf")),
+    dict(iters=0), dict(iters=1.5),
+]
+
+
+def _error(call) -> tuple[type, str]:
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_dispatch_refuses_bad_options_like_the_reference(options):
+    x = streams(3, 4, 64, torch.float32)
+    fn, scale, base = mhc_params(4, 64)
+    f_out, h_post, h_res = torch.randn(3, 64, device=DEVICE), torch.rand(3, 4, device=DEVICE), torch.rand(3, 4, 4, device=DEVICE)
+    expected = _error(lambda: ref.mhc_coefficients(x, fn, scale, base, **options))
+    assert expected[0] is ValueError and expected[1].startswith(f"{next(iter(options))} must be ")
+    calls = {
+        "mhc_coefficients": lambda: mhc_coefficients(x, fn, scale, base, **options),
+        "mhc_pre": lambda: dispatch.mhc_pre(x, fn, scale, base, **options),
+        "mhc_post_pre": lambda: dispatch.mhc_post_pre(x, f_out, h_post, h_res, fn, scale, base, **options),
+        "post_res_coefficients": lambda: dispatch.post_res_coefficients(x, f_out, h_post, h_res, fn, scale, base, **options),
+    }
+    for mode in ("reference", "triton"):
+        with use_kernels(mode):
+            for name, call in calls.items():
+                assert _error(call) == expected, (mode, name)

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from torchmhc import functional as ref
+from torchmhc.checks import check_coefficient_options
 from torchmhc.kernels._common import (
     CHANNEL_MULTIPLE,
     MAX_STREAMS,
@@ -217,6 +218,7 @@ def mhc_coefficients(
     Returns:
         ``Coefficients(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32, paper orientation.
     """
+    check_coefficient_options(iters, eps, rms_eps, post_scale)  # the kernels take them unchecked
     kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
     if kernel_iters is None:
         return ref.mhc_coefficients(
@@ -379,6 +381,7 @@ def mhc_pre(
         ``(layer_input [..., C] in x.dtype, x_for_post [..., n, C], Coefficients(h_pre [..., n],
         h_post [..., n], h_res [..., n, n]) fp32)``.
     """
+    check_coefficient_options(iters, eps, rms_eps, post_scale)
     kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
     if kernel_iters is None:
         coefficients = ref.mhc_coefficients(
@@ -430,6 +433,7 @@ def mhc_post_pre(
         h_post [..., n], h_res [..., n, n]) fp32)`` of sub-layer l+1; pass ``x_next`` to its
         :func:`post_res` (it plays the part of :func:`mhc_pre`'s ``x_for_post``).
     """
+    check_coefficient_options(iters, eps, rms_eps, post_scale)
     kernel_iters = None
     if _post_res_args_ok(x, f_out, h_post, h_res) and _streams_supported(x, h_post, h_res):
         kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
@@ -498,11 +502,11 @@ def post_res_coefficients(
     Returns:
         ``(x_next [..., n, C] in x.dtype, Coefficients of sub-layer l+1)``.
     """
+    check_coefficient_options(iters, eps, rms_eps, post_scale)
     ok = (
         _post_res_args_ok(x, f_out, h_post, h_res)
         and _coefficient_args_ok(x, fn, scale, base)
         and fn.device == scale.device == base.device == x.device
-        and not isinstance(iters, bool) and isinstance(iters, int) and iters >= 1
     )  # fmt: skip
     if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res, fn, scale, base))):
         x_next = ref.post_res(x, f_out, h_post, h_res)
