@@ -237,10 +237,15 @@ class NewStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output sharing an input's storage (a view, or `.cpu()` of a CPU tensor inside Triton's
+        # interpreter) creates nothing: parameters would otherwise count as activations
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
+                if ptr in inputs:
+                    continue
                 known = self.storages.get(ptr)
                 if known is None or known[0].expired():  # new, or freed memory reused
                     self.storages[ptr] = (StorageWeakRef(storage), storage.nbytes())
