@@ -40,6 +40,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def token_block(default: int) -> int:
+    """Tokens (rows) per program: ``default``, or under the interpreter, which pays per element,
+    the smallest tile ``tl.dot`` accepts (16)."""
+    return 16 if interpreting() else default
+
+
 @functools.cache  # asked on every launch: keep the host path short
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count (a small stand-in under the interpreter, to keep CPU tests fast)."""
@@ -59,6 +65,12 @@ def tile_descriptor(t: Tensor, block_shape: list[int]) -> TensorDescriptor:
     if t.data_ptr() % 16:
         t = t.clone()
     return TensorDescriptor.from_tensor(t.contiguous(), block_shape)
+
+
+def grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    """An output gradient for a backward custom op: ``grad`` contiguous, or zeros shaped like
+    ``like`` where autograd passed None (the output was not used)."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
 def flatten_tokens(x: Tensor, trailing: int) -> Tensor:
