@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10).
+"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10),
+which autograd node made a tensor and which ops ran (:class:`RecordOps`).
 
 Importing this module turns on Triton's CPU interpreter when there is no CUDA device, so that the
 kernels run (slowly) on CPU tensors in CI. The kernel modules are imported lazily by the dispatch,
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,6 +45,15 @@ def mhc_params(n: int, c: int, device: str = DEVICE) -> tuple[Tensor, Tensor, Te
     fn = torch.randn(rows, n * c, device=device) / (n * c) ** 0.5
     scale = torch.rand(3, device=device) + 0.5
     base = torch.randn(rows, device=device)
+    return fn, scale, base
+
+
+def hc_params(n: int, c: int, device: str = DEVICE) -> tuple[Tensor, Tensor, Tensor]:
+    """HC's fn ``[n + 2, C]``, scale ``[3]``, base ``[n² + 2n]`` fp32, scaled so that the projections
+    of the normalized streams have std 1.5 (tanh well inside its curved range)."""
+    fn = 1.5 * torch.randn(n + 2, c, device=device) / c**0.5
+    scale = torch.rand(3, device=device) + 0.5
+    base = torch.randn(n * n + 2 * n, device=device)
     return fn, scale, base
 
 
@@ -93,3 +104,32 @@ def check_fwd_bwd(
         _assert_close(a, e, f"output {i}", fp32_tol, lowp_tol, norm_tol)
     for i, (a, e) in enumerate(zip(d_in, d_ref)):
         _assert_close(a, e, f"gradient of input {i}", grad_tol or fp32_tol, lowp_tol, norm_tol)
+
+
+def made_by(t, name):
+    """True when ``t`` is (a view of) an output of an autograd node whose type name contains ``name``."""
+    node = t.grad_fn
+    while node is not None and type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return node is not None and name in type(node).__name__
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every op that runs below autograd: its overload packet and its (first) output's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
+        return out
+
+    def calls(self, op):
+        return sum(packet == op for packet, _ in self.ops)
+
+    def stream_adds(self, shape):
+        """Elementwise additions whose result has the shape of the streams."""
+        return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)

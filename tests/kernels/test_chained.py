@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, check_fwd_bwd, mhc_params, streams
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_cases import DEVICE, FP32_TOL, RecordOps, check_fwd_bwd, made_by, mhc_params, streams
 
 import torchmhc
 from torchmhc import functional as ref
@@ -155,17 +154,9 @@ def test_no_grad_gives_the_same_values():
     assert out.grad_fn is None and torch.equal(out, expected)
 
 
-def _made_by(t, name):
-    """True when ``t`` is (a view of) an output of an autograd node whose type name contains ``name``."""
-    node = t.grad_fn
-    while node is not None and type(node).__name__ == "ViewBackward0":
-        node = node.next_functions[0][0]
-    return node is not None and name in type(node).__name__
-
-
 def _made_by_chained_pre(t):
     """True when ``t`` is (a view of) an output of the chained coefficients + pre-mix node."""
-    return _made_by(t, "ChainedPre")
+    return made_by(t, "ChainedPre")
 
 
 def test_pass_through_is_a_view_only_where_kernels_run():
@@ -181,27 +172,6 @@ def test_pass_through_is_a_view_only_where_kernels_run():
         assert mhc_pre(x, fn, scale, base)[1] is x
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records every op that runs below autograd: its overload packet and its (first) output's shape."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
-        return out
-
-    def calls(self, op):
-        return sum(packet == op for packet, _ in self.ops)
-
-    def stream_adds(self, shape):
-        """Elementwise additions whose result has the shape of the streams."""
-        return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)
-
-
 @pytest.mark.parametrize("sublayer, adds", [(chained, 0), (unchained, 2)])
 def test_backward_has_no_separate_stream_additions(sublayer, adds):
     # the goal itself: autograd sums x's three gradients with two additions, the chained path with none
@@ -209,7 +179,7 @@ def test_backward_has_no_separate_stream_additions(sublayer, adds):
     x.requires_grad_()
     with use_kernels("triton"):
         out = sublayer(x, *params)
-        with _RecordOps() as ops:
+        with RecordOps() as ops:
             torch.autograd.grad(out, x, torch.ones_like(out))
     assert ops.stream_adds(x.shape) == adds
     if sublayer is chained:  # nor a pre-mix dx pass: dh_pre alone, then the coefficient dx pass sums it all
@@ -368,16 +338,16 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     inputs = [t.requires_grad_() for t in _post_pre_inputs(4, torch.float32, (5,))]
     x = inputs[0]
     with use_kernels("triton"):
-        with _RecordOps() as forward:
+        with RecordOps() as forward:
             layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7])
         out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
-        with _RecordOps() as backward:
+        with RecordOps() as backward:
             torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
     ops = torch.ops.torchmhc
     # one pass for post-res + coefficients, not the two unfused ops (a silent fallback fails here)
     assert forward.calls(ops.post_res_coefficients) == 1 and forward.calls(ops.pre_mix) == 1
     assert forward.calls(ops.post_res) == forward.calls(ops.mhc_coefficients) == 0
-    assert all(_made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
+    assert all(made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
     # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
     # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
     assert backward.calls(ops.pre_mix_dh) == 1 and backward.calls(ops.pre_mix_backward) == 0
@@ -401,7 +371,7 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
     seen = []
     second.register_coefficient_hook(lambda module, x_, c: seen.append((module, x_, c)))
     with use_kernels("triton"):
-        with _RecordOps() as forward:
+        with RecordOps() as forward:
             layer_input, ctx = first.pre(x)
             u, ctx2 = first.post_pre(ctx, f(layer_input), second)
         out = second.post(ctx2, g(u))
