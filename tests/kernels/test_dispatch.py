@@ -112,3 +112,17 @@ def test_triton_mode_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_kernels("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         pre_mix(streams(3, 4, 64, torch.float32, device="cpu"), torch.rand(3, 4))
+
+
+def test_zero_channels_get_the_reference_error():
+    # C = 0 is a multiple of 64 but no shape the kernels handle: the reference names it
+    from torchmhc.kernels import hc_coefficients
+
+    x = torch.randn(3, 2, 0, device=DEVICE)
+    with use_kernels("triton"):
+        with pytest.raises(ValueError, match="C >= 1"):
+            mhc_coefficients(x, torch.randn(8, 0, device=DEVICE), torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE))
+        with pytest.raises(ValueError, match="C >= 1"):
+            hc_coefficients(x, torch.randn(4, 0, device=DEVICE), torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE))
+        with pytest.raises(ValueError, match="C >= 1"):
+            pre_mix(x, torch.rand(3, 2, device=DEVICE))

@@ -130,6 +130,7 @@ def _streams_supported(x: Tensor, *coefficients: Tensor) -> bool:
     n, c = x.shape[-2:]
     return (
         1 <= n <= MAX_STREAMS
+        and c >= 1  # C = 0 goes to the reference, whose check names it
         and c % CHANNEL_MULTIPLE == 0
         and x.dtype in _STREAM_DTYPES
         and all(t.dtype == torch.float32 for t in coefficients)
