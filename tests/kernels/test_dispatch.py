@@ -119,10 +119,11 @@ def test_zero_channels_get_the_reference_error():
     from torchmhc.kernels import hc_coefficients
 
     x = torch.randn(3, 2, 0, device=DEVICE)
+    scale, base = torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE)
     with use_kernels("triton"):
         with pytest.raises(ValueError, match="C >= 1"):
-            mhc_coefficients(x, torch.randn(8, 0, device=DEVICE), torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE))
+            mhc_coefficients(x, torch.randn(8, 0, device=DEVICE), scale, base)
         with pytest.raises(ValueError, match="C >= 1"):
-            hc_coefficients(x, torch.randn(4, 0, device=DEVICE), torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE))
+            hc_coefficients(x, torch.randn(4, 0, device=DEVICE), scale, base)
         with pytest.raises(ValueError, match="C >= 1"):
             pre_mix(x, torch.rand(3, 2, device=DEVICE))
