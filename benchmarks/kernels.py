@@ -2,7 +2,8 @@
 
 For every shape: each fused kernel forward and backward, and one whole mHC sub-layer (coefficients,
 pre-mix, identity branch, post-res) forward + backward, side by side with the reference in torch
-eager and under torch.compile. Bandwidth counts the bytes each operation must move (every input
+eager and under torch.compile; then the same for the original HC's coefficients and sub-layer
+("hc ..." rows). Bandwidth counts the bytes each operation must move (every input
 read once, every output written once) and is compared with a device-to-device copy measured in the
 same run. Times are GPU times: each operation is replayed from a CUDA graph (see :func:`bench`),
 except the torch-eager reference, timed as launched.
@@ -24,8 +25,9 @@ import torch
 import triton.testing
 
 from torchmhc import functional as ref
-from torchmhc.kernels import mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
+from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
+from torchmhc.kernels.hc_coefficients_op import WIDTH, hc_coefficients_bwd, hc_coefficients_fwd
 from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_dh, pre_mix_fwd
@@ -283,6 +285,97 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
             rows.append(Row("two sub-layers fwd+bwd", shape, impl_name, bench(two_sublayers(fused), label=f"{impl_name} two sub-layers"), 2 * sub_bytes))
 
 
+def run_hc_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> None:
+    """The original HC's coefficients (``hc_coefficients_op.py``), forward and backward, fused and as
+    the reference, and a whole HC sub-layer as ``HyperConnection(residual="hc")`` runs it (chained
+    coefficients + pre-mix, post-res, identity branch) against the reference ops."""
+    shape = f"T={t} C={c} n={n}"
+    dev = "cuda"
+    torch.manual_seed(0)
+    x = torch.randn(t, n, c, device=dev, dtype=torch.bfloat16)
+    fn = 1.5 * torch.randn(n + 2, c, device=dev) / c**0.5  # projections of std 1.5: tanh's curved range
+    scale = torch.rand(3, device=dev) + 0.5
+    base = torch.randn(n * n + 2 * n, device=dev)
+    leaves = [t_.detach().clone().requires_grad_() for t_ in (x, fn, scale, base)]
+    with use_kernels("triton"):
+        coef = hc_coefficients(*leaves)
+    ref_coef = ref.hc_coefficients(*leaves)
+    g = [torch.randn_like(h) for h in coef]
+    errs = {k: rel_err(a, b) for k, a, b in zip(("h_pre", "h_post", "h_res"), coef, ref_coef)}
+    grads, ref_grads = torch.autograd.grad(coef, leaves, g), torch.autograd.grad(ref_coef, leaves, g)
+    errs.update({f"d{k}": rel_err(a, b) for k, a, b in zip(("x", "fn", "scale", "base"), grads, ref_grads)})
+    print(f"[{shape}] HC rel. errors vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+    bad = [k for k, v in errs.items() if not v < 2e-2]
+    if bad:
+        print(f"[{shape}] HC CORRECTNESS FAILED for {bad}; skipping timings", flush=True)
+        return
+
+    e = 2  # bytes per bf16 element
+    tok = t * n * c * e
+    ch = t * c * e
+    # fp32 per token: coefficients (n² + 2n) read or written twice, saved m and rinv (and dm, cx) per stream
+    small = t * (2 * (n * n + 2 * n) + 2 * n * (WIDTH + 1)) * 4
+    fw = hc_coefficients_fwd(x, fn, scale, base, 1e-6)
+    d_h = [torch.randn_like(h) for h in fw[:3]]
+    h_pre = torch.rand(t, n, device=dev)
+    g_c = torch.randn(t, c, device=dev, dtype=torch.bfloat16)
+    g_nc = torch.randn_like(x)
+    for name, nbytes, fn_ in (
+        ("hc coefficients fwd", tok + small, lambda: hc_coefficients_fwd(x, fn, scale, base, 1e-6)),
+        ("hc coefficients bwd", 2 * tok + small, lambda: hc_coefficients_bwd(x, fn, scale, *fw[3:], *d_h)),
+        (
+            "hc coefficients bwd + pre-mix dx + add (chained bwd)", 3 * tok + ch + small,
+            lambda: hc_coefficients_bwd(x, fn, scale, *fw[3:], *d_h, add=g_nc, mix=(g_c, h_pre)),
+        ),
+    ):  # fmt: skip
+        rows.append(Row(name, shape, "torchmhc triton", bench(fn_, label=name), nbytes))
+
+    impls: list[tuple[str, Callable]] = [("torch eager", lambda f: f)]
+    if compile_ref:
+        impls.append(("torch.compile", lambda f: torch.compile(f, dynamic=False)))
+    for impl_name, wrap in impls:
+        wf = wrap(lambda x_: ref.hc_coefficients(x_, fn, scale, base))
+        xr = x.detach().requires_grad_()
+        eager_graph = impl_name != "torch eager"  # as for the mHC reference above
+        timed = bench(lambda: wf(xr), graph=eager_graph, label=f"{impl_name} hc fwd")
+        rows.append(Row("hc coefficients fwd", shape, impl_name, timed, tok + small))
+        outs = list(wf(xr))
+        rows.append(
+            Row("hc coefficients bwd", shape, impl_name,
+                bench(lambda: torch.autograd.grad(outs, xr, d_h, retain_graph=True), graph=eager_graph,
+                      label=f"{impl_name} hc bwd"), 2 * tok + small)
+        )  # fmt: skip
+
+    class _FusedHC:
+        pre = staticmethod(hc_pre)
+        post_res = staticmethod(post_res)
+
+    class _ReferenceHC:
+        @staticmethod
+        def pre(x_, *p):
+            coefficients = ref.hc_coefficients(x_, *p)
+            return ref.pre_mix(x_, coefficients.h_pre), x_, coefficients
+
+        post_res = staticmethod(ref.post_res)
+
+    sub_bytes = (5 * n + 2) * ch + (13 * n + 3) * ch  # as the mHC sub-layer row: the unfused traffic
+    for impl_name, impl, wrap in [
+        ("torchmhc triton", _FusedHC, lambda f: f),
+        ("torch eager", _ReferenceHC, lambda f: f),
+    ] + ([("torch.compile", _ReferenceHC, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []):
+        params = [p.detach().requires_grad_() for p in (fn, scale, base)]
+        xr = x.detach().requires_grad_()
+        f = wrap(lambda x_, *p: sublayer(impl, x_, *p))
+
+        def step():
+            out = f(xr, *params)
+            torch.autograd.grad(out, [xr, *params], g_nc)
+
+        with use_kernels("reference" if impl is _ReferenceHC else "triton"):
+            timed = bench(step, graph=impl_name != "torch eager", label=f"{impl_name} hc sub-layer")
+            rows.append(Row("hc sub-layer fwd+bwd", shape, impl_name, timed, sub_bytes))
+
+
 def to_markdown(rows: list[Row], device: str, copy_tbps: float, command: str) -> str:
     lines = [
         f"# Kernel benchmark: {device}",
@@ -322,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
         for s in args.shapes:
             t, c = (int(v) for v in s.lower().split("x"))
             t0 = time.time()
-            run_shape(t, c, n, not args.no_compile and (first or not args.compile_first_only), rows)
+            compile_ref = not args.no_compile and (first or not args.compile_first_only)
+            run_shape(t, c, n, compile_ref, rows)
+            run_hc_shape(t, c, n, compile_ref, rows)
             # free this shape's CUDA-graph pools and cached blocks: the next shape's tensors would not fit
             gc.collect()
             torch.cuda.empty_cache()

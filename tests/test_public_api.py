@@ -14,6 +14,7 @@ LAUNCHERS = {
     "pre_mix": ("pre_mix_op", "pre_mix_fwd"),
     "post_res": ("post_res_op", "post_res_fwd"),
     "mhc_coefficients": ("coefficients_op", "coefficients_fwd"),
+    "hc_coefficients": ("hc_coefficients_op", "hc_coefficients_fwd"),
 }
 
 
@@ -21,6 +22,7 @@ def test_top_level_names_are_the_dispatching_functions():
     assert mhc.mhc_coefficients is kernels.mhc_coefficients
     assert mhc.pre_mix is kernels.pre_mix
     assert mhc.post_res is kernels.post_res
+    assert mhc.hc_coefficients is kernels.hc_coefficients
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCHERS))
@@ -41,6 +43,7 @@ def test_top_level_functions_launch_the_kernels_where_they_apply(monkeypatch, na
         "pre_mix": (x, h_pre),
         "post_res": (x, torch.randn(t, c), h_post, h_res),
         "mhc_coefficients": (x, fn, scale, base),
+        "hc_coefficients": (x, torch.randn(n + 2, c) / 8, scale, base),
     }[name]
     with kernels.use_kernels(mode):
         out = getattr(mhc, name)(*args)

@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10).
+"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10),
+which autograd node made a tensor and which ops ran (:class:`RecordOps`).
 
 Importing this module turns on Triton's CPU interpreter when there is no CUDA device, so that the
 kernels run (slowly) on CPU tensors in CI. The kernel modules are imported lazily by the dispatch,
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,6 +46,15 @@ def mhc_params(n: int, c: int, device: str = DEVICE) -> tuple[Tensor, Tensor, Te
     fn = torch.randn(rows, n * c, device=device) / (n * c) ** 0.5
     scale = torch.rand(3, device=device) + 0.5
     base = torch.randn(rows, device=device)
+    return fn, scale, base
+
+
+def hc_params(n: int, c: int, device: str = DEVICE) -> tuple[Tensor, Tensor, Tensor]:
+    """HC's fn ``[n + 2, C]``, scale ``[3]``, base ``[n² + 2n]`` fp32, scaled so that the projections
+    of the normalized streams have std 1.5 (tanh well inside its curved range)."""
+    fn = 1.5 * torch.randn(n + 2, c, device=device) / c**0.5
+    scale = torch.rand(3, device=device) + 0.5
+    base = torch.randn(n * n + 2 * n, device=device)
     return fn, scale, base
 
 
@@ -93,3 +105,71 @@ def check_fwd_bwd(
         _assert_close(a, e, f"output {i}", fp32_tol, lowp_tol, norm_tol)
     for i, (a, e) in enumerate(zip(d_in, d_ref)):
         _assert_close(a, e, f"gradient of input {i}", grad_tol or fp32_tol, lowp_tol, norm_tol)
+
+
+def made_by(t, name):
+    """True when ``t`` is (a view of) an output of an autograd node whose type name contains ``name``."""
+    node = t.grad_fn
+    while node is not None and type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return node is not None and name in type(node).__name__
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every op that runs below autograd: its overload packet and its (first) output's shape
+    (Triton launches are not torch ops, and eager mode calls the launchers without the registered
+    ops: :class:`Launches` counts those)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
+        return out
+
+    def stream_adds(self, shape):
+        """Elementwise additions whose result has the shape of the streams."""
+        return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)
+
+
+class Launches:
+    """Counts calls of the kernels' launchers, by function name, inside the ``with`` block (eager
+    mode calls them directly; compiled graphs call them through the registered ops)."""
+
+    NAMES = (
+        "coefficients_fwd", "coefficients_bwd", "pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh",
+        "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd", "hc_coefficients_fwd", "hc_coefficients_bwd",
+    )  # fmt: skip
+
+    def __init__(self):
+        self.monkeypatch = pytest.MonkeyPatch()
+        self.counts = dict.fromkeys(self.NAMES, 0)
+
+    def __enter__(self):
+        import importlib
+        import pkgutil
+
+        import torchmhc.kernels as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for name in self.NAMES:
+                if callable(getattr(module, name, None)):
+                    self.monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
+        return self
+
+    def _counting(self, name, launcher):
+        def launch(*args, **kwargs):
+            self.counts[name] += 1
+            return launcher(*args, **kwargs)
+
+        return launch
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+    def calls(self, name):
+        return self.counts[name]

@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, check_fwd_bwd, mhc_params, streams
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, check_fwd_bwd, made_by, mhc_params, streams
 
 import torchmhc
 from torchmhc import functional as ref
@@ -155,17 +154,9 @@ def test_no_grad_gives_the_same_values():
     assert out.grad_fn is None and torch.equal(out, expected)
 
 
-def _made_by(t, name):
-    """True when ``t`` is (a view of) an output of an autograd node whose type name contains ``name``."""
-    node = t.grad_fn
-    while node is not None and type(node).__name__ == "ViewBackward0":
-        node = node.next_functions[0][0]
-    return node is not None and name in type(node).__name__
-
-
 def _made_by_chained_pre(t):
     """True when ``t`` is (a view of) an output of the chained coefficients + pre-mix node."""
-    return _made_by(t, "ChainedPre")
+    return made_by(t, "ChainedPre")
 
 
 def test_pass_through_is_a_view_only_where_kernels_run():
@@ -181,65 +172,6 @@ def test_pass_through_is_a_view_only_where_kernels_run():
         assert mhc_pre(x, fn, scale, base)[1] is x
 
 
-class _RecordOps(TorchDispatchMode):
-    """Records every op that runs below autograd: its overload packet and its (first) output's shape
-    (Triton launches are not torch ops: :class:`_Launches` counts those)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        self.ops.append((func.overloadpacket, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
-        return out
-
-    def stream_adds(self, shape):
-        """Elementwise additions whose result has the shape of the streams."""
-        return sum(packet in (torch.ops.aten.add, torch.ops.aten.add_) and s == tuple(shape) for packet, s in self.ops)
-
-
-class _Launches:
-    """Counts calls of the kernels' launchers (by function name) inside the ``with`` block: the
-    eager path calls them directly, without the custom ops that compiled graphs hold."""
-
-    NAMES = (
-        "coefficients_fwd", "coefficients_bwd", "pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh",
-        "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd",
-    )  # fmt: skip
-
-    def __init__(self):
-        self.monkeypatch = pytest.MonkeyPatch()
-        self.counts = dict.fromkeys(self.NAMES, 0)
-
-    def __enter__(self):
-        import importlib
-        import pkgutil
-
-        import torchmhc.kernels as package
-
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
-            for name in self.NAMES:
-                if callable(getattr(module, name, None)):
-                    self.monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
-        return self
-
-    def _counting(self, name, launcher):
-        def launch(*args, **kwargs):
-            self.counts[name] += 1
-            return launcher(*args, **kwargs)
-
-        return launch
-
-    def __exit__(self, *exc):
-        self.monkeypatch.undo()
-
-    def calls(self, name):
-        return self.counts[name]
-
-
 @pytest.mark.parametrize("sublayer, adds", [(chained, 0), (unchained, 2)])
 def test_backward_has_no_separate_stream_additions(sublayer, adds):
     # the goal itself: autograd sums x's three gradients with two additions, the chained path with none
@@ -247,7 +179,7 @@ def test_backward_has_no_separate_stream_additions(sublayer, adds):
     x.requires_grad_()
     with use_kernels("triton"):
         out = sublayer(x, *params)
-        with _RecordOps() as ops, _Launches() as launches:
+        with RecordOps() as ops, Launches() as launches:
             torch.autograd.grad(out, x, torch.ones_like(out))
     assert ops.stream_adds(x.shape) == adds
     if sublayer is chained:  # nor a pre-mix dx pass: dh_pre alone, then the coefficient dx pass sums it all
@@ -428,15 +360,15 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     inputs = [t.requires_grad_() for t in _post_pre_inputs(4, torch.float32, (5,))]
     x = inputs[0]
     with use_kernels("triton"):
-        with _Launches() as forward:
+        with Launches() as forward:
             layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7])
         out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
-        with _RecordOps() as backward, _Launches() as backward_launches:
+        with RecordOps() as backward, Launches() as backward_launches:
             torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
     # one pass for post-res + coefficients, not the two unfused ops (a silent fallback fails here)
     assert forward.calls("post_res_coefficients_fwd") == 1 and forward.calls("pre_mix_fwd") == 1
     assert forward.calls("post_res_fwd") == forward.calls("coefficients_fwd") == 0
-    assert all(_made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
+    assert all(made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
     # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
     # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
     assert backward_launches.calls("pre_mix_dh") == 1 and backward_launches.calls("pre_mix_bwd") == 0
@@ -460,7 +392,7 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
     seen = []
     second.register_coefficient_hook(lambda module, x_, c: seen.append((module, x_, c)))
     with use_kernels("triton"):
-        with _Launches() as forward:
+        with Launches() as forward:
             layer_input, ctx = first.pre(x)
             u, ctx2 = first.post_pre(ctx, f(layer_input), second)
         out = second.post(ctx2, g(u))

@@ -145,3 +145,18 @@ def test_dispatch_refuses_bad_options_like_the_reference(options):
         with use_kernels(mode):
             for name, call in calls.items():
                 assert _error(call) == expected, (mode, name)
+
+
+def test_zero_channels_get_the_reference_error():
+    # C = 0 is a multiple of 64 but no shape the kernels handle: the reference names it
+    from torchmhc.kernels import hc_coefficients
+
+    x = torch.randn(3, 2, 0, device=DEVICE)
+    scale, base = torch.ones(3, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with use_kernels("triton"):
+        with pytest.raises(ValueError, match="C >= 1"):
+            mhc_coefficients(x, torch.randn(8, 0, device=DEVICE), scale, base)
+        with pytest.raises(ValueError, match="C >= 1"):
+            hc_coefficients(x, torch.randn(4, 0, device=DEVICE), scale, base)
+        with pytest.raises(ValueError, match="C >= 1"):
+            pre_mix(x, torch.rand(3, 2, device=DEVICE))

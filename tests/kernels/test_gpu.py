@@ -4,16 +4,18 @@ bitwise run-to-run determinism."""
 
 import pytest
 import torch
-from kernel_cases import FP32_TOL, check_fwd_bwd, mhc_params, streams
+from kernel_cases import FP32_TOL, check_fwd_bwd, hc_params, mhc_params, streams
 
 from torchmhc import functional as ref
-from torchmhc.kernels import mhc_coefficients, post_res, pre_mix, use_kernels
+from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, post_res, pre_mix, use_kernels
 
 pytestmark = pytest.mark.gpu
 
 # odd token counts leave partial tiles (the copy engine zero-fills their loads, clips their stores);
 # n = 3 and n = 1 pad the stream axis
 SHAPES = [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096), (555, 3, 320), (99, 1, 64)]
+# HC: the gpu-small and a large training shape too (its dx pass runs on T·n rows)
+HC_SHAPES = [(16384, 4, 4096), (8192, 4, 1280), *SHAPES[1:]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -35,15 +37,36 @@ def test_gpu_mixes(t, n, c, dtype):
         check_fwd_bwd(post_res, ref.post_res, [x, f_out, h_post, h_res], grad_tol=FP32_TOL)
 
 
-def test_gpu_sublayer_deterministic():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", HC_SHAPES)
+def test_gpu_hc_coefficients(t, n, c, dtype):
+    with use_kernels("triton"):
+        # kernel_cases' defaults on CUDA: the TF32-GEMM tolerances (weight gradient atol 3e-2)
+        check_fwd_bwd(hc_coefficients, ref.hc_coefficients, [streams(t, n, c, dtype), *hc_params(n, c)])
+
+
+def _unchained(coefficients):
+    """A sub-layer's first half from separate coefficient and pre-mix ops, as :func:`hc_pre` returns it."""
+
+    def pre(x, *params):
+        h = coefficients(x, *params)
+        return pre_mix(x, h.h_pre), x, h
+
+    return pre
+
+
+@pytest.mark.parametrize(
+    "pre, make_params",
+    [(_unchained(mhc_coefficients), mhc_params), (_unchained(hc_coefficients), hc_params), (hc_pre, hc_params)],
+)
+def test_gpu_sublayer_deterministic(pre, make_params):
     x = streams(4096, 4, 1024, torch.bfloat16).requires_grad_()
-    params = [p.requires_grad_() for p in mhc_params(4, 1024)]
+    params = [p.requires_grad_() for p in make_params(4, 1024)]
     runs = []
     with use_kernels("triton"):
         for _ in range(2):
-            h_pre, h_post, h_res = mhc_coefficients(x, *params)
-            layer_in = pre_mix(x, h_pre)
-            out = post_res(x, layer_in, h_post, h_res)
+            layer_in, x_for_post, (_, h_post, h_res) = pre(x, *params)
+            out = post_res(x_for_post, layer_in, h_post, h_res)
             runs.append([out, *torch.autograd.grad(out.float().square().sum(), [x, *params])])
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -1,6 +1,7 @@
-"""Fused Triton kernels for mHC, registered as ``torch.ops.torchmhc`` ops, and their dispatch.
+"""Fused Triton kernels for mHC and HC, registered as ``torch.ops.torchmhc`` ops, and their dispatch.
 
 One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Sinkhorn),
+``hc_coefficients_op.py`` (the original HC's coefficients: per-stream RMS + projection + tanh),
 ``pre_mix_op.py`` (F_pre), ``post_res_op.py`` (F_post,res), and the cross-sub-layer fusion
 ``post_res_coefficients_op.py`` (post-res of sub-layer l + coefficients of l+1 in one pass over the
 streams). ``dispatch.py`` picks kernels on CUDA and the
@@ -8,11 +9,14 @@ reference (``torchmhc.functional``) elsewhere; ``TORCHMHC_KERNELS=auto|triton|re
 :func:`use_kernels` forces either. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
 chained x-gradients (what ``HyperConnection`` uses); :func:`mhc_post_pre` runs one sub-layer's
 post-res fused with the next one's coefficients and pre-mix, chained the same way
-(``HyperConnection.post_pre``). Importing this package does not import Triton.
+(``HyperConnection.post_pre``); :func:`hc_pre` is :func:`mhc_pre` for HC. Importing this package
+does not import Triton.
 """
 
 from torchmhc.kernels.dispatch import (
     KernelMode,
+    hc_coefficients,
+    hc_pre,
     kernel_mode,
     mhc_coefficients,
     mhc_post_pre,
@@ -32,6 +36,8 @@ __all__ = [
     "mhc_coefficients",
     "mhc_pre",
     "mhc_post_pre",
+    "hc_coefficients",
+    "hc_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",

@@ -49,6 +49,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def token_block(default: int) -> int:
+    """Tokens (rows) per program: ``default``, or under the interpreter, which pays per element,
+    the smallest tile ``tl.dot`` accepts (16)."""
+    return 16 if interpreting() else default
+
+
 @functools.cache  # asked on every launch: keep the host path short
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count (a small stand-in under the interpreter, to keep CPU tests fast)."""
@@ -95,6 +101,12 @@ def eager_or_compiled(op: F, eager: F) -> F:
     or an autograd.Function with the op's own context and backward. The op's dispatch (and its
     autograd kernel) costs host time on every eager call and buys nothing there."""
     return op if torch.compiler.is_compiling() else eager
+
+
+def grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    """An output gradient for a backward op: ``grad`` contiguous, or zeros shaped like
+    ``like`` where autograd passed None (the output was not used)."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
 def flatten_tokens(x: Tensor, trailing: int) -> Tensor:

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, interpreting, next_pow2, num_sms, tile_descriptor
-from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2, split_bf16
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, grad_or_zeros, next_pow2, num_sms, tile_descriptor, token_block
+from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, dot_stream_fn, precision_mode, split2, split_bf16
 
 __all__ = [
     "coefficients_fwd",
@@ -75,10 +75,14 @@ def _res_rows(N: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def _merged_rows(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr):
-    """Merged columns ``[pre/post (16) | res (NP²) | padding]`` (W wide) -> (fn row, valid):
-    the backward's gradient products run on this one block instead of two narrow ones."""
-    return merged_row_of(tl.arange(0, W), N, NP)
+def _gradient_rows(N: tl.constexpr, NP: tl.constexpr, W: tl.constexpr, ROWS: tl.constexpr, MERGED: tl.constexpr):
+    """Columns of the backward's gradient block (W wide) -> (fn row, valid). ``MERGED`` (mHC):
+    ``[pre/post (16) | res (NP²) | padding]``, so that the gradient products run on this one block
+    instead of two narrow ones; else column p is fn row p, valid for p < ROWS (HC)."""
+    p = tl.arange(0, W)
+    if MERGED:
+        return merged_row_of(p, N, NP)
+    return p, p < ROWS
 
 
 @triton.jit
@@ -93,27 +97,6 @@ def merged_row_of(p, N: tl.constexpr, NP: tl.constexpr):
     pp_valid = tl.where(p < 8, p < N, p - 8 < N)
     res_valid = (q < NP * NP) & (i < N) & (j < N)
     return tl.where(is_pp, pp_row, 2 * N + j * N + i), tl.where(is_pp, pp_valid, res_valid)
-
-
-@triton.jit
-def _dot_fn(x, fn_ptrs, lo_ptrs, mask, acc, MODE: tl.constexpr):
-    """acc += x @ fn-tile. MODE_FMA: fp32 fn at ``fn_ptrs``. Else ``fn_ptrs``/``lo_ptrs`` hold fn's
-    bf16 hi and lo parts, split once by the launcher: the tiles then go from memory to shared
-    memory asynchronously (pipelined) for the tensor cores; an fp32 tile split in registers each
-    step cost 28% at T = 16384, C = 4096 (H100). A bf16 x is exact, an fp16/fp32 x is split in two:
-    2 or 3 bf16 tensor-core products."""
-    w = tl.load(fn_ptrs, mask=mask, other=0.0)
-    if MODE == 0:
-        acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-    elif MODE == 1:
-        acc = tl.dot(x, w, acc)
-        acc = tl.dot(x, tl.load(lo_ptrs, mask=mask, other=0.0), acc)
-    else:
-        x_hi, x_lo = split2(x.to(tl.float32))
-        acc = tl.dot(x_hi, w, acc)
-        acc = tl.dot(x_hi, tl.load(lo_ptrs, mask=mask, other=0.0), acc)
-        acc = tl.dot(x_lo, w, acc)
-    return acc
 
 
 @triton.jit
@@ -299,8 +282,8 @@ def _coef_fwd_kernel(
         sumsq += tl.sum(xf * xf, axis=1)
         off_pp = pp_row[None, :] * K + ks[:, None]  # fnᵀ tiles [BK, 16] and [BK, NP²]
         off_res = res_row[None, :] * K + ks[:, None]
-        acc_pp = _dot_fn(x, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_valid[None, :], acc_pp, MODE)
-        acc_res = _dot_fn(x, fn_ptr + off_res, fnlo_ptr + off_res, res_valid[None, :], acc_res, MODE)
+        acc_pp = dot_stream_fn(x, fn_ptr + off_pp, fnlo_ptr + off_pp, pp_valid[None, :], acc_pp, MODE)
+        acc_res = dot_stream_fn(x, fn_ptr + off_res, fnlo_ptr + off_res, res_valid[None, :], acc_res, MODE)
 
     coef_epilogue(
         acc_pp, acc_res, sumsq, toks, tmask, scale_ptr, base_ptr, hpre_ptr, hpost_ptr, hres_ptr, mpp_ptr, mres_ptr,
@@ -400,18 +383,21 @@ def _coef_bwd_token_kernel(
 def _coef_bwd_x_kernel(
     x_desc,  # [T, K] stream dtype, tiles [BT, BK]
     fn_ptr,  # [n²+2n, K] fp32
-    dm_desc,  # [T, W] fp32 (merged columns), tiles [BT, W]
+    dm_desc,  # [T, W] fp32 (columns: see _gradient_rows), tiles [BT, W]
     cx_ptr,  # [T] fp32
     add_ptr,  # [T, K] stream dtype: a gradient to add into dx when ADD (else None)
-    dy_ptr,  # [T, C]: the pre-mix's output gradient when MIX (else None)
+    dy_ptr,  # [T / DY_ROWS, C]: the pre-mix's output gradient when MIX (else None)
     hpre_ptr,  # [T, n] fp32: the pre-mix's coefficients when MIX (else None)
     dx_desc,  # [T, K] stream dtype out
-    dfn_ptr,  # [groups, n²+2n, K] fp32 out: partial sums per token group
+    dfn_ptr,  # [groups, ROWS, K] fp32 out: partial sums per token group
     T,
     C: tl.constexpr,
     N: tl.constexpr,
     NP: tl.constexpr,
     W: tl.constexpr,
+    ROWS: tl.constexpr,
+    MERGED: tl.constexpr,
+    DY_ROWS: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
     TILES: tl.constexpr,
@@ -422,6 +408,8 @@ def _coef_bwd_x_kernel(
     # grid (K // BK, groups): the program owns columns [kb·BK, +BK) for TILES·BT consecutive tokens,
     # so x is read once for both products and dfn needs no atomics. With MIX, BK divides C: the
     # columns lie in one stream, whose pre-mix gradient h_pre[stream]·dy is summed into dx here.
+    # HC runs this kernel on rows (token, stream) of its streams: N = 1, and DY_ROWS = n rows
+    # share one token's dy.
     # The tiles that feed tensor-core products (x, dm) and the dx tile move by the copy engine (TMA
     # descriptors; rows past T read as zeros and are not written): against per-thread loads,
     # 434 -> 387 µs at T = 16384, C = 4096 (H100, benchmarks/kernels.py), with 167 registers
@@ -435,7 +423,7 @@ def _coef_bwd_x_kernel(
     ks = k0 + tl.arange(0, BK)
     stream = k0 // C
     group = tl.program_id(1)
-    rows, valid = _merged_rows(N, NP, W)
+    rows, valid = _gradient_rows(N, NP, W, ROWS, MERGED)
     # fnᵀ tile [W, BK], resident for the whole token loop (bf16 parts split once)
     w = tl.load(fn_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None], other=0.0)
     if MODE != 0:
@@ -458,14 +446,15 @@ def _coef_bwd_x_kernel(
             other = tl.zeros([BT, BK], dtype=tl.float32)
             if MIX:
                 h = tl.load(hpre_ptr + toks * N + stream, mask=tmask, other=0.0)
-                dy = tl.load(dy_ptr + toks[:, None] * C + (ks - stream * C)[None, :], mask=tmask[:, None], other=0.0)
+                dy_offs = (toks // DY_ROWS)[:, None] * C + (ks - stream * C)[None, :]
+                dy = tl.load(dy_ptr + dy_offs, mask=tmask[:, None], other=0.0)
                 other = h[:, None] * dy.to(tl.float32)
             if ADD:
                 other += tl.load(add_ptr + toks[:, None] * K + ks[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
             dx += other
         dx_desc.store([t0, k0], dx.to(dx_desc.dtype))
         dfn_t = dot_bf16_f32(tl.trans(x), dm, dfn_t, MODE)
-    tl.store(dfn_ptr + group * (N * N + 2 * N) * K + rows[None, :] * K + ks[:, None], dfn_t, mask=valid[None, :])
+    tl.store(dfn_ptr + group * ROWS * K + rows[None, :] * K + ks[:, None], dfn_t, mask=valid[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,11 +475,6 @@ def empty_coefficient_outputs(x: Tensor) -> tuple[Tensor, ...]:
     f32 = dict(dtype=torch.float32, device=x.device)
     shapes = ((t, n), (t, n), (t, n, n), (t, PP), (t, np_ * np_), (t,))
     return tuple(torch.empty(shape, **f32) for shape in shapes)
-
-
-def _token_block(default: int) -> int:
-    # the CPU interpreter pays per element: smallest tile tl.dot accepts
-    return 16 if interpreting() else default
 
 
 def coefficients_fwd(
@@ -524,7 +508,7 @@ def coefficients_fwd(
         return outs
     narrow = n <= 4 and x.dtype != torch.float32  # 16-bit streams, at most 4: the staged tiles fit 4 stages
     wide = narrow and cdiv(t, 128) >= num_sms(x.device)
-    bt = _token_block(block_t or (128 if wide else 64))
+    bt = token_block(block_t or (128 if wide else 64))
     mode = precision_mode(x)
     fn_hi, fn_lo = (fn, fn) if mode == MODE_FMA else split_bf16(fn)
     _coef_fwd_kernel[(cdiv(t, bt),)](
@@ -564,7 +548,7 @@ def coefficients_bwd_tokens(
         raise ValueError(f"block_t must be >= 16, got {block_t}")
     np_ = _np(n)
     dev = m_pp.device
-    bt = _token_block(block_t)
+    bt = token_block(block_t)
     progs = cdiv(t, bt)
     width = merged_width(n)
     dm = torch.empty((t, width), dtype=torch.float32, device=dev)
@@ -600,6 +584,7 @@ def coefficients_bwd_x(
     waves: int | None = None,
     add: Tensor | None = None,
     mix: tuple[Tensor, Tensor] | None = None,
+    per_stream: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Launcher of backward step 2: ``x [T, n, C]``, ``fn [n²+2n, n·C]`` fp32 and step 1's
     ``dm [T, W]``, ``cx [T]`` -> ``(dx [T, n, C] x.dtype, dfn [n²+2n, n·C] fp32)``, one read of x.
@@ -610,11 +595,24 @@ def coefficients_bwd_x(
     blocks than multiprocessors. Other gradients of x summed into dx in the same
     pass: ``add [T, n, C]`` (x.dtype, contiguous) and, for a pre-mix ``y = Σ_j h_pre[j]·x[j]`` of
     the same streams, ``mix = (dy [T, C], h_pre [T, n] fp32)``, contiguous: ``h_pre ⊗ dy``.
-    ``num_stages`` defaults to 3 (with the tiles moved by TMA, also with ``mix``: no spills)."""
+    ``num_stages`` defaults to 3 (with the tiles moved by TMA, also with ``mix``: no spills).
+
+    ``per_stream`` (the original HC, ``hc_coefficients_op.py``): each stream has its own RMS and
+    its own projection by a shared ``fn [n + 2, C]``; ``dm [T·n, 16]`` (column p is fn row p) and
+    ``cx [T·n]`` are per (token, stream), and dfn is ``[n + 2, C]``. The kernel then runs on the
+    rows ``[T·n, 1, C]`` of the streams, n rows sharing one token's dy."""
+    dx = torch.empty_like(x)
+    shape = x.shape
+    dy_rows = 1
+    if per_stream:
+        t, n, c = x.shape
+        x, dx = x.view(t * n, 1, c), dx.view(t * n, 1, c)
+        add = None if add is None else add.view(t * n, 1, c)
+        mix = None if mix is None else (mix[0], mix[1].view(t * n, 1))
+        dy_rows = n
     t, n, c = x.shape
     k = n * c
-    dx = torch.empty_like(x)
-    bt = _token_block(block_t or (64 if n <= 4 else 32))  # n = 8, chained: 4069 -> 3561 µs (H100)
+    bt = token_block(block_t or (64 if n <= 4 else 32))  # n = 8, chained: 4069 -> 3561 µs (H100)
     # a power of two dividing C (a multiple of 64): a column block lies in one stream
     block_k = channel_block(c, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
     k_blocks = k // block_k
@@ -629,16 +627,17 @@ def coefficients_bwd_x(
     quantum = max(1, next_pow2(tiles) // 8)
     tiles = cdiv(tiles, quantum) * quantum
     groups = cdiv(t_blocks, tiles)
-    dfn_part = torch.empty((groups, n * n + 2 * n, k), dtype=torch.float32, device=x.device)
+    dfn_part = torch.empty((groups, *fn.shape), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
     dy, h_pre = (None, None) if mix is None else mix  # unused inputs: None (compile-time constants)
     _coef_bwd_x_kernel[(k_blocks, groups)](
         tile_descriptor(x.view(t, k), [bt, block_k]), fn, tile_descriptor(dm, [bt, w]), cx, add, dy, h_pre,
         tile_descriptor(dx.view(t, k), [bt, block_k]), dfn_part, t,
-        C=c, N=n, NP=_np(n), W=w, BT=bt, BK=block_k, TILES=tiles, MODE=precision_mode(x),
-        ADD=add is not None, MIX=mix is not None, num_warps=num_warps, num_stages=num_stages or 3,
+        C=c, N=n, NP=_np(n), W=w, ROWS=fn.shape[0], MERGED=not per_stream, DY_ROWS=dy_rows, BT=bt, BK=block_k,
+        TILES=tiles, MODE=precision_mode(x), ADD=add is not None, MIX=mix is not None, num_warps=num_warps,
+        num_stages=num_stages or 3,
     )  # fmt: skip
-    return dx, (dfn_part[0] if groups == 1 else dfn_part.sum(0))
+    return dx.view(shape), (dfn_part[0] if groups == 1 else dfn_part.sum(0))
 
 
 def coefficients_bwd(
@@ -732,10 +731,6 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.config = (iters, eps, post_scale)
 
 
-def _grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
-
-
 def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     x, fn, scale, base, m_pp, m_res, rinv = ctx.saved_tensors
     iters, eps, post_scale = ctx.config
@@ -743,8 +738,8 @@ def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     like_pre = rinv.new_empty((t, n))
     dx, dfn, dscale, dbase = eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
         x, fn, scale, base, m_pp, m_res, rinv,
-        _grad_or_zeros(d_pre, like_pre), _grad_or_zeros(d_post, like_pre),
-        _grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,
+        grad_or_zeros(d_pre, like_pre), grad_or_zeros(d_post, like_pre),
+        grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,
     )  # fmt: skip
     # one gradient per input: (x, fn, scale, base, iters, eps, rms_eps, post_scale)
     return dx, dfn, dscale, dbase, None, None, None, None

@@ -11,17 +11,18 @@ variable (read at each call), else ``"auto"``:
 
 Shapes the kernels handle: n <= 8 streams, C a multiple of 64, bf16/fp16/fp32 streams, fp32
 coefficients and parameters (fp64 inputs, used by gradient checks, take the reference), the
-Sinkhorn manifold. The kernels use no atomics: results are deterministic run to run.
+Sinkhorn manifold for mHC, and the original HC's coefficients (:func:`hc_coefficients`). The
+kernels use no atomics: results are deterministic run to run.
 
-Gradient chaining (:func:`mhc_pre`): one sub-layer reads its streams x in three ops (coefficients,
-pre-mix, post-res), so autograd would sum three dx tensors in two extra elementwise passes (each
-reads 2·nC and writes nC). :func:`mhc_pre` runs the coefficients and the pre-mix as one autograd
-node that also hands x on as a pass-through output for the post-res. In backward the pre-mix only
-reduces ``dh_pre = dy·x`` (one read of x); the coefficient backward's dx pass, which reads x and
-writes dx anyway, also sums ``h_pre ⊗ dy`` and the post-res gradient of the pass-through. Per
-sub-layer that is 4 passes over stream-sized tensors (dh: x; dx pass: x, the post-res gradient,
-dx; dy, C a token, is read once per stream) instead of 6 with a separate pre-mix dx pass, or 10
-with autograd's additions.
+Gradient chaining (:func:`mhc_pre`, and :func:`hc_pre` for HC): one sub-layer reads its streams x in
+three ops (coefficients, pre-mix, post-res), so autograd would sum three dx tensors in two extra
+elementwise passes (each reads 2·nC and writes nC). :func:`mhc_pre` runs the coefficients and the
+pre-mix as one autograd node that also hands x on as a pass-through output for the post-res. In
+backward the pre-mix only reduces ``dh_pre = dy·x`` (one read of x); the coefficient backward's dx
+pass, which reads x and writes dx anyway, also sums ``h_pre ⊗ dy`` and the post-res gradient of the
+pass-through. Per sub-layer that is 4 passes over stream-sized tensors (dh: x; dx pass: x, the
+post-res gradient, dx; dy, C a token, is read once per stream) instead of 6 with a separate pre-mix
+dx pass, or 10 with autograd's additions.
 
 Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l and the coefficient pass of
 l+1 run as one kernel that writes x_{l+1}; with the pre-mix of l+1 they form one autograd node,
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from torchmhc import functional as ref
-from torchmhc.checks import check_coefficient_options
+from torchmhc.checks import check_coefficient_options, check_rms_eps
 from torchmhc.kernels._common import (
     CHANNEL_MULTIPLE,
     MAX_STREAMS,
@@ -64,6 +65,8 @@ __all__ = [
     "mhc_coefficients",
     "mhc_pre",
     "mhc_post_pre",
+    "hc_coefficients",
+    "hc_pre",
     "pre_mix",
     "post_res",
     "post_res_coefficients",
@@ -136,6 +139,7 @@ def _streams_supported(x: Tensor, *coefficients: Tensor) -> bool:
     n, c = x.shape[-2:]
     return (
         1 <= n <= MAX_STREAMS
+        and c >= 1  # C = 0 goes to the reference, whose check names it
         and c % CHANNEL_MULTIPLE == 0
         and x.dtype in _STREAM_DTYPES
         and all(t.dtype == torch.float32 for t in coefficients)
@@ -233,14 +237,33 @@ def mhc_coefficients(
     return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
 
 
+# The coefficient ops a chained sub-layer can run, by kind: "mhc" (``coefficients_op.py``, config
+# ``(iters, eps, rms_eps, post_scale)``) and "hc" (``hc_coefficients_op.py``, config ``(rms_eps,)``).
+CoefficientKind = Literal["mhc", "hc"]
+
+
+def _coefficients_forward(
+    kind: CoefficientKind, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, config: tuple
+) -> tuple[Tensor, ...]:
+    """The ``kind`` coefficient kernel on ``x [T, n, C]`` -> ``(h_pre, h_post, h_res, *saved)``."""
+    if kind == "mhc":
+        from torchmhc.kernels.coefficients_op import coefficients_fwd, coefficients_op
+
+        return eager_or_compiled(coefficients_op, coefficients_fwd)(x, fn, scale, base, *config)
+    from torchmhc.kernels.hc_coefficients_op import hc_coefficients_fwd, hc_coefficients_op
+
+    return eager_or_compiled(hc_coefficients_op, hc_coefficients_fwd)(x, fn, scale, base, *config)
+
+
 def _chained_pre_backward(
+    kind: CoefficientKind,
     x: Tensor,
     fn: Tensor,
     scale: Tensor,
     base: Tensor,
     h_pre: Tensor,
     saved: list[Tensor],
-    config: tuple[int, float, float],
+    config: tuple,
     dy: Tensor | None,
     d_pass: Tensor | None,
     d_pre: Tensor | None,
@@ -252,9 +275,7 @@ def _chained_pre_backward(
 
     The pre-mix backward reduces only ``dh_pre = dy·x`` (reads x); the coefficient backward's one
     pass over dx then sums all three gradients of x: its own, ``h_pre ⊗ dy`` and ``d_pass``.
-    ``saved`` is the coefficient forward's ``(m_pp, m_res, rinv)``; ``config`` its
-    ``(iters, eps, post_scale)``."""
-    from torchmhc.kernels.coefficients_op import _coefficients_backward_op, coefficients_backward
+    ``saved`` and ``config`` are what :func:`_coefficients_forward` saved and was given."""
     from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op, pre_mix_dh
 
     d_pass = None if d_pass is None else d_pass.contiguous()
@@ -269,16 +290,26 @@ def _chained_pre_backward(
         return h_pre.new_zeros(shape) if g is None else g.contiguous()
 
     t, n = h_pre.shape
-    return eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
-        x, fn, scale, base, *saved, grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)),
-        *config, d_pass, dy, None if dy is None else h_pre,
-    )  # fmt: skip
+    grads = (grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)))
+    mix_h = None if dy is None else h_pre
+    if kind == "mhc":
+        from torchmhc.kernels.coefficients_op import _coefficients_backward_op, coefficients_backward
+
+        iters, eps, _rms_eps, post_scale = config
+        return eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
+            x, fn, scale, base, *saved, *grads, iters, eps, post_scale, d_pass, dy, mix_h
+        )  # fmt: skip
+    from torchmhc.kernels.hc_coefficients_op import _hc_coefficients_backward_op, hc_coefficients_backward
+
+    return eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward)(
+        x, fn, scale, *saved, *grads, d_pass, dy, mix_h
+    )
 
 
 class _ChainedPre(torch.autograd.Function):
     """Coefficients and pre-mix of one sub-layer as one node whose backward chains x's gradients.
 
-    Forward (``x [T, n, C]``): the coefficient and pre-mix kernels, unchanged; returns
+    Forward (``x [T, n, C]``): the ``kind`` coefficient kernel and the pre-mix kernel, unchanged; returns
     ``(y [T, C], x_pass, h_pre, h_post, h_res)`` where ``x_pass`` is x itself (autograd makes it a
     view of x with this node as its grad_fn), for the post-res to read. Backward
     (:func:`_chained_pre_backward`): what reaches x is the sum of all three ops' gradients, made in
@@ -287,16 +318,14 @@ class _ChainedPre(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, eps: float, rms_eps: float, post_scale: float
+        ctx, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, kind: CoefficientKind, config: tuple
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from torchmhc.kernels.coefficients_op import coefficients_fwd, coefficients_op
         from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
-        coefficients = eager_or_compiled(coefficients_op, coefficients_fwd)
-        h_pre, h_post, h_res, m_pp, m_res, rinv = coefficients(x, fn, scale, base, iters, eps, rms_eps, post_scale)
+        h_pre, h_post, h_res, *saved = _coefficients_forward(kind, x, fn, scale, base, config)
         y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x, h_pre)
-        ctx.save_for_backward(x, fn, scale, base, h_pre, m_pp, m_res, rinv)
-        ctx.config = (iters, eps, post_scale)
+        ctx.save_for_backward(x, fn, scale, base, h_pre, *saved)
+        ctx.kind, ctx.config = kind, config
         # absent gradients stay None: no zero tensors to read for an unused output
         ctx.set_materialize_grads(False)
         return y, x, h_pre, h_post, h_res
@@ -306,13 +335,15 @@ class _ChainedPre(torch.autograd.Function):
         ctx, dy: Tensor | None, d_pass: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         x, fn, scale, base, h_pre, *saved = ctx.saved_tensors
-        grads = _chained_pre_backward(x, fn, scale, base, h_pre, saved, ctx.config, dy, d_pass, d_pre, d_post, d_res)
-        # one gradient per input: (x, fn, scale, base, iters, eps, rms_eps, post_scale)
-        return *grads, None, None, None, None
+        grads = _chained_pre_backward(
+            ctx.kind, x, fn, scale, base, h_pre, saved, ctx.config, dy, d_pass, d_pre, d_post, d_res
+        )
+        # one gradient per input: (x, fn, scale, base, kind, config)
+        return *grads, None, None
 
 
 class _ChainedPostPre(torch.autograd.Function):
-    """Sub-layer l's post-res and sub-layer l+1's coefficients and pre-mix as one node.
+    """Sub-layer l's post-res and sub-layer l+1's mHC coefficients and pre-mix as one node.
 
     Forward: the fused post-res + coefficient op (one pass over the streams, writes x_{l+1}), then
     the pre-mix of x_{l+1}; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1.
@@ -333,7 +364,7 @@ class _ChainedPostPre(torch.autograd.Function):
         )
         y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x_next, h_pre2)
         ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
-        ctx.config = (iters, eps, post_scale)
+        ctx.config = (iters, eps, rms_eps, post_scale)
         ctx.set_materialize_grads(False)
         return y, x_next, h_pre2, h_post2, h_res2
 
@@ -345,7 +376,7 @@ class _ChainedPostPre(torch.autograd.Function):
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
         d_next, dfn, dscale, dbase = _chained_pre_backward(
-            x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
+            "mhc", x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
@@ -388,11 +419,18 @@ def mhc_pre(
             x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
         )
         return pre_mix(x, coefficients.h_pre), x, coefficients
+    return _chained_pre(x, fn, scale, base, "mhc", (kernel_iters, float(eps), float(rms_eps), float(post_scale)))
+
+
+def _chained_pre(
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, kind: CoefficientKind, config: tuple
+) -> tuple[Tensor, Tensor, ref.Coefficients]:
+    """:class:`_ChainedPre` on ``x [..., n, C]`` -> ``(layer_input [..., C], x_for_post [..., n, C],
+    Coefficients)``."""
     lead = x.shape[:-2]
     y, x_pass, h_pre, h_post, h_res = _ChainedPre.apply(
-        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
-        kernel_iters, float(eps), float(rms_eps), float(post_scale),
-    )  # fmt: skip
+        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(), kind, config
+    )
     coefficients = _unflatten_coefficients(h_pre, h_post, h_res, lead)
     return unflatten_tokens(y, lead), unflatten_tokens(x_pass, lead), coefficients
 
@@ -449,6 +487,69 @@ def mhc_post_pre(
     lead = x.shape[:-2]
     coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
     return unflatten_tokens(y, lead), unflatten_tokens(x_next, lead), coefficients
+
+
+def _hc_kernels_apply(x: object, fn: object, scale: object, base: object) -> bool:
+    """True where the HC coefficient kernels run. Anything malformed (``x [..., n, C]``,
+    ``fn [n + 2, C]``, ``scale [3]``, ``base [n² + 2n]``, one device) goes to the reference, whose
+    checks name the offending argument."""
+    if not (isinstance(x, Tensor) and x.dim() >= 2):
+        return False
+    n, c = x.shape[-2:]
+    well_formed = (
+        isinstance(fn, Tensor) and tuple(fn.shape) == (n + 2, c)
+        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
+        and isinstance(base, Tensor) and tuple(base.shape) == (n * n + 2 * n,)
+        and x.device == fn.device == scale.device == base.device
+    )  # fmt: skip
+    return well_formed and _use_triton(x, _streams_supported(x, fn, scale, base))
+
+
+def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_eps: float = 1e-6) -> ref.Coefficients:
+    """:func:`torchmhc.functional.hc_coefficients` (the original HC: static + tanh dynamic), fused
+    on the GPU.
+
+    Args:
+        x: streams ``[..., n, C]`` (bf16/fp16/fp32).
+        fn: ``[n + 2, C]`` fp32, θᵀ shared by the streams, rows [pre | post | res to destination 0..n-1].
+        scale: ``[3]`` fp32 gates (pre, post, res). base: ``[n*n + 2n]`` fp32 static part.
+        rms_eps: epsilon of each stream's RMS normalization.
+
+    Returns:
+        ``Coefficients(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32, paper orientation.
+    """
+    check_rms_eps(rms_eps)  # the kernels take it unchecked
+    if not _hc_kernels_apply(x, fn, scale, base):
+        return ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
+    from torchmhc.kernels.hc_coefficients_op import HcCoefficients, hc_coefficients_op
+
+    h_pre, h_post, h_res, *_saved = eager_or_compiled(hc_coefficients_op, HcCoefficients.apply)(
+        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(), float(rms_eps)
+    )
+    return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
+
+
+def hc_pre(
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_eps: float = 1e-6
+) -> tuple[Tensor, Tensor, ref.Coefficients]:
+    """The first half of an HC sub-layer: coefficients and layer input, with chained x-gradients.
+
+    Same values as ``c = hc_coefficients(x, ...)``, ``layer_input = pre_mix(x, c.h_pre)``; where the
+    kernels apply, both run as one autograd node and ``x_for_post`` is a view of x that it produces,
+    for :func:`post_res`, exactly as in :func:`mhc_pre`. Elsewhere ``x_for_post`` is x itself.
+
+    Args:
+        x, fn, scale, base, rms_eps: as in :func:`hc_coefficients`.
+
+    Returns:
+        ``(layer_input [..., C] in x.dtype, x_for_post [..., n, C], Coefficients(h_pre [..., n],
+        h_post [..., n], h_res [..., n, n]) fp32)``.
+    """
+    check_rms_eps(rms_eps)  # the kernels take it unchecked
+    if not _hc_kernels_apply(x, fn, scale, base):
+        coefficients = ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
+        return pre_mix(x, coefficients.h_pre), x, coefficients
+    return _chained_pre(x, fn, scale, base, "hc", (float(rms_eps),))
 
 
 def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:

@@ -42,11 +42,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2, tile_descriptor
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2, tile_descriptor, token_block
 from torchmhc.kernels._precision import MODE_FMA, precision_mode, split2
 from torchmhc.kernels.coefficients_op import (
     _np,
-    _token_block,
     coef_epilogue,
     coefficients_bwd_tokens,
     coefficients_bwd_x,
@@ -280,7 +279,7 @@ def post_res_coefficients_fwd(
         return (x_next, *outs)
     ns, m = next_pow2(n), packed_rows(n)
     narrow = x.dtype != torch.float32
-    bt = _token_block(block_t or 32)
+    bt = token_block(block_t or 32)
     block_c = channel_block(c, block_c or (64 if n <= 4 else 16))
     if n <= 4:
         num_warps, num_stages = num_warps or (4 if narrow else 8), num_stages or (4 if narrow else 3)
