@@ -6,7 +6,8 @@
 
 A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`` turns on block
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
-of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both. Every
+of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
+``mhc:fused`` runs each block's attention post-res and FFN pre as one op (``model.fuse_transitions``). Every
 variant gets the same preset, seed, batch and ``train.compile`` setting (the GPU benchmark presets
 compile, block by block: ``torchmhc.train.apply_compile``).
 
@@ -69,7 +70,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference")
+MODIFIERS = ("recompute", "reference", "fused")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -257,23 +258,26 @@ class NewStorages(TorchDispatchMode):
 
 @dataclass
 class Variant:
-    """One row: a ``model.residual`` name and its modifiers (``mhc:recompute:reference``)."""
+    """One row: a ``model.residual`` name and its modifiers (``mhc:recompute:reference``, ``mhc:fused``)."""
 
     spec: str
     residual: str
     recompute: bool = False
     reference: bool = False
+    fused: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         residual, *mods = spec.strip().split(":")
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
-            raise ValueError(f"variant {spec!r}: expected NAME[:recompute][:reference], got modifiers {bad}")
-        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods)
+            raise ValueError(f"variant {spec!r}: expected NAME[:recompute][:reference][:fused], got modifiers {bad}")
+        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods, "fused" in mods)
 
     def config(self, base: RunConfig) -> RunConfig:
-        return replace(base, model=replace(base.model, residual=self.residual, recompute=self.recompute))
+        fused = self.fused or base.model.fuse_transitions
+        model = replace(base.model, residual=self.residual, recompute=self.recompute, fuse_transitions=fused)
+        return replace(base, model=model)
 
 
 @dataclass

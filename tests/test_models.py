@@ -1,9 +1,13 @@
 """The GPT and MoE models: shapes, causality, hyper-connection wiring, grouped expert products."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from torchmhc.config import ModelConfig
+from torchmhc.kernels import use_kernels
+from torchmhc.kernels._common import interpreting
 from torchmhc.layers import HyperConnection, StreamHead
 from torchmhc.models import GPT, MoE, build_model, grouped_matmul
 
@@ -204,3 +208,26 @@ def test_models_built_on_another_default_device_put_everything_there():
     with torch.device("meta"):
         model = _model("mhc", "moe")
     assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"meta"}
+
+
+@pytest.mark.parametrize("residual, mode", [("mhc", "triton"), ("mhc", "reference"), ("hc", "reference"), ("residual", "reference")])
+def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode):
+    # model.fuse_transitions runs HyperConnection.post_pre inside each block: same function (with
+    # the kernels, under Triton's interpreter: the fused post-res + coefficients op)
+    if mode == "triton" and not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    cfg = ModelConfig(residual=residual, dim=64, num_layers=2, num_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    fused = build_model(dataclasses.replace(cfg, fuse_transitions=True))
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 256, (2, 16))
+    losses, grads = [], []
+    with use_kernels(mode):
+        for model in (plain, fused):
+            loss = model(idx).square().mean()
+            losses.append(loss)
+            grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -83,6 +83,10 @@ class ModelConfig:
     # each block start and every branch output, replay the rest in backward.
     recompute: bool = False
     recompute_block_length: int = 0  # sub-layers per block; 0 = L_r* = sqrt(n·L / (n + 2))
+    # Each block's attention post-res and its FFN's coefficients + pre-mix as one op over the streams
+    # (HyperConnection.post_pre: one read of the streams instead of two where the kernels run; mHC
+    # only, same values; not with recompute, which runs the sub-layers one by one)
+    fuse_transitions: bool = False
     # Mixture of experts (arch = "moe" only)
     num_experts: int = 8  # routed experts
     num_shared_experts: int = 1

@@ -101,6 +101,7 @@ class Block(nn.Module):
             self.attn_hc = HyperConnection(cfg.dim, n, cfg.residual, layer_index=2 * index, **hc_kwargs)
         with isolated_rng(2 * index + 1):
             self.ffn_hc = HyperConnection(cfg.dim, n, cfg.residual, layer_index=2 * index + 1, **hc_kwargs)
+        self.fuse_transition = cfg.fuse_transitions
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg, out_std=out_std)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
@@ -133,6 +134,10 @@ class Block(nn.Module):
         self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fuse_transition:  # the attention's post and the FFN's pre in one pass over the streams
+            u, ctx = self.attn_hc.pre(x)  # [B, T, C]
+            u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(u), self.ffn_hc)
+            return self.ffn_hc.post(ctx, self.ffn_branch(u))  # [B, T, n, C]
         x = self.attn_hc(x, self.attn_branch)  # [B, T, n, C]
         x = self.ffn_hc(x, self.ffn_branch)  # [B, T, n, C]
         return x
