@@ -21,6 +21,7 @@ import torch
 import triton.testing
 
 import torchmhc
+import torchmhc.functional
 from torchmhc.kernels import mhc_coefficients, use_kernels
 from torchmhc.kernels._precision import split_bf16
 from torchmhc.kernels.coefficients_op import coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd, coefficients_op
@@ -93,10 +94,17 @@ def main() -> None:
         "launcher coefficients_bwd_tokens": lambda: coefficients_bwd_tokens(*saved, scale, base, *d_h, n * c, 20, 1e-6, 2.0),
         "launcher coefficients_bwd_x": lambda: coefficients_bwd_x(x, fn, dm, cx),
         "sub-layer fwd+bwd (HyperConnection, eager)": sublayer,
+        # what a user calling the public API gets: fused on CUDA, the reference in torchmhc.functional
+        "torchmhc.post_res (top level)": lambda: torchmhc.post_res(x, f_out, h_post, h_res),
+        "torchmhc.functional.post_res (reference)": lambda: torchmhc.functional.post_res(x, f_out, h_post, h_res),
+        "torchmhc.pre_mix (top level)": lambda: torchmhc.pre_mix(x, h_pre),
+        "torchmhc.functional.pre_mix (reference)": lambda: torchmhc.functional.pre_mix(x, h_pre),
+        "torchmhc.mhc_coefficients (top level)": lambda: torchmhc.mhc_coefficients(x, fn, scale, base),
+        "torchmhc.functional.mhc_coefficients (reference)": lambda: torchmhc.functional.mhc_coefficients(x, fn, scale, base),
     }
     print(f"T={t} C={c} n={n} bf16 on {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
     print(f"| entry point | host µs per call | wall µs per call | GPU µs (do_bench) |\n| --- | ---: | ---: | ---: |")
-    with use_kernels("triton"):
+    with use_kernels("auto"):
         for name, f in cases.items():
             calls = 20 if name.startswith("sub-layer") else 50
             gpu = triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3
