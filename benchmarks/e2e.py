@@ -34,7 +34,7 @@ the same run, so that a slow baseline shows):
   ``:recompute``, the measured saving against the formula's: recomputation drops x_l except at
   each block start and every H_pre·x_l.
 - floor: the bytes the mHC operations must move per training step (per sub-layer and token, the
-  per-kernel counts of benchmarks/kernels.py), divided by a device-to-device copy rate measured in
+  per-kernel counts of torchmhc bench), divided by a device-to-device copy rate measured in
   the same run: the overhead that memory traffic alone explains, next to the measured overhead.
 
 ``--profile K`` also records K more steps of each variant with ``torch.profiler`` and reports the
@@ -98,7 +98,7 @@ def matmul_tflops(device: torch.device) -> float:
 
 def copy_tbps(device: torch.device) -> float:
     """Measured device-to-device copy rate in TB/s (bytes read + written) of 512 MiB of bf16, as
-    ``benchmarks/kernels.py`` measures it."""
+    ``torchmhc bench`` measures it."""
     src = torch.randn(2**28, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     seconds = _median_cuda_seconds(lambda: dst.copy_(src), repeats=30, skip=5)
@@ -171,7 +171,7 @@ def connection_memory(
 
 def mhc_traffic_bytes(*, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False) -> dict[str, int]:
     """Bytes the mHC operations of one sub-layer must move per token, by pass (the per-kernel counts
-    of benchmarks/kernels.py: every input read once, every output written once).
+    of torchmhc bench: every input read once, every output written once).
 
     forward: coefficients read nC; pre-mix read nC, write C; post-res read nC + C, write nC
     (SPEC §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it: pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the
@@ -555,7 +555,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "",
         "## Floor: the overhead that the mHC operations' memory traffic explains",
         "",
-        "Bytes per step = per sub-layer and token (benchmarks/kernels.py counts: forward (4n+2)·C, chained "
+        "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
         "backward (7n+4)·C stream elements, plus fp32 coefficients; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",

@@ -18,7 +18,7 @@ import argparse
 import importlib
 
 import torch
-from kernels import bench, copy_rate, rel_err  # benchmarks/kernels.py: the same timing and error rules
+from torchmhc.bench import bench, copy_rate, rel_err  # the same timing and error rules
 from torch import nn
 
 import torchmhc as mhc

@@ -132,7 +132,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sweep(kernel: str, t: int, c: int, n: int, dtype: str, copy_tbps: float) -> None:
-    from kernels import bench  # benchmarks/kernels.py: GPU time of a CUDA-graph replay
+    from torchmhc.bench import bench  # GPU time of a CUDA-graph replay
 
     run, nbytes = make_case(kernel, t, c, n, dtype)
     reference = run()
@@ -168,7 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune.py needs a CUDA device")
-    from kernels import copy_rate  # benchmarks/kernels.py, beside this file
+    from torchmhc.bench import copy_rate
 
     t, c = (int(v) for v in args.shape.lower().split("x"))
     copy_tbps = copy_rate()

@@ -4,14 +4,13 @@
     torchmhc compare --preset stress          # HC's gain blow-up vs mHC
     torchmhc train --preset tiny --set model.residual=hc --set train.steps=100
     torchmhc train --config my.toml --resume  # continue from the run's latest checkpoint
-    torchmhc bench                            # kernel benchmarks (benchmarks/kernels.py)
+    torchmhc bench                            # kernel benchmarks (torchmhc.bench)
     python -m torchmhc ...                    # the same command line
 """
 
 import argparse
 import importlib.util
 import shlex
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -68,11 +67,16 @@ def _bench(bench_args: list[str]) -> int:
         print("torchmhc: error: torchmhc bench runs the Triton kernels, and Triton is not installed: "
               "pip install 'torchmhc[triton]' (the benchmarks also need a CUDA GPU).", file=sys.stderr)
         return 2
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-    if not script.is_file():
-        print(f"torchmhc bench: {script} not found (benchmarks ship with the source checkout).", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, str(script), *bench_args])
+    from torchmhc import bench
+
+    try:
+        bench.main(bench_args)
+    except SystemExit as exc:  # argparse's --help and usage errors, a missing GPU
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return exc.code or 0
+    return 0
 
 
 def _command(argv: list[str]) -> str:
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     # Listed for --help only: main() hands every argument after "bench" to the script untouched.
-    sub.add_parser("bench", help="run the kernel benchmarks (benchmarks/kernels.py; arguments pass through)")
+    sub.add_parser("bench", help="run the kernel benchmarks (torchmhc.bench; `torchmhc bench --help` lists its options)")
     return parser
 
 

@@ -412,7 +412,7 @@ def _coef_bwd_x_kernel(
     # share one token's dy.
     # The tiles that feed tensor-core products (x, dm) and the dx tile move by the copy engine (TMA
     # descriptors; rows past T read as zeros and are not written): against per-thread loads,
-    # 434 -> 387 µs at T = 16384, C = 4096 (H100, benchmarks/kernels.py), with 167 registers
+    # 434 -> 387 µs at T = 16384, C = 4096 (H100, torchmhc bench), with 167 registers
     # instead of 255 (249 with MIX + ADD; offline sm_90a compile), so 3 pipeline stages fit without
     # spilling. The others stay
     # per-thread loads: Triton pipelines only the former, and a TMA load it does not pipeline is

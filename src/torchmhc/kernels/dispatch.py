@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from torchmhc import functional as ref
-from torchmhc.checks import check_coefficient_options, check_rms_eps
+from torchmhc.checks import check_coefficient_options, check_rms_eps, check_streams
 from torchmhc.kernels._common import (
     CHANNEL_MULTIPLE,
     MAX_STREAMS,
@@ -185,8 +185,7 @@ def _coefficient_kernel_iters(
         if not (isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps):
             return None
         iters = manifold.iters
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
+    check_streams(x)  # the reference's error for anything that is not [..., n, C]
     # anything malformed goes to the reference, whose checks name the offending argument
     if not (_coefficient_args_ok(x, fn, scale, base) and _use_triton(x, _streams_supported(x, fn, scale, base))):
         return None

@@ -8,8 +8,9 @@ read once, every output written once) and is compared with a device-to-device co
 same run. Times are GPU times: each operation is replayed from a CUDA graph (see :func:`bench`),
 except the torch-eager reference, timed as launched.
 
-    PYTHONPATH=src python benchmarks/kernels.py [--shapes 16384x4096 ...] [--streams 4 2 8]
-        [--no-compile] [--out benchmarks/results/<device>.md]
+    torchmhc bench [--shapes 16384x4096 ...] [--streams 4 2 8] [--no-compile] [--out FILE.md]
+
+(``python -m torchmhc.bench`` is the same; needs a CUDA GPU and Triton.)
 """
 
 from __future__ import annotations
@@ -397,7 +398,8 @@ def to_markdown(rows: list[Row], device: str, copy_tbps: float, command: str) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="torchmhc bench", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="TxC token count x channels")
     p.add_argument("--streams", nargs="+", type=int, default=[4], help="values of n")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
@@ -405,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="markdown file for the table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA device")
+        raise SystemExit("torchmhc bench: needs a CUDA device (the kernels it times run on the GPU)")
     device = torch.cuda.get_device_name()
     copy_tbps = copy_rate()
     print(f"{device}: copy {copy_tbps:.2f} TB/s", flush=True)
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
             first = False
             print(f"[T={t} C={c} n={n}] done in {time.time() - t0:.0f} s", flush=True)
-    table = to_markdown(rows, device, copy_tbps, "python benchmarks/kernels.py " + " ".join(sys.argv[1:]))
+    table = to_markdown(rows, device, copy_tbps, "torchmhc bench " + " ".join(argv))
     print(table)
     if args.out:
         with open(args.out, "w") as f:
