@@ -8,7 +8,8 @@ from torch import nn
 
 import torchmhc as mhc
 from torchmhc import kernels
-from torchmhc.layers import INITS, residual_kinds
+from torchmhc.layers import INITS
+from torchmhc.residuals import residual_kinds
 
 
 class Branch(nn.Module):

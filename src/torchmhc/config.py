@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from torchmhc.layers import INITS, residual_kinds
+from torchmhc.layers import INITS
+from torchmhc.residuals import get_residual, residual_kinds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +53,14 @@ __all__ = [
     "config_from_dict",
 ]
 
+
+
+def _is_residual(name: str) -> bool:
+    try:
+        get_residual(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(condition: bool, message: str) -> None:
@@ -96,10 +105,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.arch in ("gpt", "moe"), f"model.arch must be 'gpt' or 'moe', got {self.arch!r}.")
-        _check(
-            self.residual in residual_kinds(),
-            f"model.residual must be one of {', '.join(residual_kinds())}; got {self.residual!r}.",
-        )
+        try:
+            get_residual(self.residual)
+        except ValueError as exc:
+            raise ValueError(f"model.{exc}.") from None
         _check(
             self.hc_init in ("",) + INITS,
             f"model.hc_init must be '' (library default) or one of {', '.join(INITS)}; "
@@ -144,7 +153,7 @@ class ModelConfig:
     @property
     def effective_num_streams(self) -> int:
         """Streams the model actually carries: 1 for the plain residual, else ``num_streams``."""
-        return 1 if self.residual == "residual" else self.num_streams
+        return get_residual(self.residual).num_streams_fixed or self.num_streams
 
     @property
     def effective_ffn_hidden(self) -> int:
@@ -308,7 +317,7 @@ class CompareConfig:
     def __post_init__(self) -> None:
         self.variants = tuple(self.variants)
         _check(len(self.variants) >= 1, "compare.variants must name at least one variant.")
-        bad = [v for v in self.variants if v not in residual_kinds()]
+        bad = [v for v in self.variants if not _is_residual(v)]
         _check(not bad, f"compare.variants has unknown entries {bad}; choose from {', '.join(residual_kinds())}.")
         _check(
             len(set(self.variants)) == len(self.variants),

@@ -45,18 +45,10 @@ from .checks import (
     check_streams,
 )
 from .functional import Coefficients
-from .manifolds import IDENTITY_WEIGHT, MANIFOLDS, get_manifold
+from .manifolds import IDENTITY_WEIGHT, get_manifold
+from .residuals import get_residual
 
-__all__ = ["HyperConnection", "HyperConnectionContext", "StreamHead", "expand_streams", "residual_kinds", "INITS"]
-
-# `residual=` names: the plain residual, the original HC, mHC's two aliases, and every manifold
-# in the registry (including ones users register later).
-RESIDUAL_ALIASES = {"mhc": "sinkhorn", "mhc-lite": "permutation"}
-
-
-def residual_kinds() -> tuple[str, ...]:
-    """Every accepted ``residual=`` name."""
-    return ("residual", "hc", *RESIDUAL_ALIASES, *(m for m in MANIFOLDS if m not in RESIDUAL_ALIASES.values()))
+__all__ = ["HyperConnection", "HyperConnectionContext", "StreamHead", "expand_streams", "INITS"]
 
 
 # mHC starts (SPEC §8). The default is the one the initialization study measured best
@@ -101,9 +93,11 @@ class HyperConnection(nn.Module):
     Args:
         dim: C, the hidden size of one stream.
         n: number of streams. Ignored by ``residual="residual"``, which has one.
-        residual: ``"residual"`` (plain ``x + F(x)``), ``"hc"`` (original HC, unconstrained),
-            ``"mhc"`` (Sinkhorn), ``"mhc-lite"`` (permutation mixture), or any other name in
-            ``torchmhc.manifolds`` (``orthostochastic``, ``spectral``, ``identity``, ``unconstrained``).
+        residual: a kind of ``torchmhc.residuals``: ``"residual"`` (plain ``x + F(x)``), ``"hc"``
+            (original HC, unconstrained), ``"mhc"`` (Sinkhorn), ``"mhc-lite"`` (permutation
+            mixture), ``orthostochastic``, ``spectral``, ``identity``, ``unconstrained``, or a
+            manifold registered in ``torchmhc.manifolds``; aliases (``"sinkhorn"``) are recorded
+            under the kind's name (``self.residual == "mhc"``).
         layer_index: which sub-layer this is (0-based); HC and ``init="onehot"`` read stream
             ``layer_index mod n`` at the start.
         init: mHC start: ``"uniform"`` (all biases 0: H_pre = ½, H_post = 1, H_res ≈ 1/n),
@@ -141,30 +135,30 @@ class HyperConnection(nn.Module):
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if residual not in residual_kinds() and residual not in MANIFOLDS:
-            raise ValueError(f"residual must be one of {list(residual_kinds())}, got {residual!r}")
+        self.kind = get_residual(residual)  # what this connection is (torchmhc.residuals)
         if init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
         check_int(layer_index, "layer_index", minimum=0)
         check_coefficient_options(iters, eps, rms_eps, post_scale)
         check_real(alpha_init, "alpha_init")
-        self.dim, self.residual, self.layer_index, self.init = dim, residual, layer_index, init
-        self.num_streams = 1 if residual == "residual" else n
+        self.dim, self.residual, self.layer_index, self.init = dim, self.kind.name, layer_index, init
+        self.num_streams = self.kind.num_streams_fixed or n
         self.eps, self.rms_eps, self.post_scale = eps, rms_eps, post_scale
         self.manifold = None
         self._coefficient_hooks: OrderedDict[int, CoefficientHook] = OrderedDict()
-        if residual == "residual":
+        if self.kind.form == "residual":
             return
 
         n = self.num_streams
         read_stream = layer_index % n
-        if residual == "hc":
+        if self.kind.form == "hc":
             fn = torch.zeros(n + 2, dim)
             pre = torch.nn.functional.one_hot(torch.tensor(read_stream), n).float()
             res = torch.eye(n).flatten()  # comb = I = H_res
             base = torch.cat([pre, torch.ones(n), res])
         else:
-            self.manifold = get_manifold(RESIDUAL_ALIASES.get(residual, residual), **self._manifold_options(iters, eps))
+            options = {"iters": iters, "eps": eps} if self.kind.manifold == "sinkhorn" else {}
+            self.manifold = get_manifold(self.kind.manifold, **options)
             num_res = self.manifold.num_logits(n)
             fn = torch.randn(2 * n + num_res, n * dim) / math.sqrt(n * dim)
             if init == "uniform":
@@ -181,18 +175,15 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(base)
         self.scale = nn.Parameter(torch.full((3,), float(alpha_init)))
 
-    def _manifold_options(self, iters: int, eps: float) -> dict:
-        return {"iters": iters, "eps": eps} if RESIDUAL_ALIASES.get(self.residual, self.residual) == "sinkhorn" else {}
-
     # -- the split form, for code that cannot pass its branch as a callable ---------------------
 
     def coefficients(self, x: Tensor) -> Coefficients:
         """Per-token ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32."""
-        if self.residual == "residual":
+        if self.kind.form == "residual":
             ones = torch.ones(x.shape[:-2] + (1,), dtype=torch.float32, device=x.device)
             return Coefficients(ones, ones, ones.unsqueeze(-1))
         # fused kernels on CUDA where they apply, the reference elsewhere (torchmhc.kernels.dispatch)
-        if self.residual == "hc":
+        if self.kind.form == "hc":
             return kernels.hc_coefficients(x, self.fn, self.scale, self.base, rms_eps=self.rms_eps)
         return kernels.mhc_coefficients(
             x, self.fn, self.scale, self.base,
@@ -202,7 +193,7 @@ class HyperConnection(nn.Module):
     def pre(self, x: Tensor) -> tuple[Tensor, HyperConnectionContext]:
         """``x [..., n, C]`` -> (layer input ``[..., C]`` in x.dtype, context for :meth:`post`)."""
         self._check_input(x)
-        if self.residual == "residual" and not self._coefficient_hooks:
+        if self.kind.form == "residual" and not self._coefficient_hooks:
             return self.mix_in(x, None)  # nothing to compute or record
         layer_input, ctx, coefficients = self.pre_with_coefficients(x)
         for hook in self._coefficient_hooks.values():
@@ -217,10 +208,10 @@ class HyperConnection(nn.Module):
         ``kernels.mhc_pre``) and the context holds its pass-through view of x, so that in backward
         the three gradients of x (coefficients, pre-mix, post-res) are summed inside the kernels'
         dx passes."""
-        if self.residual == "residual":
+        if self.kind.form == "residual":
             coefficients = self.coefficients(x)
             return (*self.mix_in(x, coefficients), coefficients)
-        if self.residual == "hc":
+        if self.kind.form == "hc":
             layer_input, x_for_post, coefficients = kernels.hc_pre(
                 x, self.fn, self.scale, self.base, rms_eps=self.rms_eps
             )
@@ -234,13 +225,13 @@ class HyperConnection(nn.Module):
     def mix_in(self, x: Tensor, coefficients: Coefficients | None) -> tuple[Tensor, HyperConnectionContext]:
         """The pre-mix for coefficients computed elsewhere (no checks, no hooks, no gradient
         chaining); ``coefficients`` may be None for ``residual="residual"``."""
-        if self.residual == "residual":
+        if self.kind.form == "residual":
             return x[..., 0, :], HyperConnectionContext(x, None, None)
         return kernels.pre_mix(x, coefficients.h_pre), HyperConnectionContext(x, coefficients.h_post, coefficients.h_res)
 
     def post(self, ctx: HyperConnectionContext, f_out: Tensor) -> Tensor:
         """Streams after the sub-layer: ``[..., n, C]`` in x.dtype."""
-        if self.residual == "residual":
+        if self.kind.form == "residual":
             check_branch_output(ctx.x, f_out)  # the other kinds' post_res checks it
             return ctx.x + f_out.unsqueeze(-2)
         return kernels.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
@@ -274,7 +265,7 @@ class HyperConnection(nn.Module):
                 f"got n={next_hc.num_streams}, C={next_hc.dim}"
             )
         # the fused op computes this connection's post as kernels.post_res: every kind but "residual"
-        if self.residual == "residual" or next_hc.manifold is None:
+        if self.kind.form == "residual" or next_hc.manifold is None:
             return next_hc.pre(self.post(ctx, f_out))
         next_hc._check_input(ctx.x)  # x_next has ctx.x's shape and dtype
         layer_input, x_next, coefficients = kernels.mhc_post_pre(

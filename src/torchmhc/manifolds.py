@@ -43,6 +43,8 @@ class Manifold:
     """One H_res constraint. Subclasses set ``name`` and implement the three methods."""
 
     name: ClassVar[str]
+    #: Every H_res it makes is doubly stochastic (Sinkhorn: to the accuracy of its rounds).
+    doubly_stochastic: ClassVar[bool] = False
 
     def num_logits(self, n: int) -> int:
         """How many free logits per token parameterize an ``n × n`` H_res."""
@@ -91,6 +93,7 @@ class Sinkhorn(Manifold):
     """mHC: Sinkhorn-Knopp projection onto the Birkhoff polytope (see ``functional.sinkhorn_knopp``)."""
 
     name = "sinkhorn"
+    doubly_stochastic = True
 
     def __init__(self, iters: int = 20, eps: float = 1e-6, convention: Literal["v4", "paper"] = "v4"):
         self.iters, self.eps, self.convention = iters, eps, convention
@@ -117,6 +120,7 @@ class Permutation(Manifold):
     """mHC-lite: a convex combination of the n! permutation matrices — exact, no iterations."""
 
     name = "permutation"
+    doubly_stochastic = True
     max_streams: ClassVar[int] = 5  # 5! = 120 logits per token; 6! = 720 is no longer practical
 
     def __init__(self) -> None:
@@ -156,6 +160,7 @@ class Orthostochastic(Manifold):
     """
 
     name = "orthostochastic"
+    doubly_stochastic = True
 
     def num_logits(self, n: int) -> int:
         return n * (n - 1) // 2
@@ -201,6 +206,7 @@ class Identity(Manifold):
     fixed too, streams copied from one embedding would stay identical: the plain residual."""
 
     name = "identity"
+    doubly_stochastic = True
 
     def num_logits(self, n: int) -> int:
         return 0

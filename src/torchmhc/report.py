@@ -34,40 +34,11 @@ from torchmhc.config import RunConfig, config_to_dict
 from torchmhc.data import TokenData, load_data
 from torchmhc.functional import amax_gain
 from torchmhc.models import GPT, build_model
+from torchmhc.residuals import get_residual
 from torchmhc.train import NonFiniteLossError, RunResult, load_checkpoint, require, resolve_device, train
 
-__all__ = ["VariantResult", "analyze_model", "format_gain", "run_compare", "write_report", "LABELS"]
+__all__ = ["VariantResult", "analyze_model", "format_gain", "run_compare", "write_report"]
 
-LABELS = {
-    "residual": "Residual",
-    "hc": "HC",
-    "mhc": "mHC",
-    "mhc-lite": "mHC-lite",
-    "orthostochastic": "Orthostochastic",
-    "identity": "Identity (no mixing)",
-    "unconstrained": "Unconstrained",
-    "spectral": "Spectral",
-}
-DESCRIPTIONS = {
-    "residual": "plain residual x + F(x), one stream",
-    "hc": "original hyper-connections (Zhu et al.): n streams, unconstrained H_res",
-    "mhc": "manifold-constrained: H_res projected to doubly stochastic by Sinkhorn-Knopp",
-    "mhc-lite": "H_res a convex mixture of permutation matrices (exactly doubly stochastic)",
-    "orthostochastic": "H_res = Q∘Q for an orthogonal Q (exactly doubly stochastic)",
-    "identity": "n streams, H_res = I (no mixing between streams)",
-    "unconstrained": "n streams, H_res unconstrained with the mHC parameterization",
-    "spectral": "H_res in the spectral-norm unit ball",
-}
-COLORS = {
-    "residual": "#555555",
-    "hc": "#d62728",
-    "mhc": "#1f77b4",
-    "mhc-lite": "#2ca02c",
-    "orthostochastic": "#9467bd",
-    "identity": "#8c564b",
-    "unconstrained": "#ff7f0e",
-    "spectral": "#17becf",
-}
 GAIN_KEYS = ("single_forward", "single_backward", "composite_forward", "composite_backward")
 
 
@@ -245,11 +216,16 @@ def _log_y(ax) -> None:
 
 
 def _label(variant: str) -> str:
-    return LABELS.get(variant, variant)
+    return get_residual(variant).label
 
 
 def _color(variant: str) -> str:
-    return COLORS.get(variant, "#000000")
+    return get_residual(variant).color
+
+
+def _is_baseline(variant: str) -> bool:
+    """The plain residual: what the other variants are compared with."""
+    return get_residual(variant).form == "residual"
 
 
 def _plot_loss(results: list[VariantResult], path: Path) -> None:
@@ -407,11 +383,11 @@ def _fmt(value: Any, spec: str) -> str:
 
 def summary_rows(results: list[VariantResult]) -> list[dict[str, str]]:
     """The summary table, one dict of formatted cells per variant (same text in HTML and Markdown)."""
-    baseline = next((r.summary["val_loss"] for r in results if r.variant == "residual"), None)
+    baseline = next((r.summary["val_loss"] for r in results if _is_baseline(r.variant)), None)
     rows = []
     for r in results:
         s, a = r.summary, r.analysis
-        delta = s["val_loss"] - baseline if baseline is not None and r.variant != "residual" else None
+        delta = s["val_loss"] - baseline if baseline is not None and not _is_baseline(r.variant) else None
         memory = s["peak_memory_bytes"] / 2**20
         rows.append({
             "Variant": _label(r.variant),
@@ -439,11 +415,10 @@ def _markdown_table(rows: list[dict[str, str]]) -> str:
 def findings(results: list[VariantResult]) -> list[str]:
     """Plain-language sentences about what the measurements show (each backed by a number)."""
     out = []
-    by = {r.variant: r for r in results}
-    base = by.get("residual")
+    base = next((r for r in results if _is_baseline(r.variant)), None)
     for r in results:
         a, s = r.analysis, r.summary
-        if r.variant != "residual" and base is not None and math.isfinite(s["val_loss"]):
+        if not _is_baseline(r.variant) and base is not None and math.isfinite(s["val_loss"]):
             delta = s["val_loss"] - base.summary["val_loss"]
             word = "lower (better)" if delta < 0 else "higher (worse)"
             out.append(f"{_label(r.variant)} ends with validation loss {s['val_loss']:.4f}, "
@@ -453,7 +428,7 @@ def findings(results: list[VariantResult]) -> list[str]:
         if a is None:
             continue
         dev = a["single_forward_max_deviation"]
-        if r.variant in ("mhc", "mhc-lite", "orthostochastic"):
+        if get_residual(r.variant).doubly_stochastic:
             ok = dev <= 1e-3 and a["max_composite_gain"] < 2
             out.append(
                 f"{_label(r.variant)}: every single-layer forward gain is within 1 ± {dev:.1e} "
@@ -559,7 +534,7 @@ def write_report(
         "<p>Each variant is the same decoder-only language model (same data, batch order, seed and "
         "steps; weights outside the hyper-connections start identical). Only the connection around "
         "each sub-layer differs:</p><ul>",
-        *[f"<li><b>{e(_label(r.variant))}</b>: {e(DESCRIPTIONS.get(r.variant, r.variant))}</li>" for r in results],
+        *[f"<li><b>{e(_label(r.variant))}</b>: {e(get_residual(r.variant).description)}</li>" for r in results],
         "</ul>",
         "<h2>Findings</h2><ul>",
         *[f"<li>{e(s)}</li>" for s in findings(results)],

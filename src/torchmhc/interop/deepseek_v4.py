@@ -33,7 +33,7 @@ def _key_map(
     keys: dict[str, tuple[torch.nn.Module, str]] = {}
     for i, (a, f) in enumerate(zip(attn, ffn)):
         for kind, module in (("attn", a), ("ffn", f)):
-            if not isinstance(module, HyperConnection) or module.residual != "mhc":
+            if not isinstance(module, HyperConnection) or module.kind.name != "mhc":
                 raise ValueError(f"{kind}[{i}] must be a HyperConnection with residual='mhc' (V4 uses Sinkhorn mHC)")
             for p in _PARAMS:
                 keys[f"{prefix}layers.{i}.hc_{kind}_{p}"] = (module, p)
