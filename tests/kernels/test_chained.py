@@ -445,3 +445,36 @@ def test_gpu_chained_sublayer(t, n, c):
         return ((dx.double() - dx_exact.double()).norm() / dx_exact.double().norm()).item()
 
     assert err(dx_chained) <= err(dx_unchained) * 1.01
+
+
+@pytest.mark.parametrize("op_name", ["post_res", "pre_mix", "mhc_coefficients"])
+def test_a_traced_backward_of_a_registered_op_holds_the_backward_ops(op_name):
+    # AOT autograd traces a registered op's autograd kernel on fake tensors, outside dynamo (and, in
+    # torch 2.11, outside torch.compiler.is_compiling()): the backward must call the registered ops,
+    # never the launchers, which would read the fake tensors' data
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import torchmhc.kernels.coefficients_op  # noqa: F401  (the modules register their ops)
+    import torchmhc.kernels.post_res_op  # noqa: F401
+    import torchmhc.kernels.pre_mix_op  # noqa: F401
+
+    x, fn, scale, base, _ = _inputs(4, 64, torch.float32)
+    h_pre, h_post, h_res = ref.mhc_coefficients(x, fn, scale, base)
+    f_out = torch.randn(x.shape[0], 64, device=DEVICE)
+    op = getattr(torch.ops.torchmhc, op_name).default
+    args, backward_op = {
+        "post_res": ((x, f_out, h_post, h_res), "torchmhc.post_res_backward.default"),
+        "pre_mix": ((x, h_pre), "torchmhc.pre_mix_backward.default"),
+        "mhc_coefficients": ((x, fn, scale, base, 20, 1e-6, 1e-6, 2.0), "torchmhc.mhc_coefficients_backward.default"),
+    }[op_name]
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def forward_backward(*inputs):
+        it = iter(inputs)
+        out = op(*[next(it) if isinstance(a, torch.Tensor) else a for a in args])
+        out = out[:3] if isinstance(out, (tuple, list)) else [out]
+        return torch.autograd.grad([o.sum() for o in out], inputs, allow_unused=True)
+
+    with use_kernels("triton"):
+        graph = make_fx(forward_backward, tracing_mode="fake")(*[t.detach().requires_grad_() for t in tensors])
+    assert backward_op in {str(node.target) for node in graph.graph.nodes}

@@ -77,6 +77,7 @@ def tile_descriptor(t: Tensor, block_shape: list[int]) -> TensorDescriptor:
 
 
 F = TypeVar("F", bound=Callable)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 #: Where the fused ops are registered: ``torch.ops.torchmhc.<name>``.
 _LIBRARY = torch.library.Library("torchmhc", "FRAGMENT")
@@ -95,12 +96,16 @@ def define_op(name: str, schema: str, impl: Callable, fake: Callable) -> torch._
     return getattr(torch.ops.torchmhc, name).default
 
 
-def eager_or_compiled(op: F, eager: F) -> F:
-    """What a fused op calls: ``op``, its registered op (:func:`define_op`), while ``torch.compile``
-    traces (an opaque graph node whose fake impl gives the shapes), else ``eager``: the launcher,
-    or an autograd.Function with the op's own context and backward. The op's dispatch (and its
-    autograd kernel) costs host time on every eager call and buys nothing there."""
-    return op if torch.compiler.is_compiling() else eager
+def eager_or_compiled(op: F, eager: F, probe: Tensor) -> F:
+    """What a fused op calls: ``op``, its registered op (:func:`define_op`), while torch.compile
+    traces, else ``eager``: the launcher, or an autograd.Function with the op's own context and
+    backward. The op's dispatch (and its autograd kernel) costs host time on every eager call and
+    buys nothing there. Tracing is either dynamo's (``torch.compiler.is_compiling()``) or AOT
+    autograd's run of a registered op's backward, which torch 2.11 does outside ``is_compiling``
+    but always on fake (or functional) tensors: ``probe``, a tensor argument, tells."""
+    if torch.compiler.is_compiling() or type(probe) not in _PLAIN_TENSORS:
+        return op
+    return eager
 
 
 def grad_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:

@@ -736,7 +736,7 @@ def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     iters, eps, post_scale = ctx.config
     t, n, _ = x.shape
     like_pre = rinv.new_empty((t, n))
-    dx, dfn, dscale, dbase = eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
+    dx, dfn, dscale, dbase = eager_or_compiled(_coefficients_backward_op, coefficients_backward, x)(
         x, fn, scale, base, m_pp, m_res, rinv,
         grad_or_zeros(d_pre, like_pre), grad_or_zeros(d_post, like_pre),
         grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,

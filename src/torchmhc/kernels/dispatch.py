@@ -229,7 +229,7 @@ def mhc_coefficients(
         )
     from torchmhc.kernels.coefficients_op import Coefficients, coefficients_op
 
-    h_pre, h_post, h_res, *_saved = eager_or_compiled(coefficients_op, Coefficients.apply)(
+    h_pre, h_post, h_res, *_saved = eager_or_compiled(coefficients_op, Coefficients.apply, x)(
         flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(),
         kernel_iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip
@@ -248,10 +248,10 @@ def _coefficients_forward(
     if kind == "mhc":
         from torchmhc.kernels.coefficients_op import coefficients_fwd, coefficients_op
 
-        return eager_or_compiled(coefficients_op, coefficients_fwd)(x, fn, scale, base, *config)
+        return eager_or_compiled(coefficients_op, coefficients_fwd, x)(x, fn, scale, base, *config)
     from torchmhc.kernels.hc_coefficients_op import hc_coefficients_fwd, hc_coefficients_op
 
-    return eager_or_compiled(hc_coefficients_op, hc_coefficients_fwd)(x, fn, scale, base, *config)
+    return eager_or_compiled(hc_coefficients_op, hc_coefficients_fwd, x)(x, fn, scale, base, *config)
 
 
 def _chained_pre_backward(
@@ -280,7 +280,7 @@ def _chained_pre_backward(
     d_pass = None if d_pass is None else d_pass.contiguous()
     if dy is not None:
         dy = dy.contiguous()
-        dh_mix = eager_or_compiled(_pre_mix_dh_op, pre_mix_dh)(dy, x)
+        dh_mix = eager_or_compiled(_pre_mix_dh_op, pre_mix_dh, x)(dy, x)
         d_pre = dh_mix if d_pre is None else d_pre + dh_mix
     if d_pre is None and d_post is None and d_res is None:  # neither the coefficients nor y were used
         return d_pass, None, None, None
@@ -295,12 +295,12 @@ def _chained_pre_backward(
         from torchmhc.kernels.coefficients_op import _coefficients_backward_op, coefficients_backward
 
         iters, eps, _rms_eps, post_scale = config
-        return eager_or_compiled(_coefficients_backward_op, coefficients_backward)(
+        return eager_or_compiled(_coefficients_backward_op, coefficients_backward, x)(
             x, fn, scale, base, *saved, *grads, iters, eps, post_scale, d_pass, dy, mix_h
         )  # fmt: skip
     from torchmhc.kernels.hc_coefficients_op import _hc_coefficients_backward_op, hc_coefficients_backward
 
-    return eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward)(
+    return eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward, x)(
         x, fn, scale, *saved, *grads, d_pass, dy, mix_h
     )
 
@@ -322,7 +322,7 @@ class _ChainedPre(torch.autograd.Function):
         from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
         h_pre, h_post, h_res, *saved = _coefficients_forward(kind, x, fn, scale, base, config)
-        y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x, h_pre)
+        y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x, h_pre)
         ctx.save_for_backward(x, fn, scale, base, h_pre, *saved)
         ctx.kind, ctx.config = kind, config
         # absent gradients stay None: no zero tensors to read for an unused output
@@ -358,10 +358,10 @@ class _ChainedPostPre(torch.autograd.Function):
         from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_op
         from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
-        x_next, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(post_res_coefficients_op, post_res_coefficients_fwd)(
+        x_next, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(post_res_coefficients_op, post_res_coefficients_fwd, x)(
             x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale
         )
-        y = eager_or_compiled(pre_mix_op, pre_mix_fwd)(x_next, h_pre2)
+        y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x_next, h_pre2)
         ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
         ctx.config = (iters, eps, rms_eps, post_scale)
         ctx.set_materialize_grads(False)
@@ -379,7 +379,7 @@ class _ChainedPostPre(torch.autograd.Function):
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
-            dx, df, dh_post, dh_res = eager_or_compiled(_post_res_backward_op, post_res_bwd)(d_next, x, f_out, h_post, h_res)
+            dx, df, dh_post, dh_res = eager_or_compiled(_post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
         # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
         return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 
@@ -522,7 +522,7 @@ def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_e
         return ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
     from torchmhc.kernels.hc_coefficients_op import HcCoefficients, hc_coefficients_op
 
-    h_pre, h_post, h_res, *_saved = eager_or_compiled(hc_coefficients_op, HcCoefficients.apply)(
+    h_pre, h_post, h_res, *_saved = eager_or_compiled(hc_coefficients_op, HcCoefficients.apply, x)(
         flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(), float(rms_eps)
     )
     return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
@@ -559,7 +559,7 @@ def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
         return ref.pre_mix(x, h_pre)
     from torchmhc.kernels.pre_mix_op import PreMix, pre_mix_op
 
-    y = eager_or_compiled(pre_mix_op, PreMix.apply)(flatten_tokens(x, 2), flatten_tokens(h_pre, 1))
+    y = eager_or_compiled(pre_mix_op, PreMix.apply, x)(flatten_tokens(x, 2), flatten_tokens(h_pre, 1))
     return unflatten_tokens(y, x.shape[:-2])
 
 
@@ -570,7 +570,7 @@ def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         return ref.post_res(x, f_out, h_post, h_res)
     from torchmhc.kernels.post_res_op import PostRes, post_res_op
 
-    out = eager_or_compiled(post_res_op, PostRes.apply)(flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2))
+    out = eager_or_compiled(post_res_op, PostRes.apply, x)(flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2))
     return unflatten_tokens(out, x.shape[:-2])
 
 
@@ -616,7 +616,7 @@ def post_res_coefficients(
         return x_next, coefficients
     from torchmhc.kernels.post_res_coefficients_op import PostResCoefficients, post_res_coefficients_op
 
-    x_next, h_pre2, h_post2, h_res2, *_saved = eager_or_compiled(post_res_coefficients_op, PostResCoefficients.apply)(
+    x_next, h_pre2, h_post2, h_res2, *_saved = eager_or_compiled(post_res_coefficients_op, PostResCoefficients.apply, x)(
         flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
         fn.contiguous(), scale.contiguous(), base.contiguous(), iters, float(eps), float(rms_eps), float(post_scale),
     )  # fmt: skip

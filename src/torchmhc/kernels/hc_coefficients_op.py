@@ -364,7 +364,7 @@ def _backward(ctx, d_pre, d_post, d_res, _d_m, _d_rinv):
     x, fn, scale, m, rinv = ctx.saved_tensors
     like_pre = rinv.new_empty(rinv.shape)
     t, n = rinv.shape
-    dx, dfn, dscale, dbase = eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward)(
+    dx, dfn, dscale, dbase = eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward, x)(
         x, fn, scale, m, rinv, grad_or_zeros(d_pre, like_pre), grad_or_zeros(d_post, like_pre),
         grad_or_zeros(d_res, rinv.new_empty((t, n, n))),
     )  # fmt: skip

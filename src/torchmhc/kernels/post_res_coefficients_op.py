@@ -374,7 +374,7 @@ def _backward(ctx, d_next, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     def grad(g: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return like.new_zeros(shape) if g is None else g.contiguous()
 
-    grads = eager_or_compiled(_post_res_coefficients_backward_op, post_res_coefficients_backward)(
+    grads = eager_or_compiled(_post_res_coefficients_backward_op, post_res_coefficients_backward, x)(
         grad(d_next, tuple(x.shape), x), grad(d_pre, (t, n), rinv), grad(d_post, (t, n), rinv),
         grad(d_res, (t, n, n), rinv), x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv,
         iters, eps, post_scale,

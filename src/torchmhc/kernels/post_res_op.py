@@ -200,7 +200,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, f_out, h_post, h_res = ctx.saved_tensors
-    backward = eager_or_compiled(_post_res_backward_op, post_res_bwd)
+    backward = eager_or_compiled(_post_res_backward_op, post_res_bwd, x)
     dx, df, dh_post, dh_res = backward(grad.contiguous(), x, f_out, h_post, h_res)
     # one gradient per input: (x, f_out, h_post, h_res)
     return dx, df, dh_post, dh_res

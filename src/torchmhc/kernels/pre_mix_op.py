@@ -142,7 +142,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, h_pre = ctx.saved_tensors
-    dx, dh = eager_or_compiled(_pre_mix_backward_op, pre_mix_bwd)(grad.contiguous(), x, h_pre)
+    dx, dh = eager_or_compiled(_pre_mix_backward_op, pre_mix_bwd, x)(grad.contiguous(), x, h_pre)
     # one gradient per input: (x, h_pre)
     return dx, dh
 
