@@ -74,7 +74,7 @@ def _case(root: Path, name: str, parallel: dict, *extra: str, dtype: str = "floa
             "dtype": dtype, **more}  # fmt: skip
 
 
-def _launch(world_size: int, cases: list[dict], out: Path) -> Path:
+def _launch(world_size: int, cases: list[dict], out: Path, *, device: str = "cpu") -> Path:
     """Run ``cases`` under ``torchrun --nproc-per-node world_size`` (one launch)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases.json").write_text(json.dumps(cases))
@@ -83,7 +83,7 @@ def _launch(world_size: int, cases: list[dict], out: Path) -> Path:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world_size),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "torchmhc.distributed.runner", str(out / "cases.json"), str(out),
+        "-m", "torchmhc.distributed.runner", str(out / "cases.json"), str(out), "--device", device,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
@@ -117,6 +117,8 @@ def _cases2(root: Path) -> list[dict]:
         _case(root, "pp2-dualpipev-moe", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, *MOE),
         _case(root, "pp2-dualpipev-recompute", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, "model.recompute=true"),
         _case(root, "pp2-dualpipev-sequential", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, overlap=False),
+        # both V stages on each rank, FSDP over the two ranks (the schedule gathers and frees them)
+        _case(root, "pp1dp2-dualpipev-moe", {"dp_shard": 2, "pp_schedule": "dualpipev", "microbatches": 2}, *MOE),
         # the 4-process checkpoint (pp 2 x dp 2) resumed at pp 2 (dualpipev) ...
         _case(root, "resume-pp2-moe", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, *MOE, steps=4,
               resume_from=str(root / "ckpt4")),  # fmt: skip
@@ -160,21 +162,22 @@ def _float64_default():
         torch.set_default_dtype(previous)
 
 
-def _reference_model(cfg, dtype):
+def _reference_model(cfg, dtype, device="cpu"):
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(dtype)
+    model = build_model(cfg.model).to(dtype).to(device)
     model.train()
     return model, build_optimizer(model, cfg.optim)
 
 
-def _reference_steps(cfg, model, optimizer, steps) -> list[dict]:
+def _reference_steps(cfg, model, optimizer, steps, autocast=None) -> list[dict]:
     data = load_data(cfg.data, progress=False)
+    device = next(model.parameters()).device
     rows = []
     for step in steps:
         x, y = data.get_batch("train", step, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, seed=cfg.train.seed)
         stats = train_step(
-            model, optimizer, (x, y), lr=learning_rate(step, cfg.train.steps, cfg.optim), grad_clip=cfg.optim.grad_clip,
-            on_nonfinite="stop", autocast=contextlib.nullcontext(), step=step,
+            model, optimizer, (x.to(device), y.to(device)), lr=learning_rate(step, cfg.train.steps, cfg.optim),
+            grad_clip=cfg.optim.grad_clip, on_nonfinite="stop", autocast=autocast or contextlib.nullcontext(), step=step,
         )  # fmt: skip
         rows.append({"step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm})
     return rows
@@ -227,7 +230,7 @@ def test_four_processes_match_one(runs4, workdir, name):
     [
         "fsdp2", "fsdp2-fp32", "fsdp2-moe", "fsdp2-recompute",
         "pp2-gpipe", "pp2-1f1b", "pp2-interleaved-1f1b", "pp2-zbv", "pp2-dualpipev",
-        "pp2-1f1b-fp32", "pp2-1f1b-moe", "pp2-dualpipev-moe", "pp2-dualpipev-recompute",
+        "pp2-1f1b-fp32", "pp2-1f1b-moe", "pp2-dualpipev-moe", "pp2-dualpipev-recompute", "pp1dp2-dualpipev-moe",
     ],
 )  # fmt: skip
 def test_two_processes_match_one(runs2, workdir, name):
@@ -267,3 +270,45 @@ def test_resume_in_one_process(runs4, workdir):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     for key, ref in ref_weights.items():
         assert ((model.state_dict()[key] - ref).norm() / ref.norm()).item() <= 1e-6, key
+
+
+# ----------------------------------------------------------------------------------------------
+# On one GPU (NCCL, bf16): the lead's machine
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_one_gpu_fsdp_and_dualpipev_overlap(workdir):
+    """World size 1 on CUDA in bf16: FSDP over one rank, and DualPipeV with both V stages on the
+    GPU, whose overlap function runs each paired forward and backward on separate streams (and the
+    FFN post-res on a high-priority stream). Overlapped = sequential; both = the one-device loop
+    within bf16 rounding."""
+    from torchmhc.train import autocast_context
+
+    bf16 = ("train.dtype=bf16", "model.dim=64")
+    v = {"pp_schedule": "dualpipev", "microbatches": 2}
+    cases = [
+        _case(workdir, "gpu-fsdp1", {}, *bf16, dtype="float32"),
+        _case(workdir, "gpu-v-overlap", v, *bf16, dtype="float32"),
+        _case(workdir, "gpu-v-sequential", v, *bf16, dtype="float32", overlap=False),
+        _case(workdir, "gpu-v-overlap-moe", v, *bf16, *MOE, "model.recompute=true", dtype="float32"),
+        _case(workdir, "gpu-v-sequential-moe", v, *bf16, *MOE, "model.recompute=true", dtype="float32", overlap=False),
+    ]
+    out = _launch(1, cases, workdir / "out-gpu", device="cuda")
+    device = torch.device("cuda")
+    for name in ("gpu-fsdp1", "gpu-v-overlap", "gpu-v-overlap-moe"):
+        case = _case_by_name(cases, name)
+        cfg = load_config(None, case["overrides"])
+        model, optimizer = _reference_model(cfg, torch.float32, device)
+        rows = _reference_steps(cfg, model, optimizer, range(STEPS), autocast_context(device, "bf16"))
+        got = json.loads((out / name / "metrics.json").read_text())
+        for mine, ref in zip(got, rows):
+            assert mine["loss"] == pytest.approx(ref["loss"], rel=2e-2), (name, mine, ref)
+    for overlapped, sequential in [("gpu-v-overlap", "gpu-v-sequential"), ("gpu-v-overlap-moe", "gpu-v-sequential-moe")]:
+        a = json.loads((out / overlapped / "metrics.json").read_text())
+        b = json.loads((out / sequential / "metrics.json").read_text())
+        for x, y in zip(a, b):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-3) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-2)
+        wa, wb = load_file(str(out / overlapped / "weights_pp0.safetensors")), load_file(str(out / sequential / "weights_pp0.safetensors"))
+        for key in wa:
+            assert ((wa[key] - wb[key]).norm() / wb[key].norm()).item() <= 1e-3, (overlapped, key)

@@ -3,7 +3,7 @@
 Starting processes is the slow part of a multi-process test (on 2 CPU cores, seconds each), so
 one launch runs a list of cases::
 
-    torchrun --nproc-per-node 4 -m torchmhc.distributed.runner cases.json out/
+    torchrun --nproc-per-node 4 -m torchmhc.distributed.runner cases.json out/ [--device cuda]
 
 ``cases.json`` is a list of objects: ``name``, ``overrides`` (``section.key=value`` strings for
 ``torchmhc.config.load_config``), ``parallel`` (``ParallelConfig`` fields), ``steps`` (how many
@@ -20,7 +20,6 @@ first data-parallel rank). The launch's world size must equal each case's produc
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,21 +121,24 @@ def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m torchmhc.distributed.runner CASES.json OUT_DIR`` under torchrun."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__)
-        return 2
-    cases = json.loads(Path(args[0]).read_text())
-    out_dir = Path(args[1])
-    init_distributed("cpu")
+    """``python -m torchmhc.distributed.runner CASES.json OUT_DIR [--device cuda]`` under torchrun."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m torchmhc.distributed.runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("cases", type=Path, help="JSON list of cases")
+    parser.add_argument("out_dir", type=Path, help="where each case writes its results")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="gloo on the CPU or NCCL on GPUs")
+    args = parser.parse_args(argv)
+    cases = json.loads(args.cases.read_text())
+    init_distributed(args.device)
     data_cache: dict[str, TokenData] = {}
     for case in cases:
         cfg = load_config(None, case["overrides"])
         key = json.dumps([cfg.data.path, cfg.data.cache_dir, cfg.data.val_fraction])
         if key not in data_cache:
             data_cache[key] = load_data(cfg.data, progress=False)
-        run_case(case, out_dir, data=data_cache[key])
+        run_case(case, args.out_dir, data=data_cache[key], device_type=args.device)
     dist.destroy_process_group()
     return 0
 
