@@ -10,8 +10,9 @@
   its input is made contiguous by :class:`ContiguousGrad`.
 - Stage shapes are given to ``PipelineStage`` up front (static metadata), so the schedule never
   runs a stage on made-up inputs to find them: such a run would count MoE router loads.
-- Stages are balanced by forward FLOPs per token, the LM head counted on the last stage (the
-  embedding is a lookup, nearly free); ``parallel.stage_boundaries`` overrides the balance.
+- Stages are balanced by forward FLOPs per token so that the busiest *rank* has the least work
+  (the LM head counted on the last stage, which the V placement puts on rank 0 next to the
+  first; the embedding is a lookup, nearly free); ``parallel.stage_boundaries`` overrides it.
 - Placement: gpipe, 1f1b and interleaved-1f1b put stage s on rank s mod pp ("loop");
   zbv and dualpipev put stages r and 2·pp - 1 - r on rank r ("V").
 - Block recomputation runs inside each stage over that stage's blocks only, so a recomputation
@@ -52,6 +53,7 @@ __all__ = [
     "block_flops",
     "head_flops",
     "balance_stages",
+    "stage_ranks",
     "stage_block_ranges",
     "stages_of_rank",
     "split_model",
@@ -97,45 +99,53 @@ def head_flops(cfg: ModelConfig) -> float:
     return 2 * c * cfg.vocab_size + (2 * n * n * c if n > 1 else 0)
 
 
-def balance_stages(costs: Sequence[float], num_stages: int, *, last_extra: float = 0.0) -> list[int]:
-    """First block of each of ``num_stages`` contiguous stages that minimizes the costliest stage.
+def balance_stages(num_blocks: int, stage_ranks: Sequence[int], *, last_extra: float = 0.0) -> list[int]:
+    """First block of each stage, chosen so that the busiest pipeline rank has the least work.
+
+    All blocks of a model cost the same (they have the same shape), so the split is about how
+    many blocks each stage gets: blocks go one at a time to the least loaded rank, and within it to
+    its least loaded stage (water-filling: optimal for the busiest rank). The ranks, not the stages,
+    are balanced: in a V-shaped placement rank 0 holds the first stage and the last, head included.
 
     Args:
-        costs: cost of each block, in order.
-        num_stages: stages to cut into (each gets at least one block).
-        last_extra: cost the last stage carries beyond its blocks (the LM head).
+        num_blocks: L, the model's blocks.
+        stage_ranks: the pipeline rank of each stage, in stage order (each stage gets >= 1 block).
+        last_extra: the work of the LM head, in blocks, carried by the last stage.
 
     Returns:
-        ``num_stages`` increasing block indices, the first 0.
+        ``len(stage_ranks)`` increasing block indices, the first 0.
     """
-    num_blocks = len(costs)
+    num_stages = len(stage_ranks)
     if not 1 <= num_stages <= num_blocks:
-        raise ValueError(f"num_stages must be in [1, {num_blocks}] (one block per stage at least), got {num_stages}.")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][b]: smallest max-stage cost of the first b blocks in s stages; cut[s][b]: its last cut
-    best = [[inf] * (num_blocks + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (num_blocks + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, num_stages + 1):
-        for b in range(s, num_blocks + 1):
-            extra = last_extra if (s == num_stages and b == num_blocks) else 0.0
-            for a in range(s - 1, b):
-                value = max(best[s - 1][a], prefix[b] - prefix[a] + extra)
-                if value < best[s][b] - 1e-9 * abs(value):  # ties keep the earliest cut
-                    best[s][b], cut[s][b] = value, a
-    starts, b = [], num_blocks
-    for s in range(num_stages, 0, -1):
-        b = cut[s][b]
-        starts.append(b)
-    return starts[::-1]
+        raise ValueError(f"the number of stages must be in [1, {num_blocks}] (one block per stage at least), got {num_stages}.")
+    sizes = [1] * num_stages
+    extra = [0.0] * (num_stages - 1) + [last_extra]
+    load: dict[int, float] = {}
+    for s, r in enumerate(stage_ranks):
+        load[r] = load.get(r, 0.0) + sizes[s] + extra[s]
+    for _ in range(num_blocks - num_stages):
+        rank = min(load, key=lambda r: (load[r], r))
+        stage = min((s for s, r in enumerate(stage_ranks) if r == rank), key=lambda s: (sizes[s] + extra[s], s))
+        sizes[stage] += 1
+        load[rank] += 1
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + size)
+    return starts
+
+
+def stage_ranks(parallel: ParallelConfig) -> list[int]:
+    """The pipeline rank of every stage, in stage order (loop or V placement)."""
+    ranks = [0] * parallel.num_stages
+    for rank in range(parallel.pp):
+        for stage in stages_of_rank(rank, parallel):
+            ranks[stage] = rank
+    return ranks
 
 
 def stage_block_ranges(cfg: ModelConfig, parallel: ParallelConfig, seq_len: int) -> list[range]:
     """The blocks of every pipeline stage, in stage order (``parallel.stage_boundaries`` if given,
-    else balanced by FLOPs with the head on the last stage)."""
+    else balanced by FLOPs over the ranks, the LM head counted on the last stage)."""
     num_stages = parallel.num_stages
     if num_stages > cfg.num_layers:
         raise ValueError(
@@ -150,8 +160,8 @@ def stage_block_ranges(cfg: ModelConfig, parallel: ParallelConfig, seq_len: int)
                 f"got {list(parallel.stage_boundaries)}."
             )
     else:
-        costs = [block_flops(cfg, seq_len)] * cfg.num_layers
-        starts = balance_stages(costs, num_stages, last_extra=head_flops(cfg))
+        head_in_blocks = head_flops(cfg) / block_flops(cfg, seq_len)
+        starts = balance_stages(cfg.num_layers, stage_ranks(parallel), last_extra=head_in_blocks)
     ends = [*starts[1:], cfg.num_layers]
     return [range(a, b) for a, b in zip(starts, ends)]
 
