@@ -108,7 +108,8 @@ def parallelize(
 
     if not parallel.pipelined:
         model.to(device)
-        apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=True)
+        # With one data-parallel rank resharding saves no memory: gather once per step, not twice.
+        apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=layout.dp_size > 1)
         return ParallelModel(model, [model], [0], None, parallel, mesh, layout, device, compute_dtype)
 
     part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
