@@ -34,7 +34,15 @@ from torchmhc.config import load_config
 from torchmhc.data import load_data
 from torchmhc.distributed.mesh import free_port
 from torchmhc.models import build_model
-from torchmhc.train import build_optimizer, learning_rate, load_checkpoint, save_checkpoint, train_step
+from torchmhc.train import (
+    autocast_context,
+    build_optimizer,
+    evaluate,
+    learning_rate,
+    load_checkpoint,
+    save_checkpoint,
+    train_step,
+)
 
 from train_helpers import make_corpus
 
@@ -97,7 +105,8 @@ def _cases4(root: Path) -> list[dict]:
         _case(root, "fsdp4", {"dp_shard": 4}),
         _case(root, "fsdp4-fp32", {"dp_shard": 4}, dtype="float32"),
         _case(root, "hsdp-moe", {"dp_replicate": 2, "dp_shard": 2}, *MOE),
-        _case(root, "pp2dp2-moe-fp32", {"pp": 2, "dp_shard": 2, "microbatches": 2}, *MOE, dtype="float32"),
+        _case(root, "pp2dp2-moe-fp32", {"pp": 2, "dp_shard": 2, "microbatches": 2}, *MOE, "model.recompute=true",
+              dtype="float32"),  # fmt: skip
         # trains 4 steps, checkpointed after 2 (resumed by the cases below and by the 2-process launch)
         _case(root, "pp2dp2-moe", {"pp": 2, "dp_shard": 2, "microbatches": 2}, *MOE, steps=4, **dcp),
         _case(root, "resume-dp4-moe", {"dp_shard": 4}, *MOE, steps=4, resume_from=str(root / "ckpt4")),
@@ -183,13 +192,21 @@ def _reference_steps(cfg, model, optimizer, steps, autocast=None) -> list[dict]:
     return rows
 
 
+def _val_loss(cfg, model) -> float:
+    """The first validation batch's loss (what the runner measures after training)."""
+    device = next(model.parameters()).device
+    autocast = autocast_context(device, cfg.train.dtype) if device.type == "cuda" else contextlib.nullcontext()
+    return evaluate(model, load_data(cfg.data, progress=False), num_batches=1, batch_size=cfg.data.batch_size,
+                    seq_len=cfg.data.seq_len, device=device, autocast=autocast)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=None)
-def _reference(overrides: tuple[str, ...], dtype: str, steps: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Metrics and final weights of the one-process run."""
+def _reference(overrides: tuple[str, ...], dtype: str, steps: int) -> tuple[list[dict], dict[str, torch.Tensor], float]:
+    """Metrics, final weights and validation loss of the one-process run."""
     cfg = load_config(None, list(overrides))
     model, optimizer = _reference_model(cfg, getattr(torch, dtype))
     rows = _reference_steps(cfg, model, optimizer, range(steps))
-    return rows, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return rows, {k: v.detach().clone() for k, v in model.state_dict().items()}, _val_loss(cfg, model)
 
 
 def _case_by_name(cases: list[dict], name: str) -> dict:
@@ -197,8 +214,10 @@ def _case_by_name(cases: list[dict], name: str) -> dict:
 
 
 def _check(out: Path, case: dict, *, first_step: int = 0) -> None:
-    rows, weights = _reference(tuple(case["overrides"]), case["dtype"], case["steps"])
-    got = json.loads((out / case["name"] / "metrics.json").read_text())
+    rows, weights, val_loss = _reference(tuple(case["overrides"]), case["dtype"], case["steps"])
+    metrics = json.loads((out / case["name"] / "metrics.json").read_text())
+    assert metrics["val_loss"] == pytest.approx(val_loss, rel=1e-5), case["name"]
+    got = metrics["train"]
     assert [r["step"] for r in got] == [r["step"] for r in rows[first_step:]]
     for mine, ref in zip(got, rows[first_step:]):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (case["name"], mine, ref)
@@ -265,7 +284,7 @@ def test_resume_in_one_process(runs4, workdir):
     model, optimizer = _reference_model(cfg, torch.float64)
     assert load_checkpoint(path, model, optimizer)["step"] == 2
     rows = _reference_steps(cfg, model, optimizer, range(2, 4))
-    ref_rows, ref_weights = _reference(tuple(case["overrides"]), "float64", 4)
+    ref_rows, ref_weights, _ = _reference(tuple(case["overrides"]), "float64", 4)
     for mine, ref in zip(rows, ref_rows[2:]):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     for key, ref in ref_weights.items():
@@ -283,8 +302,6 @@ def test_one_gpu_fsdp_and_dualpipev_overlap(workdir):
     GPU, whose overlap function runs each paired forward and backward on separate streams (and the
     FFN post-res on a high-priority stream). Overlapped = sequential; both = the one-device loop
     within bf16 rounding."""
-    from torchmhc.train import autocast_context
-
     bf16 = ("train.dtype=bf16", "model.dim=64")
     v = {"pp_schedule": "dualpipev", "microbatches": 2}
     cases = [
@@ -301,12 +318,12 @@ def test_one_gpu_fsdp_and_dualpipev_overlap(workdir):
         cfg = load_config(None, case["overrides"])
         model, optimizer = _reference_model(cfg, torch.float32, device)
         rows = _reference_steps(cfg, model, optimizer, range(STEPS), autocast_context(device, "bf16"))
-        got = json.loads((out / name / "metrics.json").read_text())
+        got = json.loads((out / name / "metrics.json").read_text())["train"]
         for mine, ref in zip(got, rows):
             assert mine["loss"] == pytest.approx(ref["loss"], rel=2e-2), (name, mine, ref)
     for overlapped, sequential in [("gpu-v-overlap", "gpu-v-sequential"), ("gpu-v-overlap-moe", "gpu-v-sequential-moe")]:
-        a = json.loads((out / overlapped / "metrics.json").read_text())
-        b = json.loads((out / sequential / "metrics.json").read_text())
+        a = json.loads((out / overlapped / "metrics.json").read_text())["train"]
+        b = json.loads((out / sequential / "metrics.json").read_text())["train"]
         for x, y in zip(a, b):
             assert x["loss"] == pytest.approx(y["loss"], rel=1e-3) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-2)
         wa, wb = load_file(str(out / overlapped / "weights_pp0.safetensors")), load_file(str(out / sequential / "weights_pp0.safetensors"))

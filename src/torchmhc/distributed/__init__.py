@@ -22,12 +22,13 @@ from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.data import local_batch, local_rows
 from torchmhc.distributed.mesh import build_mesh, init_distributed, rank_layout
 from torchmhc.distributed.parallelize import ParallelModel, parallelize
-from torchmhc.distributed.step import forward_backward, train_step
+from torchmhc.distributed.step import evaluate_loss, forward_backward, train_step
 
 __all__ = [
     "ParallelConfig",
     "ParallelModel",
     "build_mesh",
+    "evaluate_loss",
     "forward_backward",
     "init_distributed",
     "local_batch",

@@ -105,6 +105,10 @@ def overlap_forward_backward(action, ctx, streams: dict[int, torch.cuda.Stream] 
         raise RuntimeError(f"expected one FORWARD and one FULL_BACKWARD sub-action, got {action.sub_actions}")
     f, b = forward[0], backward[0]
     f_stage, b_stage = local[f.stage_index], local[b.stage_index]
+    if not b_stage.has_backward:  # schedule.eval(): forward only
+        _wait_forward_input(schedule, f_stage, f.microbatch_index, local)
+        _forward(schedule, f_stage, f.microbatch_index, ctx, local)
+        return
     for stage in (f_stage, b_stage):
         schedule._assert_unsharded(stage)
 

@@ -12,7 +12,8 @@ optimizer steps in all), and optionally ``dtype`` ("float32" or "float64", the p
 ``save_at`` (a step count) with ``checkpoint_dir`` (a run directory: a DCP checkpoint is written
 under it after that many steps), and ``resume_from`` (a DCP checkpoint directory, or a run
 directory whose latest checkpoint to start from). Each case writes
-``out/<name>/metrics.json`` (per-step loss and gradient norm, from rank 0) and
+``out/<name>/metrics.json`` (per-step loss and gradient norm, and the loss of the first
+validation batch after training, from rank 0) and
 ``out/<name>/weights_pp<r>.safetensors`` (the full weights of pipeline rank r's part, from its
 first data-parallel rank). The launch's world size must equal each case's product of degrees.
 """
@@ -30,10 +31,10 @@ from torch.distributed.tensor import DTensor
 from torchmhc.config import RunConfig, load_config
 from torchmhc.data import TokenData, load_data
 from torchmhc.distributed.config import ParallelConfig
-from torchmhc.distributed.data import local_batch
+from torchmhc.distributed.data import local_batch, local_rows
 from torchmhc.distributed.mesh import build_mesh, init_distributed
 from torchmhc.distributed.parallelize import ParallelModel, parallelize
-from torchmhc.distributed.step import train_step
+from torchmhc.distributed.step import evaluate_loss, train_step
 from torchmhc.models import build_model
 from torchmhc.train import build_optimizer, learning_rate
 
@@ -109,11 +110,14 @@ def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = No
             from torchmhc.distributed.checkpoint import save_dcp_checkpoint
 
             save_dcp_checkpoint(Path(case["checkpoint_dir"]), pm.part, optimizer, {"step": step + 1})
+    x, y = data.get_batch("val", 0, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, seed=0)
+    val_loss = evaluate_loss(pm, local_rows(x, pm.layout.dp_rank, pm.layout.dp_size),
+                             local_rows(y, pm.layout.dp_rank, pm.layout.dp_size))  # fmt: skip
     case_dir = out_dir / case["name"]
     weights = full_state_dict(pm)
     if dist.get_rank() == 0:
         case_dir.mkdir(parents=True, exist_ok=True)
-        (case_dir / "metrics.json").write_text(json.dumps(rows))
+        (case_dir / "metrics.json").write_text(json.dumps({"train": rows, "val_loss": val_loss}))
     dist.barrier()
     if pm.layout.dp_rank == 0:
         save_file(weights, str(case_dir / f"weights_pp{pm.layout.pp_rank}.safetensors"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from torchmhc.distributed.parallelize import ParallelModel
 from torchmhc.distributed.pipeline import token_cross_entropy
 from torchmhc.train import NonFiniteLossError, StepStats
 
-__all__ = ["train_step", "forward_backward"]
+__all__ = ["train_step", "forward_backward", "evaluate_loss"]
 
 
 def _all_reduce_dp_mean(value: Tensor, pm: ParallelModel) -> Tensor:
@@ -117,3 +118,56 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     update_router_bias(pm.part, pm.mesh)
     return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+@contextlib.contextmanager
+def _no_local_gradient_handover(schedule) -> Iterator[None]:
+    """torch 2.13's ``eval()`` of a V-shaped schedule still hands the (absent) input gradient from
+    one local stage to the other at the turn of the V, and the stage asserts that it has a
+    backward: make that hand-over a no-op while evaluating."""
+    stages = getattr(schedule, "_stages", [])
+    for stage in stages:
+        stage.get_local_bwd_output = lambda mb: ()
+        stage.set_local_bwd_input = lambda grads, mb: None
+    try:
+        yield
+    finally:
+        for stage in stages:
+            del stage.get_local_bwd_output, stage.set_local_bwd_input
+
+
+@torch.no_grad()
+def evaluate_loss(pm: ParallelModel, x: Tensor, y: Tensor) -> float:
+    """Mean cross-entropy of a batch in eval mode (MoE loads are not counted), the same on every rank.
+
+    Args:
+        x, y: this rank's rows of the batch, int64 ``[B / dp, T]`` (with pipelining ``B`` must be
+            the training batch size: the stages were built for its microbatch shape).
+    """
+    x, y = x.to(pm.device), y.to(pm.device)
+    modules = [pm.part, *pm.stages]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        if pm.schedule is None:
+            autocast = (
+                torch.autocast(pm.device.type, dtype=pm.compute_dtype) if pm.compute_dtype else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = token_cross_entropy(pm.part(x), y).float()
+        else:
+            losses: list[Tensor] = []
+            args = (x,) if pm.has_first_stage else ()
+            with _no_local_gradient_handover(pm.schedule):
+                if pm.has_last_stage:
+                    pm.schedule.eval(*args, target=y, losses=losses)
+                else:
+                    pm.schedule.eval(*args)
+            loss = torch.stack(losses).float().mean() if losses else torch.zeros((), device=pm.device)
+            if pm.parallel.pp > 1:
+                dist.all_reduce(loss, group=pm.pp_group)
+        return _all_reduce_dp_mean(loss, pm).item()
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
