@@ -43,7 +43,6 @@ from torchmhc.config import ModelConfig
 from torchmhc.distributed.config import V_SCHEDULES, ParallelConfig
 from torchmhc.models import GPT
 from torchmhc.models.gpt import embed_streams, run_blocks, streams_to_logits
-from torchmhc.models.moe import MoE
 
 __all__ = [
     "ContiguousGrad",
@@ -215,7 +214,6 @@ class GPTStage(nn.Module):
         super().__init__()
         self.cfg = model.cfg
         self.num_streams = model.num_streams
-        self.block_range = blocks
         # The forward runs under autocast here, not around the schedule: the schedule also runs
         # backward passes, which (as in the one-device loop) must not run under autocast.
         self.autocast_dtype = autocast_dtype
@@ -261,12 +259,6 @@ class ModelPart(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a ModelPart is run by its pipeline schedule, not called")
-
-    def update_router_bias(self) -> None:
-        """Balance MoE routing once per optimizer step (no-op for the dense model)."""
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.update_router_bias()
 
 
 def split_model(
