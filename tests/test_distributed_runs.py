@@ -120,6 +120,7 @@ def _cases2(root: Path) -> list[dict]:
         _case(root, "fsdp2-fp32", {"dp_shard": 2}, dtype="float32"),
         _case(root, "fsdp2-moe", {"dp_shard": 2}, *MOE),
         _case(root, "fsdp2-recompute", {"dp_shard": 2}, "model.recompute=true"),
+        _case(root, "fsdp2-accumulate", {"dp_shard": 2, "microbatches": 2}),  # gradient accumulation
         *(_case(root, f"pp2-{s}", {"pp": 2, "pp_schedule": s, "microbatches": 4}) for s in schedules),
         _case(root, "pp2-1f1b-fp32", {"pp": 2, "microbatches": 4}, dtype="float32"),
         _case(root, "pp2-1f1b-moe", {"pp": 2, "microbatches": 2}, *MOE),
@@ -247,7 +248,7 @@ def test_four_processes_match_one(runs4, workdir, name):
 @pytest.mark.parametrize(
     "name",
     [
-        "fsdp2", "fsdp2-fp32", "fsdp2-moe", "fsdp2-recompute",
+        "fsdp2", "fsdp2-fp32", "fsdp2-moe", "fsdp2-recompute", "fsdp2-accumulate",
         "pp2-gpipe", "pp2-1f1b", "pp2-interleaved-1f1b", "pp2-zbv", "pp2-dualpipev",
         "pp2-1f1b-fp32", "pp2-1f1b-moe", "pp2-dualpipev-moe", "pp2-dualpipev-recompute", "pp1dp2-dualpipev-moe",
     ],
