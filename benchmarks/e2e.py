@@ -2,12 +2,15 @@
 
     python benchmarks/e2e.py --preset gpu-moe-3b --variants residual,mhc,mhc:recompute --out moe.md
     python benchmarks/e2e.py --preset tiny --device cpu --steps 3 --warmup 1      # CPU smoke run
+    python benchmarks/e2e.py --preset gpu-dense-1b --variants mhc,mhc:fsdp         # distributed path, 1 GPU
     python benchmarks/e2e.py --preset gpu-small --set train.compile=false         # eager
 
 A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`` turns on block
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
-``mhc:fused`` runs each block's attention post-res and FFN pre as one op (``model.fuse_transitions``). Every
+``mhc:unfused`` runs each block's attention post-res and FFN pre as two ops (``model.fuse_transitions =
+false``; the default fuses them); ``mhc:fsdp`` trains through ``torchmhc.distributed`` at world size 1
+(FSDP2 over one rank, bf16 parameters for the compute; the distributed path's cost against ``mhc``). Every
 variant gets the same preset, seed, batch and ``train.compile`` setting (the GPU benchmark presets
 compile, block by block: ``torchmhc.train.apply_compile``).
 
@@ -70,7 +73,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference", "fused")
+MODIFIERS = ("recompute", "reference", "unfused", "fsdp")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -258,24 +261,27 @@ class NewStorages(TorchDispatchMode):
 
 @dataclass
 class Variant:
-    """One row: a ``model.residual`` name and its modifiers (``mhc:recompute:reference``, ``mhc:fused``)."""
+    """One row: a ``model.residual`` name and its modifiers (``mhc:recompute:reference``, ``mhc:unfused``)."""
 
     spec: str
     residual: str
     recompute: bool = False
     reference: bool = False
-    fused: bool = False
+    unfused: bool = False
+    fsdp: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         residual, *mods = spec.strip().split(":")
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
-            raise ValueError(f"variant {spec!r}: expected NAME[:recompute][:reference][:fused], got modifiers {bad}")
-        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods, "fused" in mods)
+            raise ValueError(
+                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:fsdp], got modifiers {bad}"
+            )
+        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods, "unfused" in mods, "fsdp" in mods)
 
     def config(self, base: RunConfig) -> RunConfig:
-        fused = self.fused or base.model.fuse_transitions
+        fused = base.model.fuse_transitions and not self.unfused
         model = replace(base.model, residual=self.residual, recompute=self.recompute, fuse_transitions=fused)
         return replace(base, model=model)
 
@@ -369,13 +375,33 @@ def _build(cfg: RunConfig, device: torch.device, compile_mode: str):
     return model, optimizer
 
 
+def _build_fsdp(cfg: RunConfig, device: torch.device, compile_mode: str):
+    """(model, AdamW, ParallelModel): the same model laid out by ``torchmhc.distributed`` in this one
+    process — FSDP2 over one rank, bf16 parameters for the compute under bf16 autocast — what
+    ``torchrun --nproc-per-node 1`` runs (compiled block by block first, as torchtitan orders it)."""
+    from torchmhc.distributed import ParallelConfig, build_mesh, init_distributed, parallelize
+
+    init_distributed(device.type)  # a one-process group without torchrun
+    model, _ = _build(cfg, device, compile_mode)
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    pm = parallelize(
+        model, ParallelConfig(), build_mesh(ParallelConfig(), device.type), device=device,
+        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, compute_dtype=torch.bfloat16 if bf16 else None,
+    )  # fmt: skip
+    return pm.part, build_optimizer(pm.part, cfg.optim), pm
+
+
 def run_variant(
     variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int, profile_steps: int = 0
 ) -> Result:
     """Build, (compile,) time and measure one variant (and profile it when ``profile_steps``)."""
     cfg = variant.config(base)
     result = Result(variant.spec)
-    model, optimizer = _build(cfg, device, cfg.train.compile_mode)
+
+    def build(compile_mode: str):
+        return _build_fsdp(cfg, device, compile_mode) if variant.fsdp else (*_build(cfg, device, compile_mode), None)
+
+    model, optimizer, pm = build(cfg.train.compile_mode)
     result.num_params = model.num_params()
     result.flops_per_token = flops_per_token(model, cfg)
     autocast = autocast_context(device, cfg.train.dtype)
@@ -385,8 +411,14 @@ def run_variant(
     kernels = use_kernels("reference") if variant.reference else contextlib.nullcontext()
 
     def step(i: int) -> None:
-        train_step(model, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
-                   on_nonfinite="skip", autocast=autocast, step=i)
+        if pm is not None:  # the distributed path: its train_step autocasts itself
+            from torchmhc.distributed import train_step as parallel_train_step
+
+            parallel_train_step(pm, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
+                                on_nonfinite="skip", step=i)
+        else:
+            train_step(model, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
+                       on_nonfinite="skip", autocast=autocast, step=i)
 
     times = []
     with kernels:
@@ -411,7 +443,7 @@ def run_variant(
             torch.compiler.reset()  # also frees the CUDA graphs and their memory pool
             gc.collect()
             torch.cuda.empty_cache()
-            model, optimizer = _build(cfg, device, "default")
+            model, optimizer, pm = build("default")
             step(0)  # compiles
         result.activation_bytes, result.peak_bytes = memory_step(model, optimizer, batch, cfg, device, autocast)
     result.ms_per_step = statistics.median(times) * 1e3
@@ -625,6 +657,8 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(table)
     print(table, flush=True)
+    if torch.distributed.is_initialized():  # made by an :fsdp variant
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Legend: B batch, T sequence, V vocab, C model dim (one stream), n streams, h hea
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torchmhc.layers import HyperConnection, StreamHead, expand_streams
 from torchmhc.models.moe import MoE, SwiGLU
 from torchmhc.recompute import run_sublayers
 
-__all__ = ["GPT", "Block", "Attention"]
+__all__ = ["GPT", "Block", "Attention", "embed_streams", "run_blocks", "streams_to_logits", "sublayers_of"]
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -143,6 +143,43 @@ class Block(nn.Module):
         return x
 
 
+def sublayers_of(blocks: Iterable[Block]) -> list[tuple[HyperConnection, Callable[[Tensor], Tensor]]]:
+    """The (hyper-connection, branch) pairs of ``blocks`` in order: what ``Block.forward`` runs."""
+    return [pair for b in blocks for pair in ((b.attn_hc, b.attn_branch), (b.ffn_hc, b.ffn_branch))]
+
+
+def embed_streams(tok_emb: nn.Embedding, idx: Tensor, num_streams: int) -> Tensor:
+    """Token ids ``[B, T]`` -> streams ``[B, T, n, C]`` in the activation dtype (the network's entry)."""
+    h = tok_emb(idx)  # [B, T, C] fp32 (embedding lookups are not autocast)
+    if torch.is_autocast_enabled(h.device.type):
+        # The streams live in the activation dtype (SPEC §1), for every residual variant alike:
+        # without this cast they would be fp32 under autocast, doubling the stream traffic.
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+    return expand_streams(h, num_streams)  # [B, T, n, C]
+
+
+def run_blocks(blocks: Iterable[Block], x: Tensor, cfg: ModelConfig) -> Tensor:
+    """Streams ``[B, T, n, C]`` through ``blocks`` in order -> ``[B, T, n, C]``.
+
+    With ``cfg.recompute`` the blocks' sub-layers run under block recomputation, whose blocks
+    start again at the first sub-layer given here: a pipeline stage passes its own blocks, so a
+    recomputation block never crosses a stage edge, and the default length L_r* is computed from
+    the stage's own number of sub-layers.
+    """
+    if cfg.recompute:  # same values and gradients, fewer saved streams (torchmhc.recompute)
+        return run_sublayers(x, sublayers_of(blocks), block_length=cfg.recompute_block_length or None)
+    for block in blocks:
+        x = block(x)  # [B, T, n, C]
+    return x
+
+
+def streams_to_logits(stream_head: StreamHead | None, norm: nn.Module, lm_head: nn.Linear, x: Tensor) -> Tensor:
+    """Streams ``[B, T, n, C]`` -> logits ``[B, T, V]`` (the network's exit); without a stream
+    head (one stream) stream 0 is the hidden state."""
+    h = stream_head(x) if stream_head is not None else x[..., 0, :]  # [B, T, C]
+    return lm_head(norm(h))  # [B, T, V]
+
+
 class GPT(nn.Module):
     """Decoder-only language model: token ids ``[B, T]`` -> logits ``[B, T, V]``.
 
@@ -175,23 +212,13 @@ class GPT(nn.Module):
             raise ValueError(
                 f"idx has sequence length {idx.shape[1]} > model max_seq_len {self.cfg.max_seq_len}."
             )
-        h = self.tok_emb(idx)  # [B, T, C] fp32 (embedding lookups are not autocast)
-        if torch.is_autocast_enabled(h.device.type):
-            # The streams live in the activation dtype (SPEC §1), for every residual variant alike:
-            # without this cast they would be fp32 under autocast, doubling the stream traffic.
-            h = h.to(torch.get_autocast_dtype(h.device.type))
-        x = expand_streams(h, self.num_streams)  # [B, T, n, C]
-        if self.cfg.recompute:  # same values and gradients, fewer saved streams (SPEC §9)
-            x = run_sublayers(x, self.sublayers(), block_length=self.cfg.recompute_block_length or None)
-        else:
-            for block in self.blocks:
-                x = block(x)  # [B, T, n, C]
-        h = self.stream_head(x) if self.stream_head is not None else x[..., 0, :]  # [B, T, C]
-        return self.lm_head(self.norm(h))  # [B, T, V]
+        x = embed_streams(self.tok_emb, idx, self.num_streams)  # [B, T, n, C]
+        x = run_blocks(self.blocks, x, self.cfg)  # [B, T, n, C]
+        return streams_to_logits(self.stream_head, self.norm, self.lm_head, x)  # [B, T, V]
 
     def sublayers(self) -> list[tuple[HyperConnection, Callable[[Tensor], Tensor]]]:
         """The 2L (hyper-connection, branch) pairs in order: what ``Block.forward`` runs."""
-        return [pair for b in self.blocks for pair in ((b.attn_hc, b.attn_branch), (b.ffn_hc, b.ffn_branch))]
+        return sublayers_of(self.blocks)
 
     def hyper_connections(self) -> list[HyperConnection]:
         """The 2L hyper-connections in sub-layer order (attention, FFN, attention, ...)."""

@@ -1,0 +1,173 @@
+"""One optimizer step of a laid-out model: the parallel counterpart of ``torchmhc.train.train_step``.
+
+Forward and backward run through FSDP (no pipelining: the local rows in ``microbatches``
+gradient-accumulation chunks) or through the pipeline schedule. Either way the gradient is that
+of the global batch's mean loss, as in one process: each microbatch's loss is its mean over
+tokens, microbatch gradients are averaged, and FSDP averages over the data-parallel ranks. Then
+the global gradient norm (all shards, all stages), the non-finite guard, clipping, AdamW, and the
+MoE router-bias update with the load of the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from torchmhc.distributed.clip import clip_grad_norm_
+from torchmhc.distributed.moe import update_router_bias
+from torchmhc.distributed.parallelize import ParallelModel
+from torchmhc.distributed.pipeline import token_cross_entropy
+from torchmhc.train import NonFiniteLossError, StepStats
+
+__all__ = ["train_step", "forward_backward", "evaluate_loss"]
+
+
+def _all_reduce_dp_mean(value: Tensor, pm: ParallelModel) -> Tensor:
+    """Mean of ``value`` over the data-parallel ranks (in place; returns it)."""
+    for name in ("dp_shard", "dp_replicate"):
+        if pm.mesh[name].size() > 1:
+            dist.all_reduce(value, group=pm.mesh.get_group(name))
+    return value.div_(pm.layout.dp_size)
+
+
+def forward_backward(pm: ParallelModel, x: Tensor, y: Tensor) -> Tensor:
+    """Forward and backward of this rank's rows; gradients end in the (sharded) parameters.
+
+    Args:
+        x, y: this rank's inputs and targets, int64 ``[B / dp, T]`` (see ``torchmhc.distributed.data``).
+
+    Returns:
+        The global batch's mean loss, an fp32 scalar, the same on every rank.
+    """
+    num_microbatches = pm.parallel.microbatches
+    if pm.schedule is None:
+        model = pm.part
+        autocast = (
+            torch.autocast(pm.device.type, dtype=pm.compute_dtype) if pm.compute_dtype else contextlib.nullcontext()
+        )
+        loss = torch.zeros((), device=pm.device)
+        for i, (xm, ym) in enumerate(zip(x.chunk(num_microbatches), y.chunk(num_microbatches))):
+            # Gradients are reduced once, after the last microbatch.
+            model.set_requires_gradient_sync(i == num_microbatches - 1)
+            with autocast:
+                microbatch_loss = token_cross_entropy(model(xm), ym) / num_microbatches
+            microbatch_loss.backward()
+            loss += microbatch_loss.detach()
+    else:
+        losses: list[Tensor] = []
+        args = (x,) if pm.has_first_stage else ()
+        if pm.has_last_stage:
+            pm.schedule.step(*args, target=y, losses=losses, return_outputs=False)
+        else:
+            pm.schedule.step(*args, return_outputs=False)
+        # Only the rank with the last stage has the loss: the others add zero.
+        loss = torch.stack(losses).float().mean().detach() if losses else torch.zeros((), device=pm.device)
+        if pm.parallel.pp > 1:
+            dist.all_reduce(loss, group=pm.pp_group)
+    return _all_reduce_dp_mean(loss, pm)
+
+
+def train_step(
+    pm: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Tensor, Tensor],
+    *,
+    lr: float,
+    grad_clip: float,
+    on_nonfinite: str,
+    step: int,
+) -> StepStats:
+    """Forward, backward, global norm, non-finite guard, clip, AdamW, router-bias update.
+
+    Args:
+        pm: from :func:`torchmhc.distributed.parallelize.parallelize`.
+        optimizer: over ``pm.part``'s parameters (``torchmhc.train.build_optimizer(pm.part, ...)``).
+        batch: this rank's rows (``torchmhc.distributed.data.local_batch``), on any device.
+        lr, grad_clip, on_nonfinite, step: as ``torchmhc.train.train_step``.
+
+    Returns:
+        The step's global loss and gradient norm (equal on every rank).
+    """
+    x, y = (t.to(pm.device) for t in batch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = forward_backward(pm, x, y)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm_t = clip_grad_norm_(params, max_norm, pp_group=pm.pp_group)
+    loss_value, grad_norm = torch.stack([loss, grad_norm_t.to(loss.device)]).tolist()
+
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        update_router_bias(pm.part, pm.mesh)
+        if on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}. "
+                f"The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
+                f"or set train.on_nonfinite=skip to skip such steps.",
+                step=step,
+            )
+        return StepStats(loss_value, grad_norm, lr, skipped=True)
+
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_router_bias(pm.part, pm.mesh)
+    return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+@contextlib.contextmanager
+def _no_local_gradient_handover(schedule) -> Iterator[None]:
+    """torch 2.13's ``eval()`` of a V-shaped schedule still hands the (absent) input gradient from
+    one local stage to the other at the turn of the V, and the stage asserts that it has a
+    backward: make that hand-over a no-op while evaluating."""
+    stages = getattr(schedule, "_stages", [])
+    for stage in stages:
+        stage.get_local_bwd_output = lambda mb: ()
+        stage.set_local_bwd_input = lambda grads, mb: None
+    try:
+        yield
+    finally:
+        for stage in stages:
+            del stage.get_local_bwd_output, stage.set_local_bwd_input
+
+
+@torch.no_grad()
+def evaluate_loss(pm: ParallelModel, x: Tensor, y: Tensor) -> float:
+    """Mean cross-entropy of a batch in eval mode (MoE loads are not counted), the same on every rank.
+
+    Args:
+        x, y: this rank's rows of the batch, int64 ``[B / dp, T]`` (with pipelining ``B`` must be
+            the training batch size: the stages were built for its microbatch shape).
+    """
+    x, y = x.to(pm.device), y.to(pm.device)
+    modules = [pm.part, *pm.stages]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        if pm.schedule is None:
+            autocast = (
+                torch.autocast(pm.device.type, dtype=pm.compute_dtype) if pm.compute_dtype else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = token_cross_entropy(pm.part(x), y).float()
+        else:
+            losses: list[Tensor] = []
+            args = (x,) if pm.has_first_stage else ()
+            with _no_local_gradient_handover(pm.schedule):
+                if pm.has_last_stage:
+                    pm.schedule.eval(*args, target=y, losses=losses)
+                else:
+                    pm.schedule.eval(*args)
+            loss = torch.stack(losses).float().mean() if losses else torch.zeros((), device=pm.device)
+            if pm.parallel.pp > 1:
+                dist.all_reduce(loss, group=pm.pp_group)
+        return _all_reduce_dp_mean(loss, pm).item()
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
