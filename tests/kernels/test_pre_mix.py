@@ -35,11 +35,11 @@ def test_pre_mix_op_schema_fake_and_autograd():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, c", [(1, 64), (3, 64), (4, 128), (2, 320)])
 def test_pre_mix_dh_is_the_backward_without_dx(n, c, dtype):
-    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op, pre_mix_bwd, pre_mix_dh
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh_op, pre_mix_bwd, pre_mix_dh
 
     x = streams(7, n, c, dtype)
     grad = torch.randn(7, c, device=DEVICE).to(dtype)
     dh = pre_mix_dh(grad, x)
     assert torch.equal(dh, pre_mix_bwd(grad, x, torch.rand(7, n, device=DEVICE))[1])
     torch.testing.assert_close(dh.double(), torch.einsum("tc,tjc->tj", grad.double(), x.double()), **FP32_TOL)
-    torch.library.opcheck(_pre_mix_dh_op, (grad, x), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(pre_mix_dh_op, (grad, x), test_utils=("test_schema", "test_faketensor"))

@@ -43,8 +43,7 @@ __all__ = [
     "coefficients_op",
     "coefficients_backward",
     "Coefficients",
-    "PP",
-]
+    "PP", "coefficients_backward_op"]
 
 #: Width of the packed [pre | post] block (8 slots each: n <= 8).
 PP = 16
@@ -714,7 +713,7 @@ coefficients_op = define_op(
     lambda x, *_: empty_coefficient_outputs(x),
 )
 #: :func:`coefficients_backward`.
-_coefficients_backward_op = define_op(
+coefficients_backward_op = define_op(
     "mhc_coefficients_backward",
     "(Tensor x, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv, Tensor dh_pre,"
     " Tensor dh_post, Tensor dh_res, int iters, float eps, float post_scale, Tensor? add=None,"
@@ -736,7 +735,7 @@ def _backward(ctx, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     iters, eps, post_scale = ctx.config
     t, n, _ = x.shape
     like_pre = rinv.new_empty((t, n))
-    dx, dfn, dscale, dbase = eager_or_compiled(_coefficients_backward_op, coefficients_backward, x)(
+    dx, dfn, dscale, dbase = eager_or_compiled(coefficients_backward_op, coefficients_backward, x)(
         x, fn, scale, base, m_pp, m_res, rinv,
         grad_or_zeros(d_pre, like_pre), grad_or_zeros(d_post, like_pre),
         grad_or_zeros(d_res, rinv.new_empty((t, n, n))), iters, eps, post_scale,

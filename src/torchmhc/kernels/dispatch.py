@@ -275,12 +275,12 @@ def _chained_pre_backward(
     The pre-mix backward reduces only ``dh_pre = dy·x`` (reads x); the coefficient backward's one
     pass over dx then sums all three gradients of x: its own, ``h_pre ⊗ dy`` and ``d_pass``.
     ``saved`` and ``config`` are what :func:`_coefficients_forward` saved and was given."""
-    from torchmhc.kernels.pre_mix_op import _pre_mix_dh_op, pre_mix_dh
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh_op, pre_mix_dh
 
     d_pass = None if d_pass is None else d_pass.contiguous()
     if dy is not None:
         dy = dy.contiguous()
-        dh_mix = eager_or_compiled(_pre_mix_dh_op, pre_mix_dh, x)(dy, x)
+        dh_mix = eager_or_compiled(pre_mix_dh_op, pre_mix_dh, x)(dy, x)
         d_pre = dh_mix if d_pre is None else d_pre + dh_mix
     if d_pre is None and d_post is None and d_res is None:  # neither the coefficients nor y were used
         return d_pass, None, None, None
@@ -292,15 +292,15 @@ def _chained_pre_backward(
     grads = (grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)))
     mix_h = None if dy is None else h_pre
     if kind == "mhc":
-        from torchmhc.kernels.coefficients_op import _coefficients_backward_op, coefficients_backward
+        from torchmhc.kernels.coefficients_op import coefficients_backward_op, coefficients_backward
 
         iters, eps, _rms_eps, post_scale = config
-        return eager_or_compiled(_coefficients_backward_op, coefficients_backward, x)(
+        return eager_or_compiled(coefficients_backward_op, coefficients_backward, x)(
             x, fn, scale, base, *saved, *grads, iters, eps, post_scale, d_pass, dy, mix_h
         )  # fmt: skip
-    from torchmhc.kernels.hc_coefficients_op import _hc_coefficients_backward_op, hc_coefficients_backward
+    from torchmhc.kernels.hc_coefficients_op import hc_coefficients_backward_op, hc_coefficients_backward
 
-    return eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward, x)(
+    return eager_or_compiled(hc_coefficients_backward_op, hc_coefficients_backward, x)(
         x, fn, scale, *saved, *grads, d_pass, dy, mix_h
     )
 
@@ -371,7 +371,7 @@ class _ChainedPostPre(torch.autograd.Function):
     def backward(
         ctx, dy: Tensor | None, d_next: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        from torchmhc.kernels.post_res_op import _post_res_backward_op, post_res_bwd
+        from torchmhc.kernels.post_res_op import post_res_backward_op, post_res_bwd
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
         d_next, dfn, dscale, dbase = _chained_pre_backward(
@@ -379,7 +379,7 @@ class _ChainedPostPre(torch.autograd.Function):
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
-            dx, df, dh_post, dh_res = eager_or_compiled(_post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
+            dx, df, dh_post, dh_res = eager_or_compiled(post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
         # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
         return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 

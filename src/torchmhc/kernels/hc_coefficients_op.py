@@ -47,8 +47,7 @@ __all__ = [
     "hc_coefficients_op",
     "hc_coefficients_backward",
     "HcCoefficients",
-    "WIDTH",
-]
+    "WIDTH", "hc_coefficients_backward_op"]
 
 #: Dynamic columns per row, n + 2 <= 10 padded to what tl.dot takes (n <= 8).
 WIDTH = 16
@@ -345,7 +344,7 @@ hc_coefficients_op = define_op(
     lambda x, *_: empty_hc_outputs(x),
 )
 #: :func:`hc_coefficients_backward`.
-_hc_coefficients_backward_op = define_op(
+hc_coefficients_backward_op = define_op(
     "hc_coefficients_backward",
     "(Tensor x, Tensor fn, Tensor scale, Tensor m, Tensor rinv, Tensor dh_pre, Tensor dh_post, Tensor dh_res,"
     " Tensor? add=None, Tensor? mix_dy=None, Tensor? mix_h=None) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -364,7 +363,7 @@ def _backward(ctx, d_pre, d_post, d_res, _d_m, _d_rinv):
     x, fn, scale, m, rinv = ctx.saved_tensors
     like_pre = rinv.new_empty(rinv.shape)
     t, n = rinv.shape
-    dx, dfn, dscale, dbase = eager_or_compiled(_hc_coefficients_backward_op, hc_coefficients_backward, x)(
+    dx, dfn, dscale, dbase = eager_or_compiled(hc_coefficients_backward_op, hc_coefficients_backward, x)(
         x, fn, scale, m, rinv, grad_or_zeros(d_pre, like_pre), grad_or_zeros(d_post, like_pre),
         grad_or_zeros(d_res, rinv.new_empty((t, n, n))),
     )  # fmt: skip

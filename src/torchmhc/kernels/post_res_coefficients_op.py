@@ -54,7 +54,7 @@ from torchmhc.kernels.coefficients_op import (
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
 
-__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op", "post_res_coefficients_backward", "PostResCoefficients"]
+__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op", "post_res_coefficients_backward", "PostResCoefficients", "post_res_coefficients_backward_op"]
 
 
 def packed_rows(n: int) -> int:
@@ -347,7 +347,7 @@ post_res_coefficients_op = define_op(
     lambda x, *_: (torch.empty_like(x), *empty_coefficient_outputs(x)),
 )
 #: :func:`post_res_coefficients_backward`.
-_post_res_coefficients_backward_op = define_op(
+post_res_coefficients_backward_op = define_op(
     "post_res_coefficients_backward",
     "(Tensor d_next, Tensor d_pre, Tensor d_post, Tensor d_res, Tensor x, Tensor f_out, Tensor h_post,"
     " Tensor h_res, Tensor x_next, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv,"
@@ -374,7 +374,7 @@ def _backward(ctx, d_next, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
     def grad(g: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return like.new_zeros(shape) if g is None else g.contiguous()
 
-    grads = eager_or_compiled(_post_res_coefficients_backward_op, post_res_coefficients_backward, x)(
+    grads = eager_or_compiled(post_res_coefficients_backward_op, post_res_coefficients_backward, x)(
         grad(d_next, tuple(x.shape), x), grad(d_pre, (t, n), rinv), grad(d_post, (t, n), rinv),
         grad(d_res, (t, n, n), rinv), x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv,
         iters, eps, post_scale,

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2
 from torchmhc.kernels._precision import MODE_BF16, MODE_FMA, dot_f32_bf16, precision_mode
 
-__all__ = ["post_res_fwd", "post_res_bwd", "post_res_op", "PostRes"]
+__all__ = ["post_res_fwd", "post_res_bwd", "post_res_op", "PostRes", "post_res_backward_op"]
 
 
 def _token_slab(c: int, limit: int) -> int:
@@ -186,7 +186,7 @@ post_res_op = define_op(
     post_res_fwd,
     lambda x, f_out, h_post, h_res: torch.empty_like(x),
 )
-_post_res_backward_op = define_op(
+post_res_backward_op = define_op(
     "post_res_backward",
     "(Tensor grad, Tensor x, Tensor f_out, Tensor h_post, Tensor h_res) -> (Tensor, Tensor, Tensor, Tensor)",
     post_res_bwd,
@@ -200,7 +200,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, f_out, h_post, h_res = ctx.saved_tensors
-    backward = eager_or_compiled(_post_res_backward_op, post_res_bwd, x)
+    backward = eager_or_compiled(post_res_backward_op, post_res_bwd, x)
     dx, df, dh_post, dh_res = backward(grad.contiguous(), x, f_out, h_post, h_res)
     # one gradient per input: (x, f_out, h_post, h_res)
     return dx, df, dh_post, dh_res

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from torchmhc.kernels._common import channel_block, define_op, eager_or_compiled, next_pow2
 
-__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op", "PreMix"]
+__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op", "PreMix", "pre_mix_backward_op", "pre_mix_dh_op"]
 
 
 @triton.jit
@@ -120,14 +120,14 @@ pre_mix_op = define_op(
     "pre_mix", "(Tensor x, Tensor h_pre) -> Tensor", pre_mix_fwd, lambda x, h_pre: x.new_empty((x.shape[0], x.shape[2]))
 )
 #: ``(dx, dh_pre)`` of :func:`pre_mix_bwd`.
-_pre_mix_backward_op = define_op(
+pre_mix_backward_op = define_op(
     "pre_mix_backward",
     "(Tensor grad, Tensor x, Tensor h_pre) -> (Tensor, Tensor)",
     pre_mix_bwd,
     lambda grad, x, h_pre: (torch.empty_like(x), torch.empty_like(h_pre)),
 )
 #: :func:`pre_mix_dh`: ``dh_pre [T, n]`` fp32 alone.
-_pre_mix_dh_op = define_op(
+pre_mix_dh_op = define_op(
     "pre_mix_dh",
     "(Tensor grad, Tensor x) -> Tensor",
     pre_mix_dh,
@@ -142,7 +142,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     x, h_pre = ctx.saved_tensors
-    dx, dh = eager_or_compiled(_pre_mix_backward_op, pre_mix_bwd, x)(grad.contiguous(), x, h_pre)
+    dx, dh = eager_or_compiled(pre_mix_backward_op, pre_mix_bwd, x)(grad.contiguous(), x, h_pre)
     # one gradient per input: (x, h_pre)
     return dx, dh
 
