@@ -42,8 +42,10 @@ __all__ = [
     "coefficients_bwd_x",
     "coefficients_op",
     "coefficients_backward",
+    "coefficients_backward_op",
     "Coefficients",
-    "PP", "coefficients_backward_op"]
+    "PP",
+]
 
 #: Width of the packed [pre | post] block (8 slots each: n <= 8).
 PP = 16

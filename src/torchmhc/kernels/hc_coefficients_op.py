@@ -47,7 +47,9 @@ __all__ = [
     "hc_coefficients_op",
     "hc_coefficients_backward",
     "HcCoefficients",
-    "WIDTH", "hc_coefficients_backward_op"]
+    "WIDTH",
+    "hc_coefficients_backward_op",
+]
 
 #: Dynamic columns per row, n + 2 <= 10 padded to what tl.dot takes (n <= 8).
 WIDTH = 16

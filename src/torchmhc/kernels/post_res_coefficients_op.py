@@ -54,7 +54,14 @@ from torchmhc.kernels.coefficients_op import (
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
 
-__all__ = ["pack_fn", "post_res_coefficients_fwd", "post_res_coefficients_op", "post_res_coefficients_backward", "PostResCoefficients", "post_res_coefficients_backward_op"]
+__all__ = [
+    "pack_fn",
+    "post_res_coefficients_fwd",
+    "post_res_coefficients_op",
+    "post_res_coefficients_backward",
+    "PostResCoefficients",
+    "post_res_coefficients_backward_op",
+]
 
 
 def packed_rows(n: int) -> int:

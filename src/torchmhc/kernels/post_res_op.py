@@ -19,7 +19,13 @@ from torch import Tensor
 from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2
 from torchmhc.kernels._precision import MODE_BF16, MODE_FMA, dot_f32_bf16, precision_mode
 
-__all__ = ["post_res_fwd", "post_res_bwd", "post_res_op", "PostRes", "post_res_backward_op"]
+__all__ = [
+    "post_res_fwd",
+    "post_res_bwd",
+    "post_res_op",
+    "PostRes",
+    "post_res_backward_op",
+]
 
 
 def _token_slab(c: int, limit: int) -> int:

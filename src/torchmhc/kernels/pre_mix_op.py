@@ -18,7 +18,15 @@ from torch import Tensor
 
 from torchmhc.kernels._common import channel_block, define_op, eager_or_compiled, next_pow2
 
-__all__ = ["pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh", "pre_mix_op", "PreMix", "pre_mix_backward_op", "pre_mix_dh_op"]
+__all__ = [
+    "pre_mix_fwd",
+    "pre_mix_bwd",
+    "pre_mix_dh",
+    "pre_mix_op",
+    "PreMix",
+    "pre_mix_backward_op",
+    "pre_mix_dh_op",
+]
 
 
 @triton.jit
