@@ -103,7 +103,7 @@ def main() -> None:
         "torchmhc.functional.mhc_coefficients (reference)": lambda: torchmhc.functional.mhc_coefficients(x, fn, scale, base),
     }
     print(f"T={t} C={c} n={n} bf16 on {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"| entry point | host µs per call | wall µs per call | GPU µs (do_bench) |\n| --- | ---: | ---: | ---: |")
+    print("| entry point | host µs per call | wall µs per call | GPU µs (do_bench) |\n| --- | ---: | ---: | ---: |")
     with use_kernels("auto"):
         for name, f in cases.items():
             calls = 20 if name.startswith("sub-layer") else 50
