@@ -176,9 +176,9 @@ class HyperConnection(nn.Module):
         if self.residual == "residual":
             ones = torch.ones(x.shape[:-2] + (1,), dtype=torch.float32, device=x.device)
             return Coefficients(ones, ones, ones.unsqueeze(-1))
-        if self.residual == "hc":
-            return F.hc_coefficients(x, self.fn, self.scale, self.base, rms_eps=self.rms_eps)
         # fused kernels on CUDA where they apply, the reference elsewhere (torchmhc.kernels.dispatch)
+        if self.residual == "hc":
+            return kernels.hc_coefficients(x, self.fn, self.scale, self.base, rms_eps=self.rms_eps)
         return kernels.mhc_coefficients(
             x, self.fn, self.scale, self.base,
             eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
@@ -198,16 +198,22 @@ class HyperConnection(nn.Module):
         """:meth:`pre` without the input check and the hooks, also returning the coefficients.
         Block recomputation replays sub-layers through this.
 
-        For mHC the coefficients and the pre-mix run as one op (``kernels.mhc_pre``) and the
-        context holds its pass-through view of x, so that in backward the three gradients of x
-        (coefficients, pre-mix, post-res) are summed inside the kernels' dx passes."""
-        if self.manifold is None:  # residual, hc
+        For HC and mHC the coefficients and the pre-mix run as one op (``kernels.hc_pre``,
+        ``kernels.mhc_pre``) and the context holds its pass-through view of x, so that in backward
+        the three gradients of x (coefficients, pre-mix, post-res) are summed inside the kernels'
+        dx passes."""
+        if self.residual == "residual":
             coefficients = self.coefficients(x)
             return (*self.mix_in(x, coefficients), coefficients)
-        layer_input, x_for_post, coefficients = kernels.mhc_pre(
-            x, self.fn, self.scale, self.base,
-            eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
-        )  # fmt: skip
+        if self.residual == "hc":
+            layer_input, x_for_post, coefficients = kernels.hc_pre(
+                x, self.fn, self.scale, self.base, rms_eps=self.rms_eps
+            )
+        else:
+            layer_input, x_for_post, coefficients = kernels.mhc_pre(
+                x, self.fn, self.scale, self.base,
+                eps=self.eps, rms_eps=self.rms_eps, post_scale=self.post_scale, manifold=self.manifold,
+            )  # fmt: skip
         return layer_input, HyperConnectionContext(x_for_post, coefficients.h_post, coefficients.h_res), coefficients
 
     def mix_in(self, x: Tensor, coefficients: Coefficients | None) -> tuple[Tensor, HyperConnectionContext]:
@@ -308,7 +314,7 @@ class StreamHead(nn.Module):
         n, c = F._check_streams(x)
         if (n, c) != (self.num_streams, self.dim):
             raise ValueError(f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this StreamHead, got {list(x.shape)}")
-        return F.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)
+        return kernels.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n={self.num_streams}"

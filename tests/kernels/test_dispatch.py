@@ -56,11 +56,12 @@ def test_reference_mode_and_unsupported_shapes_take_the_reference(monkeypatch):
         pre_mix(odd, torch.rand(3, 4, device=DEVICE))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
-def test_auto_mode_on_cpu_takes_the_reference(monkeypatch):
+def test_auto_mode_on_cpu_takes_the_reference_unless_fp32(monkeypatch):
+    # fp32 CPU tensors take the CPU path (tests/kernels/test_cpu.py)
     _forbid_reference(monkeypatch)
-    with use_kernels("auto"), pytest.raises(AssertionError, match="reference ran"):
-        pre_mix(streams(3, 4, 64, torch.float32), torch.rand(3, 4))
+    for dtype in (torch.float64, torch.bfloat16):
+        with use_kernels("auto"), pytest.raises(AssertionError, match="reference ran"):
+            pre_mix(streams(3, 4, 64, dtype, device="cpu"), torch.rand(3, 4))
 
 
 def test_malformed_input_gets_the_reference_error():
