@@ -43,6 +43,12 @@ def test_sinkhorn_matches_reference(n, iters):
     check_fwd_bwd(lambda t: cpu.sinkhorn(t, iters, 1e-6), lambda t: ref.sinkhorn_knopp(t, iters, 1e-6), [logits], **TOL)
 
 
+@pytest.mark.parametrize(("t", "n"), [(2053, 4), (1200, 8)])  # 2 and 3 chunks of < 32768 values
+def test_chunked_sinkhorn_matches_reference(t, n):
+    logits = 3 * torch.randn(t, n, n)
+    check_fwd_bwd(lambda l: cpu.sinkhorn(l, 20, 1e-6), lambda l: ref.sinkhorn_knopp(l, 20, 1e-6), [logits], **TOL)
+
+
 def test_sinkhorn_keeps_only_the_logits_for_backward():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
