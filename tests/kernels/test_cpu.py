@@ -142,6 +142,20 @@ def test_sub_layer_gradients_match_reference_whichever_outputs_are_used(residual
                 torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_parameter_gradients_without_a_gradient_of_x(residual):
+    hc = torchmhc.HyperConnection(5, 3, residual, layer_index=1)
+    hc64 = copy.deepcopy(hc).double()
+    x = torch.randn(7, 3, 5)
+    grads = []
+    for mode, module, x_ in (("auto", hc, x), ("reference", hc64, x.double())):
+        with use_kernels(mode):
+            loss = module(x_, torch.tanh).square().sum() + module.coefficients(x_).h_res.square().sum()
+        grads.append(torch.autograd.grad(loss, list(module.parameters())))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=2e-5)
+
+
 def test_auto_mode_takes_the_cpu_path_only_for_fp32_v4_sinkhorn(cpu_ran):
     n, c = 4, 8
     x = torch.randn(3, n, c)

@@ -71,10 +71,12 @@ class _RmsProjection(torch.autograd.Function):
             return d_pass, None, None
         x, fn, m_hat, rinv = ctx.saved_tensors
         dm_hat = dm * rinv
-        # through rinv: d rinv / dx = −rinv³·x / K, weighted by Σ dm·m̂ over the outputs
-        rms_weight = (dm * m_hat).sum(-1, keepdim=True) * rinv.pow(3) / -x.shape[-1]
-        dx = dm_hat @ fn if d_pass is None else torch.addmm(d_pass, dm_hat, fn)
-        dx.addcmul_(x, rms_weight)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # through rinv: d rinv / dx = −rinv³·x / K, weighted by Σ dm·m̂ over the outputs
+            rms_weight = (dm * m_hat).sum(-1, keepdim=True) * rinv.pow(3) / -x.shape[-1]
+            dx = dm_hat @ fn if d_pass is None else torch.addmm(d_pass, dm_hat, fn)
+            dx.addcmul_(x, rms_weight)
         dfn = dm_hat.T @ x if ctx.needs_input_grad[1] else None
         return dx, dfn, None
 
@@ -94,8 +96,10 @@ class _PreMix(torch.autograd.Function):
         if dy is None:
             return d_pass, None
         x, h = ctx.saved_tensors
-        h_col, dy_row = h.unsqueeze(-1), dy.unsqueeze(1)  # [T, n, 1], [T, 1, C]
-        dx = h_col * dy_row if d_pass is None else torch.addcmul(d_pass, h_col, dy_row)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            h_col, dy_row = h.unsqueeze(-1), dy.unsqueeze(1)  # [T, n, 1], [T, 1, C]
+            dx = h_col * dy_row if d_pass is None else torch.addcmul(d_pass, h_col, dy_row)
         dh = torch.bmm(x, dy.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[1] else None
         return dx, dh
 
