@@ -179,6 +179,13 @@ def _unflatten_coefficients(h_pre: Tensor, h_post: Tensor, h_res: Tensor, lead: 
     return ref.Coefficients(*(unflatten_tokens(t, lead) for t in (h_pre, h_post, h_res)))
 
 
+def _linear_form_eps(eps: object) -> bool:
+    """Whether the fused paths' V4 Sinkhorn (DeepSeek's linear form) computes the reference's
+    function with ``eps``: a finite number at least the smallest normal fp32. The reference takes
+    smaller ones (0 included) to the log domain and names invalid ones."""
+    return _finite_numbers(eps, at_least=torch.finfo(torch.float32).tiny)
+
+
 def _v4_sinkhorn_iters(iters: int, eps: float, manifold: ref.ResidualProjection | None) -> int | None:
     """``iters``, or a V4-convention ``manifolds.Sinkhorn``'s own with the same ``eps``; None for any
     other manifold (the fused paths compute the V4 Sinkhorn only)."""
@@ -196,15 +203,14 @@ def _cpu_coefficient_iters(
     manifold: ref.ResidualProjection | None,
 ) -> int | None:  # fmt: skip
     """The Sinkhorn iteration count the CPU path runs with, or None where the reference must run
-    (its checks name invalid arguments). The CPU path computes DeepSeek's linear form, which needs
-    an eps that is a normal fp32 number (the reference takes smaller ones to the log domain)."""
+    (its checks name invalid arguments)."""
     iters = _v4_sinkhorn_iters(iters, eps, manifold)
     ok = (
         isinstance(x, Tensor) and x.dim() >= 2
         and _coefficient_args_ok(x, fn, scale, base)
         and _use_cpu_path(x, fn, scale, base)
         and isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1
-        and _finite_numbers(eps, at_least=torch.finfo(torch.float32).tiny)
+        and _linear_form_eps(eps)
         and _finite_numbers(rms_eps, at_least=0.0)
         and _finite_numbers(post_scale)
     )  # fmt: skip
@@ -218,7 +224,7 @@ def _coefficient_kernel_iters(
     run (a manifold other than V4 Sinkhorn with ``eps``, malformed arguments, unsupported shapes or
     mode). Raises ValueError for arguments that the kernels would take but that are invalid."""
     iters = _v4_sinkhorn_iters(iters, eps, manifold)
-    if iters is None:
+    if iters is None or not _linear_form_eps(eps):
         return None
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape [..., n, C], got {getattr(x, 'shape', type(x).__name__)}")
@@ -615,6 +621,7 @@ def post_res_coefficients(
         and _coefficient_args_ok(x, fn, scale, base)
         and fn.device == scale.device == base.device == x.device
         and not isinstance(iters, bool) and isinstance(iters, int) and iters >= 1
+        and _linear_form_eps(eps)
     )  # fmt: skip
     if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res, fn, scale, base))):
         x_next = ref.post_res(x, f_out, h_post, h_res)
