@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 ensure_venv train,plots
-# PyTorch's OpenMP threads otherwise spin while waiting for a busy core (2-11x slower steps).
+# OpenMP threads wait for the next op: PyTorch's default (spin ~3 ms, then sleep) made steps
+# 2-11x slower on cores shared with busy processes; sleeping at once (PASSIVE alone) costs a wake-up
+# per op, 1.2-1.6x slower steps of the tiny model on 2 cores. A short spin, then sleep, did neither.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
 exec .venv/bin/torchmhc compare "$@"

@@ -96,10 +96,11 @@ def test_sinkhorn_recomputing_backward_matches_autograd_through_the_loop(convent
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-10)
 
 
-def test_sinkhorn_keeps_only_the_logits_for_backward():
+@pytest.mark.parametrize("convention", ["v4", "paper"])
+def test_sinkhorn_keeps_only_the_logits_for_backward(convention):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        mhc.sinkhorn_knopp(torch.randn(8, 4, 4, requires_grad=True), iters=20)
+        mhc.sinkhorn_knopp(torch.randn(8, 4, 4, requires_grad=True), iters=20, convention=convention)
     assert saved == [torch.Size([8, 4, 4])]  # not the 2·t_max intermediates
 
 
@@ -128,6 +129,67 @@ def test_sinkhorn_extreme_logits_stay_finite(dtype, convention):
         assert h.dtype == torch.float32 and grad.dtype == dtype
     equal = mhc.sinkhorn_knopp(torch.full((n, n), 7.0), convention=convention)
     torch.testing.assert_close(equal, torch.full((n, n), 1 / n))
+
+
+def sinkhorn_log_reference(h: torch.Tensor, iters: int) -> torch.Tensor:
+    """Paper Eq. 9 on log-matrices with torch.logsumexp, for autograd to differentiate."""
+    for _ in range(iters):
+        h = h - torch.logsumexp(h, -2, keepdim=True)
+        h = h - torch.logsumexp(h, -1, keepdim=True)
+    return h.exp()
+
+
+@pytest.mark.parametrize(("dtype", "gap"), [(torch.float32, 200.0), (torch.float64, 800.0)])
+def test_paper_sinkhorn_keeps_rows_whose_exponentials_underflow(dtype, gap):
+    # exp(-gap) underflows: the plain exp-then-normalize form returned a zero second row
+    logits = torch.tensor([[0.0, 0.0], [-gap, -gap]], dtype=dtype)
+    for convention, eps in (("paper", 1e-6), ("v4", 0.0)):
+        h = mhc.sinkhorn_knopp(logits, convention=convention, eps=eps)
+        torch.testing.assert_close(h, torch.full((2, 2), 0.5, dtype=dtype), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("std", [1.0, 30.0, 1e4])
+@pytest.mark.parametrize(("convention", "eps"), [("paper", 1e-6), ("v4", 0.0), ("v4", 1e-6)])
+def test_sinkhorn_rows_sum_to_one_for_any_finite_logits(dtype, std, convention, eps):
+    for n in (3, 4, 5):
+        logits = (std * torch.randn(256, n, n, dtype=torch.float64)).to(dtype).requires_grad_()
+        h = mhc.sinkhorn_knopp(logits, convention=convention, eps=eps)
+        (grad,) = torch.autograd.grad(h.square().sum(), logits)
+        assert torch.isfinite(h).all() and torch.isfinite(grad).all()
+        assert (h >= 0).all() and (h <= 1).all()
+        assert (h.sum(-1) - 1).abs().max() < 1e-5, (n, (h.sum(-1) - 1).abs().max())
+
+
+def test_v4_without_eps_is_the_paper_function_for_extreme_logits():
+    logits = 1e4 * torch.randn(256, 4, 4)
+    v4 = mhc.sinkhorn_knopp(logits, eps=0.0)  # was NaN: softmax zeros divided by a zero sum
+    torch.testing.assert_close(v4, mhc.sinkhorn_knopp(logits, convention="paper"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("std", [1.0, 30.0, 1e4])
+def test_log_domain_backward_matches_autograd_through_the_log_loop(std):
+    h = (std * torch.randn(8, 4, 4, dtype=torch.float64)).requires_grad_()
+    grad = torch.randn(8, 4, 4, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(mhc.sinkhorn_knopp(h, 20, convention="paper"), h, grad)
+    (expected,) = torch.autograd.grad(sinkhorn_log_reference(h, 20), h, grad)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("std", [30.0, 1e4])
+@pytest.mark.parametrize(("convention", "eps"), [("paper", 1e-6), ("v4", 0.0), ("v4", 1e-6)])
+def test_sinkhorn_gradcheck_large_logits(std, convention, eps):
+    h = (std * torch.randn(3, 3, 3, dtype=torch.float64)).requires_grad_()
+    assert gradcheck(lambda t: mhc.sinkhorn_knopp(t, 10, eps, convention=convention), (h,))
+
+
+def test_sinkhorn_rejects_bad_eps():
+    for eps in (float("inf"), float("nan"), -1e-6):
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got"):
+            mhc.sinkhorn_knopp(torch.randn(4, 4), eps=eps)
+    for eps in (None, "1e-6", True):
+        with pytest.raises(TypeError, match=r"eps must be a finite number >= 0, got"):
+            mhc.sinkhorn_knopp(torch.randn(4, 4), eps=eps)
 
 
 def test_sinkhorn_rejects_bad_input():

@@ -19,6 +19,7 @@ this module converts once, in :func:`comb_to_paper`, and speaks the paper's orie
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple, Protocol
 
 import torch
@@ -98,35 +99,89 @@ def paper_to_comb(h: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _in_log_domain(dtype: torch.dtype, eps: float, convention: SinkhornConvention) -> bool:
+    """Whether the projection runs on log-matrices (see :func:`_sinkhorn_iterate`).
+
+    V4 with eps = 0, or with an eps below the smallest normal number of ``dtype`` (adding it would
+    change nothing), is the paper's function."""
+    return convention == "paper" or eps < torch.finfo(dtype).tiny
+
+
+def _log_normalize(log_m: Tensor, dim: int, floor: float | None = None) -> Tensor:
+    """``log_m − logsumexp(log_m)`` along ``dim``, shifted by the max first and only then reduced, so
+    that the entries that carry the mass (near the max) come out accurate whatever the magnitude of
+    ``log_m`` (``torch.logsumexp`` adds the max back before the subtraction, which rounds at
+    |log_m|'s precision: 1e-3 at 1e4 in fp32). ``floor`` clamps the shifted values from below."""
+    shifted = log_m - log_m.amax(dim, keepdim=True)
+    if floor is not None:
+        shifted = shifted.clamp_min(floor)
+    return shifted - shifted.exp().sum(dim, keepdim=True).log()
+
+
 def _sinkhorn_iterate(logits: Tensor, iters: int, eps: float, convention: SinkhornConvention, record: bool):
     """Runs the projection in paper orientation; returns (H, steps).
 
-    Both conventions normalize columns first (softmax over dim -2 is exp + column normalization,
-    max-shifted so no finite logit overflows), then rows, ``iters`` times in all. ``steps`` holds the
-    input of every normalization and its axis when ``record`` is set (for the backward walk).
-    With ``convention="paper"`` there is no eps: a sum that is exactly zero (a row or column whose
-    exponentials all underflow, e.g. logits spread over ~1e4) is divided by 1 instead, so it stays
-    0 and its gradient stays finite, where 0/0 would be NaN.
+    Both forms normalize columns first, then rows, ``2·iters`` normalizations in all, so the last
+    one normalizes rows. ``steps`` holds what the backward walk needs of every normalization and its
+    axis when ``record`` is set (see :func:`_sinkhorn_backward`).
+
+    - Log domain (the paper's convention; V4 without eps): the paper's exp(logits) underflows to an
+      all-zero row when a row's logits lie far below the rest of their columns (two rows 200 apart
+      in fp32, 800 in fp64), and no normalization restores it. Here every normalization, the first
+      column one (which absorbs the exp) included, subtracts a logsumexp from log-matrices, which
+      stay finite for any finite logits. Only the final exp may underflow, for single entries: the
+      row just normalized holds an entry >= 1/n, and every row sums to 1 to rounding. ``steps``
+      holds each normalization's output, exponentiated.
+    - Linear (V4 with eps > 0, DeepSeek's numerics, which the fused kernels reproduce): softmax over
+      columns, + eps, then each normalization divides by (sum + eps), so no denominator is below
+      eps and every entry stays >= 0 and finite. ``steps`` holds each normalization's input ``v``.
     """
-    soft = torch.softmax(logits, dim=-2)
-    m = soft + eps if convention == "v4" else soft
-    steps: list[tuple[Tensor, int]] = []
+    if _in_log_domain(logits.dtype, eps, convention):
+        # logits spread over more than the dtype's range would leave -inf rows (NaN next step)
+        log_m = _log_normalize(logits, -2, floor=torch.finfo(logits.dtype).min)
+        steps: list[tuple[Tensor, int]] = [(log_m.exp(), -2)] if record else []
+        for i in range(2 * iters - 1):
+            dim = -1 if i % 2 == 0 else -2  # rows after the first columns, then alternate
+            log_m = _log_normalize(log_m, dim)
+            if record:
+                steps.append((log_m.exp(), dim))
+        return log_m.exp(), steps
+    m = torch.softmax(logits, dim=-2) + eps
+    steps = []
     for i in range(2 * iters - 1):
-        dim = -1 if i % 2 == 0 else -2  # rows after the softmax's columns, then alternate
+        dim = -1 if i % 2 == 0 else -2
         if record:
             steps.append((m, dim))
-        m = m / _denominator(m.sum(dim, keepdim=True), eps, convention)
+        m = m / (m.sum(dim, keepdim=True) + eps)
     return m, steps
 
 
-def _denominator(total: Tensor, eps: float, convention: SinkhornConvention) -> Tensor:
-    return total + eps if convention == "v4" else torch.where(total > 0, total, 1.0)
+def _sinkhorn_backward(
+    logits: Tensor, out: Tensor, steps: list[tuple[Tensor, int]], grad_out: Tensor, eps: float, log_domain: bool
+) -> Tensor:
+    """Walks the recorded normalizations of :func:`_sinkhorn_iterate` in reverse -> dL/dlogits."""
+    if log_domain:
+        # out = exp(L): dL = g·out. A normalization L' = L − logsumexp(L) (log_softmax included) has
+        # softmax(L) = exp(L') = y, so dL = g − y·Σg along its axis.
+        g = grad_out * out
+        for y, dim in reversed(steps):
+            g = g - y * g.sum(dim, keepdim=True)
+        return g
+    g = grad_out
+    for v, dim in reversed(steps):
+        denom = v.sum(dim, keepdim=True) + eps
+        y = v / denom
+        # y = v / (Σv + ε)  =>  dv = (g − Σ(g·y)) / (Σv + ε)  along the normalized axis
+        g = (g - (g * y).sum(dim, keepdim=True)) / denom
+    soft = torch.softmax(logits, dim=-2)
+    # softmax over columns: dℓ = (g − Σ(g·s))·s
+    return (g - (g * soft).sum(-2, keepdim=True)) * soft
 
 
 class _SinkhornKnopp(torch.autograd.Function):
     """Sinkhorn with a recomputing backward: forward keeps only the logits alive; backward replays
-    the iteration and walks it in reverse (SPEC §5), so the 2·t_max intermediates per token exist
-    only transiently inside backward."""
+    the iteration and walks it in reverse, so the 2·t_max intermediates per token exist only
+    transiently inside backward."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int, eps: float, convention: SinkhornConvention) -> Tensor:
@@ -140,17 +195,17 @@ class _SinkhornKnopp(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (logits,) = ctx.saved_tensors
         iters, eps, convention = ctx.config
-        _, steps = _sinkhorn_iterate(logits, iters, eps, convention, record=True)
-        g = grad_out
-        for v, dim in reversed(steps):
-            denom = _denominator(v.sum(dim, keepdim=True), eps, convention)
-            y = v / denom
-            # y = v / (Σv + ε)  =>  dv = (g − Σ(g·y)) / (Σv + ε)  along the normalized axis
-            g = (g - (g * y).sum(dim, keepdim=True)) / denom
-        soft = torch.softmax(logits, dim=-2)
-        # softmax over columns: dℓ = (g − Σ(g·s))·s
-        grad_logits = (g - (g * soft).sum(-2, keepdim=True)) * soft
-        return grad_logits, None, None, None
+        out, steps = _sinkhorn_iterate(logits, iters, eps, convention, record=True)
+        log_domain = _in_log_domain(logits.dtype, eps, convention)
+        return _sinkhorn_backward(logits, out, steps, grad_out, eps, log_domain), None, None, None
+
+
+def _check_sinkhorn_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def sinkhorn_knopp(
@@ -160,31 +215,36 @@ def sinkhorn_knopp(
     *,
     convention: SinkhornConvention = "v4",
 ) -> Tensor:
-    """Projects logits onto the doubly-stochastic matrices (Birkhoff polytope), SPEC §5.
+    """Projects logits onto the doubly-stochastic matrices (Birkhoff polytope): exp(logits), then
+    ``iters`` times normalize columns, then rows (paper Eq. 9).
 
     Args:
         logits: ``[..., n, n]`` in paper orientation (row i = destination stream i), any float dtype;
-            bf16/fp16 are computed in fp32.
+            bf16/fp16 are computed in fp32. Any finite values.
         iters: t_max, the number of (column, row) normalization pairs, >= 1.
-        eps: DeepSeek-V4's epsilon (added after the softmax and to every denominator). Ignored by
-            ``convention="paper"``, which uses none.
+        eps: DeepSeek-V4's epsilon (added after the softmax and to every denominator), a finite
+            number >= 0. Ignored by ``convention="paper"``, which uses none.
         convention: ``"v4"`` (default; softmax start, eps everywhere) or ``"paper"`` (exp start, no eps).
-            With eps = 0 both compute the same function.
+            With eps = 0 both compute the same function, in the log domain (exact for any finite
+            logits; see :func:`_sinkhorn_iterate`).
 
     Returns:
-        ``[..., n, n]`` fp32 (fp64 for fp64 input): rows sum to 1 (the last step normalizes rows),
-        columns to 1 within what ``iters`` allows. Gradients come from a recomputing backward.
+        ``[..., n, n]`` fp32 (fp64 for fp64 input), entries in [0, 1], finite for finite logits.
+        The last step normalizes rows: with the paper's convention (or eps = 0) rows sum to 1 to
+        rounding; with V4's eps > 0 a row sums to S/(S + eps), S its sum before that step, which
+        is within about (n + 1)·eps of 1 for iters >= 2 (with iters = 1, a row whose
+        exponentials all underflow sums to n/(n + 1)). Columns sum to 1 within what ``iters``
+        allows. Gradients come from a recomputing backward.
     """
     _check_floating(logits, "logits")
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"logits must have shape [..., n, n], got {list(logits.shape)}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    eps = _check_sinkhorn_eps(eps)
     if convention not in ("v4", "paper"):
         raise ValueError(f"convention must be 'v4' or 'paper', got {convention!r}")
-    return _SinkhornKnopp.apply(logits.to(coefficient_dtype(logits)), iters, float(eps), convention)
+    return _SinkhornKnopp.apply(logits.to(coefficient_dtype(logits)), iters, eps, convention)
 
 
 # ----------------------------------------------------------------------------------------------

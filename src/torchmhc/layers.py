@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import functional as F
 from . import kernels
 from .checks import (
     check_branch_output,
@@ -324,7 +323,7 @@ class StreamHead(nn.Module):
         n, c = check_streams(x)
         if (n, c) != (self.num_streams, self.dim):
             raise ValueError(f"x must have shape [..., n={self.num_streams}, C={self.dim}] for this StreamHead, got {list(x.shape)}")
-        return F.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)
+        return kernels.head_mix(x, self.fn, self.scale, self.base, eps=self.eps, rms_eps=self.rms_eps)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n={self.num_streams}"

@@ -7,7 +7,7 @@ from kernel_cases import DEVICE, FP32_TOL, GRAD_TOL, check_fwd_bwd, mhc_params, 
 
 import torchmhc
 from torchmhc import functional as ref
-from torchmhc.kernels import dispatch, kernel_mode, mhc_coefficients, post_res, pre_mix, use_kernels
+from torchmhc.kernels import dispatch, kernel_mode, mhc_coefficients, post_res, post_res_coefficients, pre_mix, use_kernels
 
 
 def _forbid_reference(monkeypatch):
@@ -56,11 +56,32 @@ def test_reference_mode_and_unsupported_shapes_take_the_reference(monkeypatch):
         pre_mix(odd, torch.rand(3, 4, device=DEVICE))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
-def test_auto_mode_on_cpu_takes_the_reference(monkeypatch):
+def test_auto_mode_on_cpu_takes_the_reference_unless_fp32(monkeypatch):
+    # fp32 CPU tensors take the CPU path (tests/kernels/test_cpu.py)
     _forbid_reference(monkeypatch)
-    with use_kernels("auto"), pytest.raises(AssertionError, match="reference ran"):
-        pre_mix(streams(3, 4, 64, torch.float32), torch.rand(3, 4))
+    for dtype in (torch.float64, torch.bfloat16):
+        with use_kernels("auto"), pytest.raises(AssertionError, match="reference ran"):
+            pre_mix(streams(3, 4, 64, dtype, device="cpu"), torch.rand(3, 4))
+
+
+def test_eps_outside_the_linear_form_takes_the_reference():
+    # the kernels divide by (sum + eps): eps = 0 gave NaN for a row whose exponentials underflow;
+    # the reference computes that case in the log domain and refuses a non-finite eps
+    n, c = 4, 64
+    x = streams(3, n, c, torch.float32)
+    fn, scale, base = mhc_params(n, c)
+    base = base.clone()
+    base[2 * n :] = 1e4 * torch.randn(n * n, device=DEVICE)  # extreme Sinkhorn logits
+    with use_kernels("triton"):
+        h_res = mhc_coefficients(x, fn, scale, base, eps=0.0).h_res
+        assert torch.isfinite(h_res).all()
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(3, n, device=DEVICE), rtol=0, atol=1e-5)
+        _, coefficients = post_res_coefficients(
+            x, x[:, 0], torch.rand(3, n, device=DEVICE), torch.rand(3, n, n, device=DEVICE), fn, scale, base, eps=0.0
+        )
+        assert torch.isfinite(coefficients.h_res).all()
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            mhc_coefficients(x, fn, scale, base, eps=float("inf"))
 
 
 def test_malformed_input_gets_the_reference_error():

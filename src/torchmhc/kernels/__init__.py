@@ -4,9 +4,9 @@ One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Si
 ``hc_coefficients_op.py`` (the original HC's coefficients: per-stream RMS + projection + tanh),
 ``pre_mix_op.py`` (F_pre), ``post_res_op.py`` (F_post,res), and the cross-sub-layer fusion
 ``post_res_coefficients_op.py`` (post-res of sub-layer l + coefficients of l+1 in one pass over the
-streams). ``dispatch.py`` picks kernels on CUDA and the
-reference (``torchmhc.functional``) elsewhere; ``TORCHMHC_KERNELS=auto|triton|reference`` or
-:func:`use_kernels` forces either. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
+streams). ``dispatch.py`` picks kernels on CUDA, the CPU path (``cpu.py``: the same ops in a few
+large PyTorch ops) for fp32 CPU tensors, and the reference (``torchmhc.functional``) elsewhere;
+``TORCHMHC_KERNELS=auto|triton|reference`` or :func:`use_kernels` forces a choice. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
 chained x-gradients (what ``HyperConnection`` uses); :func:`mhc_post_pre` runs one sub-layer's
 post-res fused with the next one's coefficients and pre-mix, chained the same way
 (``HyperConnection.post_pre``); :func:`hc_pre` is :func:`mhc_pre` for HC. Importing this package
@@ -17,6 +17,7 @@ from torchmhc.kernels.dispatch import (
     KernelMode,
     hc_coefficients,
     hc_pre,
+    head_mix,
     kernel_mode,
     mhc_coefficients,
     mhc_post_pre,
@@ -38,6 +39,7 @@ __all__ = [
     "mhc_post_pre",
     "hc_coefficients",
     "hc_pre",
+    "head_mix",
     "pre_mix",
     "post_res",
     "post_res_coefficients",

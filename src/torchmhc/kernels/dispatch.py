@@ -3,7 +3,9 @@
 Mode, from the innermost :func:`use_kernels` block, else the ``TORCHMHC_KERNELS`` environment
 variable (read at each call), else ``"auto"``:
 
-- ``"auto"``: kernels for CUDA tensors whose shapes they handle, the reference otherwise.
+- ``"auto"``: kernels for CUDA tensors whose shapes they handle; for fp32 CPU tensors the CPU
+  path (``cpu.py``: the same functions in a few large PyTorch ops with hand-written backwards);
+  the reference otherwise.
 - ``"triton"``: kernels wherever they can run: CUDA tensors, or any tensors under Triton's CPU
   interpreter (``TRITON_INTERPRET=1``, how CI tests the kernels); a CPU tensor without the
   interpreter is an error. Shapes the kernels do not handle still take the reference.
@@ -38,8 +40,9 @@ their shapes). In eager mode the launchers run directly, without the ops' dispat
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -48,6 +51,7 @@ from torch import Tensor
 
 from torchmhc import functional as ref
 from torchmhc.checks import check_coefficient_options, check_rms_eps, check_streams
+from torchmhc.kernels import cpu
 from torchmhc.kernels._common import (
     CHANNEL_MULTIPLE,
     MAX_STREAMS,
@@ -70,6 +74,7 @@ __all__ = [
     "pre_mix",
     "post_res",
     "post_res_coefficients",
+    "head_mix",
 ]
 
 KernelMode = Literal["auto", "triton", "reference"]
@@ -135,6 +140,18 @@ def _use_triton(x: Tensor, supported: bool) -> bool:
     return True
 
 
+def _use_cpu_path(*tensors: Tensor) -> bool:
+    """The CPU path in the "auto" mode, for fp32 CPU tensors (shapes checked by the caller)."""
+    return kernel_mode() == "auto" and cpu.supported(*tensors)
+
+
+def _finite_numbers(*values: object, at_least: float = -math.inf) -> bool:
+    """Every value an int or float (not bool), finite and >= ``at_least``."""
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= at_least for v in values
+    )
+
+
 def _streams_supported(x: Tensor, *coefficients: Tensor) -> bool:
     n, c = x.shape[-2:]
     return (
@@ -173,18 +190,53 @@ def _unflatten_coefficients(h_pre: Tensor, h_post: Tensor, h_res: Tensor, lead: 
     return ref.Coefficients(*(unflatten_tokens(t, lead) for t in (h_pre, h_post, h_res)))
 
 
+def _linear_form_eps(eps: object) -> bool:
+    """Whether the fused paths' V4 Sinkhorn (DeepSeek's linear form) computes the reference's
+    function with ``eps``: a finite number at least the smallest normal fp32. The reference takes
+    smaller ones (0 included) to the log domain and names invalid ones."""
+    return _finite_numbers(eps, at_least=torch.finfo(torch.float32).tiny)
+
+
+def _v4_sinkhorn_iters(iters: int, eps: float, manifold: ref.ResidualProjection | None) -> int | None:
+    """``iters``, or a V4-convention ``manifolds.Sinkhorn``'s own with the same ``eps``; None for any
+    other manifold (the fused paths compute the V4 Sinkhorn only)."""
+    if manifold is None:
+        return iters
+    from torchmhc.manifolds import Sinkhorn
+
+    if isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps:
+        return manifold.iters
+    return None
+
+
+def _cpu_coefficient_iters(
+    x: object, fn: object, scale: object, base: object, iters: int, eps: float, rms_eps: float, post_scale: float,
+    manifold: ref.ResidualProjection | None,
+) -> int | None:  # fmt: skip
+    """The Sinkhorn iteration count the CPU path runs with, or None where the reference must run
+    (its checks name invalid arguments)."""
+    iters = _v4_sinkhorn_iters(iters, eps, manifold)
+    ok = (
+        isinstance(x, Tensor) and x.dim() >= 2
+        and _coefficient_args_ok(x, fn, scale, base)
+        and _use_cpu_path(x, fn, scale, base)
+        and isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1
+        and _linear_form_eps(eps)
+        and _finite_numbers(rms_eps, at_least=0.0)
+        and _finite_numbers(post_scale)
+    )  # fmt: skip
+    return iters if ok else None
+
+
 def _coefficient_kernel_iters(
     x: Tensor, fn: object, scale: object, base: object, iters: int, eps: float, manifold: ref.ResidualProjection | None
 ) -> int | None:
     """The Sinkhorn iteration count the coefficient kernels run with, or None where the reference must
     run (a manifold other than V4 Sinkhorn with ``eps``, malformed arguments, unsupported shapes or
     mode). Raises ValueError for arguments that the kernels would take but that are invalid."""
-    if manifold is not None:
-        from torchmhc.manifolds import Sinkhorn
-
-        if not (isinstance(manifold, Sinkhorn) and manifold.convention == "v4" and manifold.eps == eps):
-            return None
-        iters = manifold.iters
+    iters = _v4_sinkhorn_iters(iters, eps, manifold)
+    if iters is None or not _linear_form_eps(eps):
+        return None
     check_streams(x)  # the reference's error for anything that is not [..., n, C]
     # anything malformed goes to the reference, whose checks name the offending argument
     if not (_coefficient_args_ok(x, fn, scale, base) and _use_triton(x, _streams_supported(x, fn, scale, base))):
@@ -224,6 +276,12 @@ def mhc_coefficients(
     check_coefficient_options(iters, eps, rms_eps, post_scale)  # the kernels take them unchecked
     kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
     if kernel_iters is None:
+        cpu_iters = _cpu_coefficient_iters(x, fn, scale, base, iters, eps, rms_eps, post_scale, manifold)
+        if cpu_iters is not None:
+            coefficients = cpu.mhc_coefficients(
+                flatten_tokens(x, 2), fn, scale, base, cpu_iters, float(eps), float(rms_eps), float(post_scale)
+            )
+            return _unflatten_coefficients(*coefficients, x.shape[:-2])
         return ref.mhc_coefficients(
             x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
         )
@@ -384,6 +442,14 @@ class _ChainedPostPre(torch.autograd.Function):
         return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 
 
+def _cpu_pre(pre: Callable[..., tuple], x: Tensor, *args: object) -> tuple[Tensor, Tensor, ref.Coefficients]:
+    """``cpu.mhc_pre`` or ``cpu.hc_pre`` on ``x [..., n, C]`` -> ``(layer_input [..., C],
+    x_for_post [..., n, C], Coefficients)``."""
+    lead = x.shape[:-2]
+    y, x_for_post, coefficients = pre(flatten_tokens(x, 2), *args)
+    return unflatten_tokens(y, lead), unflatten_tokens(x_for_post, lead), _unflatten_coefficients(*coefficients, lead)
+
+
 def mhc_pre(
     x: Tensor,
     fn: Tensor,
@@ -414,6 +480,11 @@ def mhc_pre(
     check_coefficient_options(iters, eps, rms_eps, post_scale)
     kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
     if kernel_iters is None:
+        cpu_iters = _cpu_coefficient_iters(x, fn, scale, base, iters, eps, rms_eps, post_scale, manifold)
+        if cpu_iters is not None:
+            return _cpu_pre(
+                cpu.mhc_pre, x, fn, scale, base, cpu_iters, float(eps), float(rms_eps), float(post_scale)
+            )  # fmt: skip
         coefficients = ref.mhc_coefficients(
             x, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
         )
@@ -504,9 +575,22 @@ def _hc_kernels_apply(x: object, fn: object, scale: object, base: object) -> boo
     return well_formed and _use_triton(x, _streams_supported(x, fn, scale, base))
 
 
+def _hc_args_ok(x: object, fn: object, scale: object, base: object, rms_eps: object) -> bool:
+    """``x [..., n, C]``, ``fn [n + 2, C]``, ``scale [3]``, ``base [n² + 2n]``, finite rms_eps >= 0."""
+    if not (isinstance(x, Tensor) and x.dim() >= 2):
+        return False
+    n, c = x.shape[-2:]
+    return (
+        isinstance(fn, Tensor) and tuple(fn.shape) == (n + 2, c)
+        and isinstance(scale, Tensor) and tuple(scale.shape) == (3,)
+        and isinstance(base, Tensor) and tuple(base.shape) == (n * n + 2 * n,)
+        and _finite_numbers(rms_eps, at_least=0.0)
+    )  # fmt: skip
+
+
 def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_eps: float = 1e-6) -> ref.Coefficients:
     """:func:`torchmhc.functional.hc_coefficients` (the original HC: static + tanh dynamic), fused
-    on the GPU.
+    on the GPU, on the CPU path for fp32 CPU tensors, the reference elsewhere.
 
     Args:
         x: streams ``[..., n, C]`` (bf16/fp16/fp32).
@@ -518,14 +602,17 @@ def hc_coefficients(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, rms_e
         ``Coefficients(h_pre [..., n], h_post [..., n], h_res [..., n, n])``, fp32, paper orientation.
     """
     check_rms_eps(rms_eps)  # the kernels take it unchecked
-    if not _hc_kernels_apply(x, fn, scale, base):
-        return ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
-    from torchmhc.kernels.hc_coefficients_op import HcCoefficients, hc_coefficients_op
+    if _hc_kernels_apply(x, fn, scale, base):
+        from torchmhc.kernels.hc_coefficients_op import HcCoefficients, hc_coefficients_op
 
-    h_pre, h_post, h_res, *_saved = eager_or_compiled(hc_coefficients_op, HcCoefficients.apply, x)(
-        flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(), float(rms_eps)
-    )
-    return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
+        h_pre, h_post, h_res, *_saved = eager_or_compiled(hc_coefficients_op, HcCoefficients.apply, x)(
+            flatten_tokens(x, 2), fn.contiguous(), scale.contiguous(), base.contiguous(), float(rms_eps)
+        )
+        return _unflatten_coefficients(h_pre, h_post, h_res, x.shape[:-2])
+    if _hc_args_ok(x, fn, scale, base, rms_eps) and _use_cpu_path(x, fn, scale, base):
+        coefficients = cpu.hc_coefficients(flatten_tokens(x, 2), fn, scale, base, float(rms_eps))
+        return _unflatten_coefficients(*coefficients, x.shape[:-2])
+    return ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
 
 
 def hc_pre(
@@ -534,8 +621,9 @@ def hc_pre(
     """The first half of an HC sub-layer: coefficients and layer input, with chained x-gradients.
 
     Same values as ``c = hc_coefficients(x, ...)``, ``layer_input = pre_mix(x, c.h_pre)``; where the
-    kernels apply, both run as one autograd node and ``x_for_post`` is a view of x that it produces,
-    for :func:`post_res`, exactly as in :func:`mhc_pre`. Elsewhere ``x_for_post`` is x itself.
+    kernels or the CPU path apply, both run as one autograd node and ``x_for_post`` is a view of x
+    that it produces, for :func:`post_res`, exactly as in :func:`mhc_pre`. Elsewhere ``x_for_post``
+    is x itself.
 
     Args:
         x, fn, scale, base, rms_eps: as in :func:`hc_coefficients`.
@@ -545,16 +633,20 @@ def hc_pre(
         h_post [..., n], h_res [..., n, n]) fp32)``.
     """
     check_rms_eps(rms_eps)  # the kernels take it unchecked
-    if not _hc_kernels_apply(x, fn, scale, base):
-        coefficients = ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
-        return pre_mix(x, coefficients.h_pre), x, coefficients
-    return _chained_pre(x, fn, scale, base, "hc", (float(rms_eps),))
+    if _hc_kernels_apply(x, fn, scale, base):
+        return _chained_pre(x, fn, scale, base, "hc", (float(rms_eps),))
+    if _hc_args_ok(x, fn, scale, base, rms_eps) and _use_cpu_path(x, fn, scale, base):
+        return _cpu_pre(cpu.hc_pre, x, fn, scale, base, float(rms_eps))
+    coefficients = ref.hc_coefficients(x, fn, scale, base, rms_eps=rms_eps)
+    return pre_mix(x, coefficients.h_pre), x, coefficients
 
 
 def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
     """:func:`torchmhc.functional.pre_mix`, fused on the GPU: ``x [..., n, C]``, ``h_pre [..., n]``
     fp32 -> ``[..., C]`` in x.dtype."""
     ok = isinstance(x, Tensor) and x.dim() >= 2 and isinstance(h_pre, Tensor) and h_pre.shape == x.shape[:-1]
+    if ok and _use_cpu_path(x, h_pre):
+        return unflatten_tokens(cpu.pre_mix(flatten_tokens(x, 2), flatten_tokens(h_pre, 1)), x.shape[:-2])
     if not (ok and x.device == h_pre.device and _use_triton(x, _streams_supported(x, h_pre))):
         return ref.pre_mix(x, h_pre)
     from torchmhc.kernels.pre_mix_op import PreMix, pre_mix_op
@@ -566,7 +658,13 @@ def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
 def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """:func:`torchmhc.functional.post_res`, fused on the GPU: ``x [..., n, C]``, ``f_out [..., C]``,
     ``h_post [..., n]``, ``h_res [..., n, n]`` fp32 -> ``[..., n, C]`` in x.dtype."""
-    if not (_post_res_args_ok(x, f_out, h_post, h_res) and _use_triton(x, _streams_supported(x, h_post, h_res))):
+    ok = _post_res_args_ok(x, f_out, h_post, h_res)
+    if ok and _use_cpu_path(x, f_out, h_post, h_res):
+        out = cpu.post_res(
+            flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2)
+        )
+        return unflatten_tokens(out, x.shape[:-2])
+    if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res))):
         return ref.post_res(x, f_out, h_post, h_res)
     from torchmhc.kernels.post_res_op import PostRes, post_res_op
 
@@ -607,6 +705,7 @@ def post_res_coefficients(
         _post_res_args_ok(x, f_out, h_post, h_res)
         and _coefficient_args_ok(x, fn, scale, base)
         and fn.device == scale.device == base.device == x.device
+        and _linear_form_eps(eps)
     )  # fmt: skip
     if not (ok and _use_triton(x, _streams_supported(x, h_post, h_res, fn, scale, base))):
         x_next = ref.post_res(x, f_out, h_post, h_res)
@@ -622,3 +721,23 @@ def post_res_coefficients(
     )  # fmt: skip
     lead = x.shape[:-2]
     return unflatten_tokens(x_next, lead), _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
+
+
+def head_mix(
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, eps: float = 1e-6, rms_eps: float = 1e-6
+) -> Tensor:
+    """:func:`torchmhc.functional.head_mix` (DeepSeek-V4's ``hc_head``): ``x [..., n, C]``,
+    ``fn [n, n*C]``, ``scale [1]``, ``base [n]`` fp32 -> ``[..., C]``; on the CPU path for fp32 CPU
+    tensors, the reference elsewhere."""
+    ok = isinstance(x, Tensor) and x.dim() >= 2
+    if ok:
+        n, c = x.shape[-2:]
+        ok = (
+            isinstance(fn, Tensor) and tuple(fn.shape) == (n, n * c)
+            and isinstance(scale, Tensor) and tuple(scale.shape) == (1,)
+            and isinstance(base, Tensor) and tuple(base.shape) == (n,)
+            and _finite_numbers(eps, rms_eps, at_least=0.0)
+        )  # fmt: skip
+    if not (ok and _use_cpu_path(x, fn, scale, base)):
+        return ref.head_mix(x, fn, scale, base, eps=eps, rms_eps=rms_eps)
+    return unflatten_tokens(cpu.head_mix(flatten_tokens(x, 2), fn, scale, base, float(eps), float(rms_eps)), x.shape[:-2])
