@@ -32,7 +32,7 @@ Three reports follow the step-time table (overhead vs residual, MFU against a bf
 the same run, so that a slow baseline shows):
 
 - memory: each variant's activations next to the formula for what the mHC connections keep
-  (SPEC §9: the streams x_l, n·C per sub-layer; the layer input H_pre·x_l and the branch output
+  (docs/math.md §9: the streams x_l, n·C per sub-layer; the layer input H_pre·x_l and the branch output
   f_l, C each; the fused kernels' fp32 coefficients) — and, for every ``X`` run with and without
   ``:recompute``, the measured saving against the formula's: recomputation drops x_l except at
   each block start and every H_pre·x_l.
@@ -136,7 +136,7 @@ def coefficient_bytes_kept(n: int) -> int:
 
 @dataclass
 class ConnectionMemory:
-    """Per-token bytes that the hyper-connections of a model keep for the backward (SPEC §9).
+    """Per-token bytes that the hyper-connections of a model keep for the backward (docs/math.md §9).
 
     ``kept``: without recomputation: every sub-layer's streams x_l (n·C), its layer input
     H_pre·x_l (C; saved by the branch's pre-norm), its branch output f_l (C; saved by the post-res)
@@ -177,7 +177,7 @@ def mhc_traffic_bytes(*, num_streams: int, dim: int, elem_bytes: int, recompute:
     of torchmhc bench: every input read once, every output written once).
 
     forward: coefficients read nC; pre-mix read nC, write C; post-res read nC + C, write nC
-    (SPEC §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it: pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the
+    (docs/math.md §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it: pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the
     post-res gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df
     (3nC + 2C). fp32 coefficient traffic, (3n² + 4n + 40)·4 bytes per coefficient pass, forward and
     backward. recompute: the forward of the connections once more in the backward (block

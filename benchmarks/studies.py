@@ -4,7 +4,7 @@
     python benchmarks/studies.py seeds [--variants residual hc mhc] [--seeds 0 1 2] [--set key=value ...]
     python benchmarks/studies.py render          # Markdown tables of everything measured so far
 
-``init`` trains mHC from each start of SPEC §8 (uniform b = 0, identity-biased, HC-style one-hot
+``init`` trains mHC from each start of docs/math.md §8 (uniform b = 0, identity-biased, HC-style one-hot
 H_pre); ``seeds`` trains each variant for each seed. Every finished run appends one JSON line to
 ``benchmarks/results/studies-cpu.jsonl`` (so studies can run in parallel processes and be
 resumed), and ``render`` turns that file into the tables of docs/init_study.md and

@@ -50,7 +50,7 @@ def test_traffic_follows_spec_and_kernel_counts():
     n, c, e = 4, 1280, 2
     plain = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e)
     small = (3 * n * n + 4 * n + 40) * 4
-    # SPEC §9 forward: read (3n+1)C, write (n+1)C
+    # docs/math.md §9 forward: read (3n+1)C, write (n+1)C
     assert plain["forward"] - small == ((3 * n + 1) + (n + 1)) * c * e
     # chained backward: dh (nC + C), coefficient dx pass (3nC + C), post-res (3nC + 2C)
     assert plain["backward"] - small == (7 * n + 4) * c * e

@@ -1,4 +1,4 @@
-"""The reference math against independent re-derivations from SPEC.md, gradcheck and edge cases."""
+"""The reference math against independent re-derivations from docs/math.md, gradcheck and edge cases."""
 
 import math
 import re
@@ -12,7 +12,7 @@ from torchmhc import functional as F
 from conftest import make_mhc_params
 
 
-# -- independent references, written from SPEC §5 (not calling the library) --------------------
+# -- independent references, written from docs/math.md §5 (not calling the library) --------------------
 
 
 def sinkhorn_paper_reference(h: torch.Tensor, iters: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_sinkhorn_columns_converge_with_iterations():
     logits = 3 * torch.randn(256, 4, 4, dtype=torch.float64)
     col_error = [(mhc.sinkhorn_knopp(logits, iters=t).sum(-2) - 1).abs().max().item() for t in (5, 20, 200)]
     assert col_error[0] > col_error[1] > col_error[2]
-    assert col_error[1] < 0.1  # SPEC §5: ~0.05 after 20 rounds for std-3 logits
+    assert col_error[1] < 0.1  # docs/math.md §5: ~0.05 after 20 rounds for std-3 logits
     assert col_error[2] < col_error[1] / 10
 
 
@@ -207,7 +207,7 @@ def test_sinkhorn_rejects_bad_input():
 
 
 def mhc_coefficients_reference(x, fn, scale, base, n, iters=20, eps=1e-6, rms_eps=1e-6):
-    """SPEC §4 with DeepSeek-V4's formulas, step by step in comb orientation."""
+    """docs/math.md §4 with DeepSeek-V4's formulas, step by step in comb orientation."""
     flat = x.flatten(-2).double()
     mixes = (flat @ fn.double().T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + rms_eps)
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + eps

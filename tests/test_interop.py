@@ -1,6 +1,6 @@
 """DeepSeek-V4 weights in torchmhc modules give V4's numbers.
 
-The V4 reference below is written from SPEC.md §4–§7 in V4's own conventions (comb orientation,
+The V4 reference below is written from docs/math.md §4–§7 in V4's own conventions (comb orientation,
 fp32 mixes, the ``hc_pre`` / ``hc_post`` / ``hc_head`` split); it does not call torchmhc.
 """
 

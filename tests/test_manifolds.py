@@ -7,7 +7,7 @@ from torch.autograd import gradcheck
 import torchmhc as mhc
 from torchmhc.manifolds import MANIFOLDS, Manifold, get_manifold, register
 
-# column accuracy; Sinkhorn is exact on rows and only approximate on columns after t_max = 20 (SPEC §5)
+# column accuracy; Sinkhorn is exact on rows and only approximate on columns after t_max = 20 (docs/math.md §5)
 DOUBLY_STOCHASTIC = {"sinkhorn": 0.05, "permutation": 1e-12, "orthostochastic": 1e-12, "identity": 0.0}
 
 

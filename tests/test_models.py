@@ -194,7 +194,7 @@ def test_moe_counts_every_assignment_once():
 
 @pytest.mark.parametrize("residual", ["residual", "mhc"])
 def test_streams_are_in_the_autocast_dtype(residual):
-    # SPEC §1: the streams live in the activation dtype (bf16 under autocast), for every variant
+    # docs/math.md §1: the streams live in the activation dtype (bf16 under autocast), for every variant
     model = _model(residual)
     seen = []
     model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))

@@ -1,4 +1,4 @@
-"""Stability measures of hyper-connections (SPEC §8) and a way to collect them from any model.
+"""Stability measures of hyper-connections (docs/math.md §8) and a way to collect them from any model.
 
 Legend: ``h [..., n, n]`` residual mixing matrices (paper orientation, row = destination),
 ``x [..., n, C]`` streams; ``...`` are tokens. Every measure returns fp32 (fp64 for fp64 input).

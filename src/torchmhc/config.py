@@ -88,7 +88,7 @@ class ModelConfig:
     residual: str = "mhc"
     num_streams: int = 4  # n
     hc_init: str = ""  # "" = the library default of HyperConnection; else uniform/identity/onehot
-    # Block recomputation of the mHC operations (torchmhc.recompute, SPEC §9): keep the streams at
+    # Block recomputation of the mHC operations (torchmhc.recompute, docs/math.md §9): keep the streams at
     # each block start and every branch output, replay the rest in backward.
     recompute: bool = False
     recompute_block_length: int = 0  # sub-layers per block; 0 = L_r* = sqrt(n·L / (n + 2))

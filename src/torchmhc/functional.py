@@ -1,7 +1,7 @@
 """Reference mathematics of hyper-connections in plain PyTorch.
 
 Everything here is the ground truth that the fused kernels and the models are tested against
-(see ``SPEC.md`` in the project's shared folder for the equations).
+(``docs/math.md`` writes out the equations and conventions).
 
 Legend::
 
@@ -95,7 +95,7 @@ def paper_to_comb(h: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sinkhorn-Knopp (SPEC §5)
+# Sinkhorn-Knopp (docs/math.md §5)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -248,7 +248,7 @@ def sinkhorn_knopp(
 
 
 # ----------------------------------------------------------------------------------------------
-# mHC coefficients (SPEC §4), DeepSeek-V4 parameter layout
+# mHC coefficients (docs/math.md §4), DeepSeek-V4 parameter layout
 # ----------------------------------------------------------------------------------------------
 
 
@@ -315,7 +315,7 @@ def mhc_coefficients(
 
 
 # ----------------------------------------------------------------------------------------------
-# Original Hyper-Connections (Zhu et al., SPEC §3): static + tanh-dynamic, unconstrained
+# Original Hyper-Connections (Zhu et al., docs/math.md §3): static + tanh-dynamic, unconstrained
 # ----------------------------------------------------------------------------------------------
 
 
@@ -406,7 +406,7 @@ def post_res(x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
 def head_mix(
     x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, *, eps: float = 1e-6, rms_eps: float = 1e-6
 ) -> Tensor:
-    """DeepSeek-V4's ``hc_head`` (SPEC §7): ``Σ_i (σ(α·m_i + b_i) + ε)·x_i`` -> ``[..., C]`` in x.dtype.
+    """DeepSeek-V4's ``hc_head`` (docs/math.md §7): ``Σ_i (σ(α·m_i + b_i) + ε)·x_i`` -> ``[..., C]`` in x.dtype.
 
     Args:
         x: streams ``[..., n, C]``.

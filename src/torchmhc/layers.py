@@ -50,7 +50,7 @@ from .residuals import get_residual
 __all__ = ["HyperConnection", "HyperConnectionContext", "StreamHead", "expand_streams", "INITS"]
 
 
-# mHC starts (SPEC §8). The default is the one the initialization study measured best
+# mHC starts (docs/math.md §8). The default is the one the initialization study measured best
 # (docs/init_study.md).
 Init = Literal["uniform", "identity", "onehot"]
 INITS = ("uniform", "identity", "onehot")
@@ -60,7 +60,7 @@ CoefficientHook = Callable[["HyperConnection", Tensor, Coefficients], None]
 
 
 def expand_streams(h: Tensor, n: int) -> Tensor:
-    """Copies a hidden state into n streams (SPEC §7, no 1/n scaling): ``[..., C]`` -> ``[..., n, C]``."""
+    """Copies a hidden state into n streams (docs/math.md §7, no 1/n scaling): ``[..., C]`` -> ``[..., n, C]``."""
     check_floating(h, "h")
     if h.dim() < 1:
         raise ValueError("h must have shape [..., C], got a scalar")
@@ -161,7 +161,7 @@ class HyperConnection(nn.Module):
             num_res = self.manifold.num_logits(n)
             fn = torch.randn(2 * n + num_res, n * dim) / math.sqrt(n * dim)
             if init == "uniform":
-                pre = torch.zeros(n)  # SPEC §8's "b = 0" start: H_pre = ½ on every stream
+                pre = torch.zeros(n)  # docs/math.md §8's "b = 0" start: H_pre = ½ on every stream
             elif init == "onehot":
                 pre = torch.full((n,), _logit(1 - IDENTITY_WEIGHT))
                 pre[read_stream] = _logit(IDENTITY_WEIGHT)
@@ -299,7 +299,7 @@ class HyperConnection(nn.Module):
 
 
 class StreamHead(nn.Module):
-    """Streams out of the network (DeepSeek-V4 ``hc_head``, SPEC §7): ``[..., n, C]`` -> ``[..., C]``.
+    """Streams out of the network (DeepSeek-V4 ``hc_head``, docs/math.md §7): ``[..., n, C]`` -> ``[..., C]``.
 
     ``y = Σ_i (σ(α·m_i + b_i) + ε)·x_i`` with ``m`` the RMS-scaled projection ``fn [n, n*C]``.
     Starts as the mean of the streams (b = logit(1/n)), α = ``alpha_init``.

@@ -1,4 +1,4 @@
-"""Constraints on the residual mixing matrix H_res, as a registry (SPEC §5–6).
+"""Constraints on the residual mixing matrix H_res, as a registry (docs/math.md §5–6).
 
 A manifold turns ``K`` free logits per token into ``H_res [..., n, n]`` (fp32, paper orientation:
 row = destination). Adding one is one small class with ``name``, ``num_logits``, ``project`` and

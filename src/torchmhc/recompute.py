@@ -1,4 +1,4 @@
-"""Block recomputation of the mHC stream operations (paper Sec. 4.3.2, SPEC §9).
+"""Block recomputation of the mHC stream operations (paper Sec. 4.3.2, docs/math.md §9).
 
 A run of L sub-layers is cut into blocks of ``L_r`` consecutive sub-layers. Autograd keeps, per
 block, the streams at its start (n·C per token) and every branch output f_l (C per token), as it
@@ -44,7 +44,7 @@ class RecomputeStats:
 
 
 def optimal_block_length(num_streams: int, num_sublayers: int) -> int:
-    """``L_r* = round(sqrt(n·L / (n + 2)))`` (SPEC §9), clipped to ``[1, L]``."""
+    """``L_r* = round(sqrt(n·L / (n + 2)))`` (docs/math.md §9), clipped to ``[1, L]``."""
     if num_streams < 1 or num_sublayers < 1:
         raise ValueError(f"num_streams and num_sublayers must be >= 1, got {num_streams}, {num_sublayers}")
     best = round(math.sqrt(num_streams * num_sublayers / (num_streams + 2)))

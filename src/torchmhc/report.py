@@ -14,7 +14,7 @@ hyper-connections on a fixed validation batch, and :func:`write_report` turns it
       gain_history.png     largest composite gain over training
       hres_<variant>.png   H_res of the first, middle and last sub-layer and their composite
 
-Gains follow the mHC paper (Sec. 3.1, Fig. 3/7; SPEC §8): the forward gain of a matrix is its
+Gains follow the mHC paper (Sec. 3.1, Fig. 3/7; docs/math.md §8): the forward gain of a matrix is its
 largest absolute row sum, the backward gain its largest absolute column sum, averaged over the
 tokens of the batch; composites are products of H_res over consecutive sub-layers.
 """

@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (SPEC §10),
+"""Shared helpers of the kernel tests: inputs, the reference comparison, tolerances (docs/math.md §10),
 which autograd node made a tensor and which ops ran (:class:`RecordOps`).
 
 Importing this module turns on Triton's CPU interpreter when there is no CUDA device, so that the
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: Tolerances against an fp64 reference (SPEC §10). On CPU (interpreter) the kernels multiply in
+#: Tolerances against an fp64 reference (docs/math.md §10). On CPU (interpreter) the kernels multiply in
 #: fp32: the fp32 coefficient-math tolerances. On a GPU the products run on bf16 tensor cores with
 #: operands split into ~16-bit parts: the TF32-GEMM tolerances, and for bf16 outputs the looser
 #: one that also covers a product's cancellation against the 1/r term before rounding.

@@ -14,7 +14,7 @@ from torchmhc.kernels import post_res, pre_mix, use_kernels
 from torchmhc.layers import HyperConnectionContext
 from torchmhc.manifolds import Permutation, Sinkhorn
 
-# fp32 coefficient math against an fp64 reference (SPEC §10's floor)
+# fp32 coefficient math against an fp64 reference (docs/math.md §10's floor)
 TOL = dict(fp32_tol=dict(rtol=1e-5, atol=2e-5), grad_tol=dict(rtol=1e-5, atol=2e-5))
 # (leading dims, n, C): odd sizes, one stream, one channel, a token count past a vector width
 SHAPES = [((7,), 3, 5), ((2, 3), 4, 16), ((1,), 1, 3), ((5,), 2, 1), ((33,), 5, 7)]

@@ -1,5 +1,5 @@
 """The kernels at real shapes on a CUDA device (skipped without one): accuracy against an fp64
-reference with the TF32-GEMM tolerances of SPEC §10, bf16 tolerances for bf16 outputs, and
+reference with the TF32-GEMM tolerances of docs/math.md §10, bf16 tolerances for bf16 outputs, and
 bitwise run-to-run determinism."""
 
 import pytest
@@ -109,4 +109,4 @@ def test_gpu_post_res_coefficients_equals_unfused_kernels(t, n, c, dtype):
         unfused = mhc_coefficients(unfused_x, *params)
     assert torch.equal(x_next, unfused_x)
     for a, b in zip(fused, unfused):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # two ~16-bit projections: SPEC §10 TF32 tolerance
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # two ~16-bit projections: docs/math.md §10 TF32 tolerance

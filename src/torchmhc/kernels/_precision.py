@@ -92,7 +92,7 @@ def dot_bf16_f32(b, a, acc, MODE: tl.constexpr):
     """acc += b @ a for a stream tile ``b`` and an fp32 tile ``a``, with the stream as the left
     operand, so that a wide stream tile gives the large M that Hopper's warp-group products need.
     ``a`` keeps ~16 bits (two parts; a bf16 ``b`` is exact): made for weight gradients, which sum
-    many such products and tolerate far less precision (SPEC §10 allows TF32's 10 bits)."""
+    many such products and tolerate far less precision (docs/math.md §10 allows TF32's 10 bits)."""
     if MODE == 0:
         acc = tl.dot(b.to(tl.float32), a, acc, input_precision="ieee")
     elif MODE == 1:

@@ -6,7 +6,7 @@ Notable features:
 - attention and FFN are separate sub-layers, each wrapped by its own
   ``torchmhc.HyperConnection`` (2 per block, ``layer_index`` 0 .. 2L-1), so ``residual=`` switches
   the whole model between a plain residual, HC, mHC and the other manifolds;
-- the embedding enters the ``n`` residual streams by ``expand_streams`` (copied, SPEC §7) and
+- the embedding enters the ``n`` residual streams by ``expand_streams`` (copied, docs/math.md §7) and
   leaves through ``StreamHead``; the plain residual uses a single stream.
 
 Legend: B batch, T sequence, V vocab, C model dim (one stream), n streams, h heads, d head dim.
@@ -152,7 +152,7 @@ def embed_streams(tok_emb: nn.Embedding, idx: Tensor, num_streams: int) -> Tenso
     """Token ids ``[B, T]`` -> streams ``[B, T, n, C]`` in the activation dtype (the network's entry)."""
     h = tok_emb(idx)  # [B, T, C] fp32 (embedding lookups are not autocast)
     if torch.is_autocast_enabled(h.device.type):
-        # The streams live in the activation dtype (SPEC §1), for every residual variant alike:
+        # The streams live in the activation dtype (docs/math.md §1), for every residual variant alike:
         # without this cast they would be fp32 under autocast, doubling the stream traffic.
         h = h.to(torch.get_autocast_dtype(h.device.type))
     return expand_streams(h, num_streams)  # [B, T, n, C]
