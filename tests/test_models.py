@@ -231,3 +231,18 @@ def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_attention_rotates_q_and_k_as_two_separate_rope_calls_would():
+    # q and k are rotated in one pass over the fused projection: the values of rotating each head
+    from torchmhc.models.gpt import Attention, apply_rope
+
+    cfg = ModelConfig(dim=64, num_heads=4, max_seq_len=16)
+    attn = Attention(cfg, out_std=0.02)
+    x = torch.randn(2, 11, 64)
+    q, k, v = attn.wqkv(x).split(64, dim=-1)
+    q, k, v = (t.view(2, 11, 4, 16).transpose(1, 2) for t in (q, k, v))  # [B, h, T, d]
+    cos, sin = attn.cos[:11], attn.sin[:11]
+    y = torch.nn.functional.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+    expected = attn.wo(y.transpose(1, 2).reshape(2, 11, 64))
+    torch.testing.assert_close(attn(x), expected, rtol=0, atol=0)

@@ -36,8 +36,9 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (first half, second half) of ``x [B, h, T, d]`` by position."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, h, T, d/2] each
+    """Rotate channel pairs (first half, second half) of ``x [..., d]`` by position: ``cos`` and
+    ``sin`` broadcast against ``x``'s ``[..., d/2]`` (e.g. ``[T, 1, d/2]`` for ``x [B, T, heads, d]``)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [..., d/2] each
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
@@ -77,10 +78,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).split(C, dim=-1)  # [B, T, C] each
-        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, h, T, d]
-        cos, sin = self.cos[:T], self.sin[:T]  # [T, d/2]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h = self.num_heads
+        qkv = self.wqkv(x).view(B, T, 3 * h, self.head_dim)  # [B, T, 3h, d]: q heads, k heads, v heads
+        # q and k rotated in one pass (half the elementwise ops of two calls; same values)
+        qk = apply_rope(qkv[:, :, : 2 * h], self.cos[:T, None], self.sin[:T, None])  # [B, T, 2h, d]
+        q, k = qk.transpose(1, 2).split(h, dim=1)  # [B, h, T, d] each
+        v = qkv[:, :, 2 * h :].transpose(1, 2)  # [B, h, T, d]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, h, T, d]
         return self.wo(y.transpose(1, 2).reshape(B, T, C))  # [B, T, C]
 
