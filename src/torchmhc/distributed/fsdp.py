@@ -8,6 +8,9 @@ gradients after the backward):
   parameters (``fn``, ``base``, ``scale``) are sharded like any other. They stay gathered from
   their forward to the end of their backward (``reshard_after_forward=False``; a few hundred
   kilobytes a layer): block recomputation replays them during the backward of later sub-layers.
+  The model calls some of their methods directly rather than the modules (``pre``, and
+  ``post_pre``, which computes the next connection's coefficients): those are registered as
+  forward methods of the unit whose parameters they read.
 - every transformer block (attention, FFN or MoE, norms): one unit in the compute dtype;
 - the root (embedding, final norm, LM head) — the model, or a pipeline stage.
 
@@ -67,19 +70,43 @@ def apply_fsdp(
         param_dtype=torch.float32 if param_dtype is not None else None, reduce_dtype=reduce_dtype, cast_forward_inputs=False
     )
     for root in roots:
+        blocks = [m for m in root.modules() if isinstance(m, Block)]
+        # Block recomputation (torchmhc.recompute) and the fused transition (Block.forward) call
+        # `pre` directly instead of the module: make it gather the parameters as a forward would.
+        pre_called_directly = root.cfg.recompute or any(b.fuse_transition for b in blocks)
         for module in root.modules():
-            if isinstance(module, (HyperConnection, StreamHead)) and any(True for _ in module.parameters()):
+            if isinstance(module, (HyperConnection, StreamHead)) and _has_parameters(module):
                 fully_shard(module, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
-                if isinstance(module, HyperConnection) and root.cfg.recompute:
-                    # Block recomputation calls `pre` directly instead of the module (see
-                    # torchmhc.recompute): make it gather the parameters as a forward would.
+                if isinstance(module, HyperConnection) and pre_called_directly:
                     register_fsdp_forward_method(module, "pre")
-        for module in root.modules():
-            if isinstance(module, Block):
-                fully_shard(module, mesh=mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward)
-                if root.cfg.recompute:
-                    # ... and the branches directly instead of the block.
-                    register_fsdp_forward_method(module, "attn_branch")
-                    register_fsdp_forward_method(module, "ffn_branch")
+        for module in blocks:
+            if module.fuse_transition:
+                _gather_for_post_pre(module.attn_hc, module.ffn_hc)
+            fully_shard(module, mesh=mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward)
+            if root.cfg.recompute:
+                # ... and block recomputation the branches directly instead of the block.
+                register_fsdp_forward_method(module, "attn_branch")
+                register_fsdp_forward_method(module, "ffn_branch")
         # The root's parameters are needed right at the start of the backward: keep them.
         fully_shard(root, mesh=mesh, mp_policy=compute, reshard_after_forward=False)
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _gather_for_post_pre(hc: HyperConnection, next_hc: HyperConnection) -> None:
+    """Make ``hc.post_pre(ctx, f_out, next_hc)`` a forward method of ``next_hc``'s FSDP unit.
+
+    The fused transition (``Block.forward``) computes ``next_hc``'s coefficients inside
+    ``hc.post_pre``, from ``next_hc``'s parameters and not ``hc``'s (those were used by ``hc.pre``):
+    ``next_hc``'s unit must be gathered around that call, and its gradients are reduced once the
+    backward has passed it.
+    """
+    if not _has_parameters(next_hc):  # the plain residual: nothing to gather
+        return
+    post_pre = hc.post_pre
+    # An instance attribute, so that register_fsdp_forward_method can wrap it.
+    next_hc.post_pre_from_previous = lambda ctx, f_out: post_pre(ctx, f_out, next_hc)
+    register_fsdp_forward_method(next_hc, "post_pre_from_previous")
+    hc.post_pre = lambda ctx, f_out, _next_hc: next_hc.post_pre_from_previous(ctx, f_out)
