@@ -17,6 +17,11 @@ never holds a NaN or an Inf.
 Training batches are a pure function of ``(seed, step)`` (``torchmhc.data``) and the learning
 rate a pure function of the step, so on the CPU a resumed run is bit-identical to one that never
 stopped (with the same number of threads: reductions split differently give other roundings).
+
+Under ``torchrun`` (or with a ``[parallel]`` section) the same loop runs a model laid out over
+the job's processes (``torchmhc.distributed.job``): rank 0 writes the files above, and the
+checkpoints are DCP directories (``state.json``, ``.metadata`` and each rank's shards). Either
+kind of checkpoint resumes at any layout, one process included.
 """
 
 import contextlib
@@ -32,7 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,9 @@ from torchmhc.data import TokenData, bits_per_byte, load_data
 from torchmhc.distributed.config import ParallelConfig
 from torchmhc.layers import HyperConnection, StreamHead
 from torchmhc.models import GPT, build_model
+
+if TYPE_CHECKING:
+    from torchmhc.distributed.job import ParallelJob
 
 __all__ = [
     "NonFiniteLossError",
@@ -614,6 +622,8 @@ class RunResult:
     ``summary`` holds the final numbers: ``steps``, ``train_loss`` (mean of the last 10 logged
     steps), ``val_loss``, ``val_bpb``, ``tokens_per_s``, ``peak_memory_bytes``,
     ``peak_memory_kind`` ("cuda" measured / "estimate" on CPU), ``stopped`` (None or the reason).
+    In a run laid out over processes ``model`` is this rank's part (``ParallelModel.part``), the
+    peak memory this rank's, and only rank 0 reads the earlier rows of a resumed run's history.
     """
 
     config: RunConfig
@@ -784,10 +794,15 @@ class LocalJob:
             apply_compile(self.model, mode=cfg.train.compile_mode)
         self.num_params, self.num_streams = self.model.num_params(), self.model.num_streams
 
-    def step(self, step: int) -> StepStats:
-        """Optimizer step ``step`` (0-based) on training batch ``step``."""
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``step``: inputs and targets, int64 ``[B, T]`` each, on the CPU."""
         tc, dc = self.cfg.train, self.cfg.data
-        x, y = self.data.get_batch("train", step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed)
+        return self.data.get_batch("train", step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed)
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepStats:
+        """Optimizer step ``step`` (0-based) on ``batch`` (from :meth:`batch`)."""
+        tc = self.cfg.train
+        x, y = batch
         return train_step(
             self.model, self.optimizer, (x.to(self.device), y.to(self.device)),
             lr=learning_rate(step, tc.steps, self.cfg.optim), grad_clip=self.cfg.optim.grad_clip,
@@ -892,7 +907,7 @@ def train(
 
 
 def _run(
-    job: LocalJob,
+    job: "LocalJob | ParallelJob",
     cfg: RunConfig,
     ckpt: Path | None,
     *,
@@ -970,10 +985,11 @@ def _run(
         run_eval(0)  # the starting point of the validation and gain curves
     try:
         for step in range(start_step, tc.steps):
+            batch = job.batch(step)
             t0 = time.perf_counter()
             # Measure saved activations on the first step of this process only (it is not free).
             with meter.context() if step == start_step else contextlib.nullcontext():
-                stats = job.step(step)
+                stats = job.step(step, batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -1023,7 +1039,7 @@ def _run(
 
 def _summary(
     cfg: RunConfig,
-    job: LocalJob,
+    job: "LocalJob | ParallelJob",
     history: list[dict[str, Any]],
     evals: list[dict[str, Any]],
     tokens_seen: int,

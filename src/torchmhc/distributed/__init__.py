@@ -2,7 +2,9 @@
 
 FSDP2 (``fully_shard``) for data parallelism, ``torch.distributed.pipelining`` for pipeline
 parallelism with n-stream stage edges, DCP (``torch.distributed.checkpoint``) for checkpoints that
-load at any layout, and ``torchrun`` to launch. One file per concern:
+load at any layout, and ``torchrun`` to launch: ``torchrun --nproc-per-node N -m torchmhc train
+--set parallel.pp=2 ...`` trains one run over N processes (``torchmhc.train.train`` lays it out
+when the world size is above 1 or the run has a ``[parallel]`` section). One file per concern:
 
     config.py       ParallelConfig: the [parallel] section (degrees, schedule, microbatches)
     mesh.py         process group and the (pp, dp_replicate, dp_shard) DeviceMesh
@@ -15,6 +17,7 @@ load at any layout, and ``torchrun`` to launch. One file per concern:
     data.py         each data-parallel rank's rows of the global batch
     step.py         one optimizer step (the parallel train_step)
     checkpoint.py   DCP checkpoints, atomic, resharding, and safetensors conversion
+    job.py          a training run over the job's processes: what torchmhc.train's loop runs
     runner.py       several short runs in one launch (the tests' workhorse)
 """
 

@@ -14,8 +14,10 @@ Layout on disk, next to ``torchmhc.train``'s single-file checkpoints::
 
 Atomic: every rank writes into ``checkpoints/.step_<n>.tmp``; once DCP has finished (its
 ``.metadata`` is written last) rank 0 writes ``state.json``, renames the directory into place and
-then replaces ``latest``. A crash at any point leaves the previous checkpoint the one ``latest``
-names. All ranks must see one shared directory (one host, or a shared file system).
+then replaces ``latest`` (``torchmhc.train.publish_checkpoint``, as for single-file
+checkpoints: re-saving a step is safe too). A crash at any point leaves the previous checkpoint
+the one ``latest`` names. All ranks must see one shared directory (one host, or a shared file
+system).
 
 No pickled code runs on load. DCP writes its ``.metadata`` file with ``pickle``, and loads it
 with ``pickle.load``: a crafted file could run anything. :class:`SafeFileSystemReader` reads it

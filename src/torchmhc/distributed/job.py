@@ -103,11 +103,11 @@ class ParallelJob:
             self.data = data if data is not None else _load_data_once(cfg, progress=progress and self.is_main)
             check_vocabulary(self.data, cfg)
             self.pm, self.optimizer = build(cfg, cfg.parallel, device_type=self.device.type)
+            self.num_params = _global_num_params(self.pm)
         except BaseException:
             self.close()
             raise
         self.num_streams = cfg.model.effective_num_streams
-        self.num_params = _global_num_params(self.pm)
 
     @property
     def model(self) -> nn.Module:
@@ -115,13 +115,17 @@ class ParallelJob:
         pipelining, else this rank's stages under the full model's parameter names)."""
         return self.pm.part
 
-    def step(self, step: int) -> StepStats:
-        """Optimizer step ``step`` (0-based) on this rank's rows of training batch ``step``."""
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This data-parallel rank's rows of training batch ``step``: int64 ``[B / dp, T]`` each."""
         tc, dc, layout = self.cfg.train, self.cfg.data, self.pm.layout
-        batch = local_batch(
+        return local_batch(
             self.data, step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed,
             dp_rank=layout.dp_rank, dp_size=layout.dp_size,
         )  # fmt: skip
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepStats:
+        """Optimizer step ``step`` (0-based) on this rank's rows ``batch`` (from :meth:`batch`)."""
+        tc = self.cfg.train
         return train_step(
             self.pm, self.optimizer, batch, lr=learning_rate(step, tc.steps, self.cfg.optim),
             grad_clip=self.cfg.optim.grad_clip, on_nonfinite=tc.on_nonfinite, step=step,

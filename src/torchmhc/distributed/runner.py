@@ -16,6 +16,8 @@ directory whose latest checkpoint to start from). Each case writes
 validation batch after training, from rank 0) and
 ``out/<name>/weights_pp<r>.safetensors`` (the full weights of pipeline rank r's part, from its
 first data-parallel rank). The launch's world size must equal each case's product of degrees.
+(``torchmhc train`` runs one such run with its metrics, evaluations and checkpoints:
+``torchmhc.distributed.job``.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from torchmhc.config import RunConfig, load_config
+from torchmhc.config import load_config
 from torchmhc.data import TokenData, load_data
 from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.data import local_batch, local_rows
