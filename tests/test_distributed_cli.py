@@ -228,26 +228,31 @@ def test_a_non_finite_loss_stops_a_laid_out_run_with_its_last_good_checkpoint(ro
 
 
 @pytest.mark.gpu
-def test_one_gpu_laid_out_run_with_compiled_blocks(root):
-    """``torchmhc train --set parallel.dp_shard=1`` on one GPU: FSDP over one rank, NCCL, bf16,
-    blocks compiled in place before FSDP wraps them, DCP checkpoints; the losses are the
-    one-device run's within bf16 rounding, and the one-device path resumes its checkpoint."""
+def test_one_gpu_laid_out_runs_with_compiled_blocks(root):
+    """``torchmhc train`` on one GPU with ``parallel.dp_shard=1`` (FSDP over one rank) and with
+    ``parallel.pp_schedule=dualpipev`` (both V stages on the GPU, the overlap function's streams):
+    NCCL, bf16, blocks compiled in place before the layout, DCP checkpoints. The losses are the
+    one-device run's within bf16 rounding, and the one-device path resumes the FSDP checkpoint."""
     gpu = ("train.device=cuda", "train.dtype=bf16", "train.compile=true", "model.dim=64", "train.eval_interval=2")
     src = str(Path(torchmhc.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-    for out, extra in (("gpu-one", ()), ("gpu-laid-out", ("parallel.dp_shard=1",))):
-        args = _train_args(root, out, *gpu, *extra)
+
+    def run(out: str, *extra: str, steps: int = 4, resume: bool = False) -> None:
+        args = _train_args(root, out, *gpu, *extra, steps=steps) + (["--resume"] if resume else [])
         result = subprocess.run([sys.executable, "-m", "torchmhc", *args], env=env, capture_output=True, text=True,
                                 timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-8000:]
-    one, laid_out = _rows(root / "gpu-one"), _rows(root / "gpu-laid-out")
-    assert [(r["kind"], r["step"]) for r in one] == [(r["kind"], r["step"]) for r in laid_out]
-    for a, b in zip(laid_out, one):
-        for key in ("loss", "val_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], rel=2e-2), (a, b)
-    assert checkpoint_format(latest_checkpoint(root / "gpu-laid-out")) == DCP_CHECKPOINT_FORMAT
-    args = _train_args(root, "gpu-laid-out", *gpu, steps=LONGEST) + ["--resume"]
-    result = subprocess.run([sys.executable, "-m", "torchmhc", *args], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-8000:]
-    assert [r["step"] for r in _rows(root / "gpu-laid-out") if r["kind"] == "train"] == list(range(1, LONGEST + 1))
+
+    run("gpu-one")
+    one = _rows(root / "gpu-one")
+    for out, extra in (("gpu-fsdp", "parallel.dp_shard=1"), ("gpu-v", "parallel.pp_schedule=dualpipev")):
+        run(out, extra)
+        rows = _rows(root / out)
+        assert [(r["kind"], r["step"]) for r in rows] == [(r["kind"], r["step"]) for r in one]
+        for a, b in zip(rows, one):
+            for key in ("loss", "val_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=2e-2), (out, a, b)
+        assert checkpoint_format(latest_checkpoint(root / out)) == DCP_CHECKPOINT_FORMAT
+    run("gpu-fsdp", steps=LONGEST, resume=True)
+    assert [r["step"] for r in _rows(root / "gpu-fsdp") if r["kind"] == "train"] == list(range(1, LONGEST + 1))
