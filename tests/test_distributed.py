@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import torchmhc.models.gpt as gpt_module
-from torchmhc.config import ModelConfig, OptimConfig
+from torchmhc.config import ModelConfig, OptimConfig, config_to_dict, load_config
 from torchmhc.distributed import ParallelConfig, local_rows
 from torchmhc.distributed import checkpoint as ckpt
 from torchmhc.distributed import pipeline
@@ -26,11 +26,20 @@ from torchmhc.distributed.pipeline import (
     split_model,
     stage_block_ranges,
     stages_of_rank,
-    token_cross_entropy,
 )
 from torchmhc.models import build_model
 from torchmhc.recompute import optimal_block_length
-from torchmhc.train import CheckpointError, build_optimizer, lm_loss, load_checkpoint, save_checkpoint
+from torchmhc.train import (
+    CheckpointError,
+    build_optimizer,
+    lm_loss,
+    load_checkpoint,
+    load_training_checkpoint,
+    parallel_layout,
+    save_checkpoint,
+    token_cross_entropy,
+    train,
+)
 
 SMALL = dict(vocab_size=64, dim=32, num_heads=2, max_seq_len=16, tie_embeddings=False)
 
@@ -76,6 +85,93 @@ def test_parallel_config_resolve():
         ParallelConfig(pp=2, pp_schedule="zbv").resolve(2, num_layers=3)
     with pytest.raises(ValueError, match=r"microbatches must be >= the number of stages \(4\) for dualpipev, got 2"):
         ParallelConfig(pp=2, pp_schedule="dualpipev", microbatches=2).resolve(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The [parallel] section of a run, and when a run is laid out over processes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_parallel_section_in_toml_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[parallel]\npp = 2\npp_schedule = "dualpipev"\nstage_boundaries = [1, 2, 3]\n')
+    cfg = load_config(path, ["parallel.microbatches=8"])
+    assert cfg.parallel == ParallelConfig(pp=2, pp_schedule="dualpipev", microbatches=8, stage_boundaries=(1, 2, 3))
+    assert config_to_dict(cfg)["parallel"]["stage_boundaries"] == [1, 2, 3]
+    assert load_config("tiny").parallel == ParallelConfig()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) parallel.tp; valid keys: dp_replicate, dp_shard"):
+        load_config(None, ["parallel.tp=2"])
+    with pytest.raises(ValueError, match=r"parallel.pp_schedule must be one of"):
+        load_config(None, ["parallel.pp_schedule=zero"])
+
+
+@pytest.mark.parametrize(
+    "world, overrides, layout",
+    [
+        ("1", [], None),  # today's path: nothing laid out
+        (None, [], None),
+        ("2", [], {"dp_shard": 2, "pp": 1}),  # torchrun alone is enough: FSDP over the ranks
+        ("1", ["parallel.dp_shard=1"], {"dp_shard": 1, "pp": 1}),
+        ("4", ["parallel.pp=2", "model.tie_embeddings=false"], {"dp_shard": 2, "pp": 2, "microbatches": 2}),
+    ],
+)
+def test_parallel_layout(monkeypatch, world, overrides, layout):
+    _world_size(monkeypatch, world)
+    resolved = parallel_layout(load_config(None, ["model.num_layers=2", "data.batch_size=4", *overrides]))
+    if layout is None:
+        assert resolved is None
+    else:
+        assert {key: getattr(resolved, key) for key in layout} == layout
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["parallel.pp=2", "parallel.dp_shard=2"], r"world size 2 must equal .* = 2 x 1 x 2 = 4"),
+        (["parallel.pp=2"], r"tie_embeddings = true cannot be pipelined.*--set model.tie_embeddings=false"),
+        (["parallel.pp=2", "model.num_layers=1", "model.tie_embeddings=false"], r"model.num_layers = 1 is fewer than the 2 pipeline stages"),
+        (["data.batch_size=3"], r"data.batch_size = 3 must be divisible by the data-parallel ranks x microbatches = 2 x 1"),
+        (["train.compile=true", "train.compile_mode=reduce-overhead"], r"'reduce-overhead' replays CUDA graphs"),
+    ],
+)  # fmt: skip
+def test_parallel_layout_refuses_what_does_not_fit(monkeypatch, overrides, match):
+    _world_size(monkeypatch, "2")
+    with pytest.raises(ValueError, match=match):
+        parallel_layout(load_config(None, ["model.num_layers=2", "data.batch_size=4", *overrides]))
+
+
+def _world_size(monkeypatch, world: str | None) -> None:
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+
+
+def test_compare_and_eval_hooks_refuse_a_layout(monkeypatch, capsys, tmp_path):
+    from torchmhc.cli import main
+
+    assert main(["compare", "--set", "parallel.dp_shard=1", "--set", f"compare.report_dir='{tmp_path}'"]) == 2
+    assert "torchmhc compare trains its variants in one process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["parallel.pp=2", "model.num_layers=2", "model.tie_embeddings=false", f"train.out_dir='{tmp_path}'"])
+    with pytest.raises(ValueError, match="eval_hook needs the whole model"):
+        train(cfg, eval_hook=lambda model: {})
+    assert not any(tmp_path.iterdir()), "refused before anything was written"
+
+
+def test_one_process_resumes_a_dcp_checkpoint_with_its_own_optimizer_settings(tmp_path):
+    """As from its own checkpoints: the weights, moments and step counts are the checkpoint's, the
+    hyperparameters the new optimizer's (``torchmhc.train.load_training_checkpoint``)."""
+    cfg, model, optimizer = _trained()
+    path = ckpt.save_dcp_checkpoint(tmp_path, model, optimizer, {"step": 1})
+    restored = build_model(cfg)
+    settings = OptimConfig(weight_decay=0.05, betas=(0.8, 0.9), eps=1e-7)
+    restored_opt = build_optimizer(restored, settings)
+    assert load_training_checkpoint(path, restored, restored_opt)["step"] == 1
+    for group in restored_opt.param_groups:
+        assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-7
+    moments = [optimizer.state[p]["exp_avg"] for p in model.parameters()]
+    assert all(torch.equal(restored_opt.state[p]["exp_avg"], m) for p, m in zip(restored.parameters(), moments))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,12 +349,6 @@ def test_recomputation_blocks_stay_inside_stages(monkeypatch):
     grads = dict(model.named_parameters())
     for name, p in reference.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-7)
-
-
-def test_token_cross_entropy_is_the_training_loss():
-    model = build_model(ModelConfig(**SMALL, num_layers=1))
-    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    assert torch.equal(token_cross_entropy(model(idx), targets), lm_loss(model, idx, targets))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,23 +4,30 @@
     torchmhc compare --preset stress          # HC's gain blow-up vs mHC
     torchmhc train --preset tiny --set model.residual=hc --set train.steps=100
     torchmhc train --config my.toml --resume  # continue from the run's latest checkpoint
+    torchrun --nproc-per-node 4 -m torchmhc train --preset gpu-moe-3b --set parallel.pp=2
+                                              # one run on 4 GPUs (torchmhc.distributed)
     torchmhc bench                            # kernel benchmarks (torchmhc.bench)
     python -m torchmhc ...                    # the same command line
 """
 
 import argparse
 import importlib.util
+import os
 import shlex
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from torchmhc import __version__
 from torchmhc.config import OVERRIDE_RULE, CompareConfig, RunConfig, list_presets, load_config
 from torchmhc.report import run_compare
-from torchmhc.train import CheckpointError, NonFiniteLossError, train
+from torchmhc.train import CheckpointError, NonFiniteLossError, laid_out, parallel_layout, train
 
 __all__ = ["main"]
+
+#: Seconds a process other than rank 0 waits before failing with an error rank 0 reports.
+_REPORT_GRACE_S = 3.0
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str) -> None:
@@ -34,16 +41,26 @@ def _add_config_args(parser: argparse.ArgumentParser, default_preset: str) -> No
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _UsageError(ValueError):
+    """A mistake in the command line or the config, found before any work starts: the same on
+    every process of a job, so only rank 0 reports it."""
+
+
 def _load(args: argparse.Namespace, default_preset: str) -> RunConfig:
     source = args.config if args.config is not None else (args.preset or default_preset)
     try:
         return load_config(source, args.overrides)
-    except TypeError as exc:  # a wrongly typed value in the file or an override: a user error
-        raise ValueError(str(exc)) from exc
+    except (TypeError, ValueError) as exc:  # a wrongly typed or invalid value in the file or an override
+        raise _UsageError(str(exc)) from exc
 
 
 def _compare(args: argparse.Namespace) -> int:
     cfg = _load(args, "tiny")
+    if laid_out(cfg):
+        raise _UsageError(
+            "torchmhc compare trains its variants in one process; for a run over several processes train "
+            "each variant with torchrun ... -m torchmhc train --set model.residual=<variant>."
+        )
     compare = cfg.compare
     if args.variants:
         compare = CompareConfig(tuple(v.strip() for v in args.variants.split(",")), compare.report_dir)
@@ -56,10 +73,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _load(args, "tiny")
+    try:
+        parallel_layout(cfg)  # the [parallel] degrees against the world size, before any work
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from exc
     resume = args.resume_from if args.resume_from is not None else args.resume
     result = train(cfg, resume=resume, progress=not args.quiet)
-    print(f"run: {result.out_dir}")
+    if _rank() == 0:
+        print(f"run: {result.out_dir}")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank in a job launched by torchrun (0 outside one)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _bench(bench_args: list[str]) -> int:
@@ -117,8 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, ImportError, CheckpointError, NonFiniteLossError) as exc:
-        # User mistakes and a diverged run: a sentence, not a traceback.
-        print(f"torchmhc: error: {exc}", file=sys.stderr)
+        # User mistakes and a diverged run: a sentence, not a traceback. In a job of several
+        # processes, errors that are the same on every rank are told once, by rank 0.
+        rank = _rank()
+        if rank == 0:
+            print(f"torchmhc: error: {exc}", file=sys.stderr)
+        else:
+            if not isinstance(exc, (_UsageError, NonFiniteLossError)):
+                print(f"torchmhc: error: [rank {rank}] {exc}", file=sys.stderr)
+            # torchrun stops every process as soon as one has failed: give rank 0 the time to
+            # finish its report (and the summary of a stopped run) before this one fails.
+            time.sleep(_REPORT_GRACE_S)
         return 2
     except KeyboardInterrupt:
         print("torchmhc: interrupted", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, TOML presets and ``key=value`` overrides.
 
 A run is described by one :class:`RunConfig` made of four small sections (``model``, ``data``,
-``optim``, ``train``) plus ``compare`` for ``torchmhc compare``. Each section validates itself in
+``optim``, ``train``) plus ``compare`` for ``torchmhc compare`` and ``parallel`` for a run laid
+out over several processes (``torchmhc.distributed.config.ParallelConfig``). Each section validates itself in
 ``__post_init__`` and raises ``ValueError`` with a sentence naming the field, so a typo in a TOML
 file or on the command line fails before any work starts.
 
@@ -14,6 +15,7 @@ TOML layout (every key optional; missing keys take the defaults below)::
     [optim]   lr, warmup_steps, schedule, grad_clip, ...
     [train]   steps, seed, eval_interval, out_dir, ...
     [compare] variants, report_dir
+    [parallel] dp_shard, dp_replicate, pp, pp_schedule, microbatches, ...
 
 Presets are TOML files shipped inside the package (``torchmhc/presets/<name>.toml``): a name
 such as ``"tiny"`` is always a preset, anything else (a :class:`~pathlib.Path`, or a string with a
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 
+from torchmhc.distributed.config import ParallelConfig
 from torchmhc.layers import INITS
 from torchmhc.residuals import get_residual, residual_kinds
 
@@ -338,6 +341,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, f"name must be non-empty without '/', got {self.name!r}.")
@@ -362,6 +366,7 @@ _SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "compare": CompareConfig,
+    "parallel": ParallelConfig,
 }
 
 

@@ -17,6 +17,11 @@ never holds a NaN or an Inf.
 Training batches are a pure function of ``(seed, step)`` (``torchmhc.data``) and the learning
 rate a pure function of the step, so on the CPU a resumed run is bit-identical to one that never
 stopped (with the same number of threads: reductions split differently give other roundings).
+
+Under ``torchrun`` (or with a ``[parallel]`` section) the same loop runs a model laid out over
+the job's processes (``torchmhc.distributed.job``): rank 0 writes the files above, and the
+checkpoints are DCP directories (``state.json``, ``.metadata`` and each rank's shards). Either
+kind of checkpoint resumes at any layout, one process included.
 """
 
 import contextlib
@@ -32,35 +37,52 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchmhc.config import OptimConfig, RunConfig, config_to_dict
+from torchmhc.config import CUDA_GRAPH_MODES, OptimConfig, RunConfig, config_to_dict
 from torchmhc.data import TokenData, bits_per_byte, load_data
+from torchmhc.distributed.config import ParallelConfig
 from torchmhc.layers import HyperConnection, StreamHead
 from torchmhc.models import GPT, build_model
+
+if TYPE_CHECKING:
+    from torchmhc.distributed.job import ParallelJob
 
 __all__ = [
     "NonFiniteLossError",
     "CheckpointError",
     "RunResult",
     "train",
+    "laid_out",
+    "parallel_layout",
+    "LocalJob",
     "train_step",
+    "check_skippable",
     "evaluate",
     "learning_rate",
     "build_optimizer",
     "apply_compile",
     "lm_loss",
+    "token_cross_entropy",
     "save_checkpoint",
+    "publish_checkpoint",
     "load_checkpoint",
+    "load_training_checkpoint",
+    "checkpoint_format",
     "latest_checkpoint",
     "nonfinite_tensors",
+    "nonfinite_names",
+    "DCP_CHECKPOINT_FORMAT",
 ]
 
 _CHECKPOINT_FORMAT = 1
+#: ``state.json``'s ``format`` in the checkpoints of runs laid out over processes: directories
+#: written by ``torch.distributed.checkpoint`` (``torchmhc.distributed.checkpoint``).
+DCP_CHECKPOINT_FORMAT = "dcp-1"
 #: The files of a checkpoint directory that state.json records a SHA-256 of (besides itself).
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
 
@@ -99,12 +121,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The forward's autocast dtype for ``train.dtype``: bf16 for "bf16", and for "auto" on CUDA;
+    None (plain fp32) otherwise."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if use_bf16 else None
+
+
 def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (``dtype`` "auto" or "bf16"); plain fp32 otherwise."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    compute_dtype = autocast_dtype(device, dtype)
+    if compute_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -188,10 +217,15 @@ class StepStats:
     skipped: bool  # non-finite loss/gradients and on_nonfinite = "skip"
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32 scalar) of logits ``[B, T, V]`` against ids ``[B, T]``
+    int64: the training loss (a pipeline's last stage applies it too)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32 scalar) of ``model`` on inputs/targets ``[B, T]``."""
-    logits = model(x)  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    return token_cross_entropy(model(x), y)  # logits [B, T, V]
 
 
 def train_step(
@@ -231,26 +265,32 @@ def train_step(
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         model.update_router_bias()  # discards the loads counted in this step's forward
-        signal = f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}."
-        bad = nonfinite_tensors(model, optimizer)
-        if bad:  # skipping cannot help: every later step would start from the same weights
-            raise NonFiniteLossError(
-                f"{signal} The weights or the optimizer state are not finite ({_some(bad)}): an earlier "
-                f"update made them so. Lower optim.lr or enable optim.grad_clip.",
-                step=step,
-            )
-        if on_nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"{signal} The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
-                f"or set train.on_nonfinite=skip to skip such steps.",
-                step=step,
-            )
+        check_skippable(step, loss_value, grad_norm, nonfinite_tensors(model, optimizer), on_nonfinite)
         return StepStats(loss_value, grad_norm, lr, skipped=True)
 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.update_router_bias()
     return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+def check_skippable(step: int, loss: float, grad_norm: float, nonfinite: list[str], on_nonfinite: str) -> None:
+    """After a step with a non-finite loss or gradient norm, whose gradients were dropped: raise
+    :class:`NonFiniteLossError` unless the step may be skipped (``on_nonfinite = "skip"`` and the
+    weights and optimizer state, whose non-finite tensors ``nonfinite`` names, are finite)."""
+    signal = f"non-finite training signal at step {step}: loss={loss}, grad_norm={grad_norm}."
+    if nonfinite:  # skipping cannot help: every later step would start from the same weights
+        raise NonFiniteLossError(
+            f"{signal} The weights or the optimizer state are not finite ({_some(nonfinite)}): an earlier "
+            f"update made them so. Lower optim.lr or enable optim.grad_clip.",
+            step=step,
+        )
+    if on_nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"{signal} The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
+            f"or set train.on_nonfinite=skip to skip such steps.",
+            step=step,
+        )
 
 
 @torch.no_grad()
@@ -336,14 +376,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def nonfinite_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
     """Names of the model's floating tensors (parameters, buffers) and of the optimizer's state
     tensors that hold a NaN or an Inf; empty when all are finite (one wait for the device)."""
-    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    named = list(model.state_dict().items())
     if optimizer is not None:
         named += [
             (f"optimizer state {index}.{key}", value)
             for index, entry in enumerate(optimizer.state_dict()["state"].values())
             for key, value in entry.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point()
+            if isinstance(value, torch.Tensor)
         ]
+    return nonfinite_names(named)
+
+
+def nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the floating tensors of ``(name, tensor)`` pairs that hold a NaN or an Inf."""
+    named = [(name, t) for name, t in named if t.is_floating_point()]
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, t in named:  # AdamW keeps its step counts on the CPU, the rest where the weights are
         by_device.setdefault(t.device, []).append((name, t))
@@ -408,9 +454,17 @@ def save_checkpoint(
     }
     _fsync_write(tmp / "state.json", json.dumps(meta, indent=2))
 
-    final = root / name
+    return publish_checkpoint(tmp, root / name, keep=keep)
+
+
+def publish_checkpoint(tmp: Path, final: Path, *, keep: int) -> Path:
+    """Rename the complete checkpoint directory ``tmp`` (``checkpoints/.step_<n>.tmp...``) to
+    ``final`` (``checkpoints/step_<n>``) and point ``latest`` at it, so that ``latest`` names a
+    complete checkpoint at every instant (see :func:`save_checkpoint`); then delete leftovers and
+    all but the newest ``keep`` step directories. Returns ``final``."""
+    root, name = final.parent, final.name
     if final.exists():
-        if latest_checkpoint(run_dir) == final:
+        if latest_checkpoint(root.parent) == final:
             backup = tmp.with_name(tmp.name.replace(".tmp", ".prev", 1))
             _link_copy(final, backup)
             _point_latest(root, backup.name)
@@ -433,8 +487,8 @@ def _some(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _read_state(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """``path/state.json``, checked to be a checkpoint of this format holding ``keys``."""
+def _read_state(path: Path, keys: tuple[str, ...], formats: tuple[int | str, ...] = (_CHECKPOINT_FORMAT,)) -> dict[str, Any]:
+    """``path/state.json``, checked to be a checkpoint of one of ``formats`` holding ``keys``."""
     state_file = path / "state.json"
     if not state_file.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r} (state.json is missing).")
@@ -445,8 +499,9 @@ def _read_state(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     missing = [k for k in ("format", *keys) if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"{str(state_file)!r} is incomplete: it has no {', '.join(map(repr, missing))}.")
-    if meta["format"] != _CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta['format']!r}, expected {_CHECKPOINT_FORMAT}.")
+    if meta["format"] not in formats:
+        expected = " or ".join(map(repr, formats))
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta['format']!r}, expected {expected}.")
     return meta
 
 
@@ -567,6 +622,8 @@ class RunResult:
     ``summary`` holds the final numbers: ``steps``, ``train_loss`` (mean of the last 10 logged
     steps), ``val_loss``, ``val_bpb``, ``tokens_per_s``, ``peak_memory_bytes``,
     ``peak_memory_kind`` ("cuda" measured / "estimate" on CPU), ``stopped`` (None or the reason).
+    In a run laid out over processes ``model`` is this rank's part (``ParallelModel.part``), the
+    peak memory this rank's, and only rank 0 reads the earlier rows of a resumed run's history.
     """
 
     config: RunConfig
@@ -614,7 +671,8 @@ _RUNTIME_MODEL_SETTINGS = ("recompute", "recompute_block_length")
 
 def _resume_state(cfg: RunConfig, ckpt: Path) -> dict[str, Any]:
     """The training state of checkpoint ``ckpt`` if ``cfg`` may resume from it, else CheckpointError."""
-    state = _read_state(ckpt, ("step", "tokens", "train_time_s", "skipped_steps"))
+    state = _read_state(ckpt, ("step", "tokens", "train_time_s", "skipped_steps"),
+                        formats=(_CHECKPOINT_FORMAT, DCP_CHECKPOINT_FORMAT))
     saved = state.get("config", {}).get("model")  # checkpoints from before configs were recorded: none
     if saved is not None:
         now = config_to_dict(cfg)["model"]
@@ -640,8 +698,8 @@ def _changed_settings(before: dict[str, Any], after: dict[str, Any]) -> list[str
     """``section.key old -> new`` for every setting that differs between two config dicts."""
     changes = []
     for section, values in after.items():
-        if isinstance(values, dict):
-            old = before.get(section, {})
+        if isinstance(values, dict) and section in before:  # a section newer than the checkpoint: not a change
+            old = before[section]
             changes += [f"{section}.{k} {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
     return changes
 
@@ -656,6 +714,129 @@ def _writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def laid_out(cfg: RunConfig) -> bool:
+    """Whether the run is laid out over processes: launched with a world size above 1
+    (``WORLD_SIZE``, set by ``torchrun``) or with a ``[parallel]`` section that is not the default."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel != ParallelConfig()
+
+
+def parallel_layout(cfg: RunConfig) -> ParallelConfig | None:
+    """The resolved ``[parallel]`` layout if the run is laid out over processes (:func:`laid_out`),
+    else None: then it runs in this process on one device, exactly as without the section.
+
+    Raises:
+        ValueError: the degrees do not fit the world size, the model or the batch, or the run asks
+            for something the distributed path does not do (see ``torchmhc.distributed``).
+    """
+    if not laid_out(cfg):
+        return None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = cfg.parallel.resolve(world_size, num_layers=cfg.model.num_layers, batch_size=cfg.data.batch_size)
+    if layout.pipelined:
+        from torchmhc.distributed.pipeline import check_pipelinable
+
+        check_pipelinable(cfg.model)
+    if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES:
+        raise ValueError(
+            f"train.compile_mode = {cfg.train.compile_mode!r} replays CUDA graphs, which a run laid out over "
+            f"processes does not support (its communication runs between the graphs); use 'default' or "
+            f"'max-autotune-no-cudagraphs'."
+        )
+    return layout
+
+
+def check_vocabulary(data: TokenData, cfg: RunConfig) -> None:
+    """ValueError if the corpus has token ids the model has no embedding for."""
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the corpus has token ids up to {data.vocab_size - 1} but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}."
+        )
+
+
+def checkpoint_format(path: Path) -> int | str:
+    """The ``format`` of checkpoint directory ``path``: 1 (this module's) or
+    :data:`DCP_CHECKPOINT_FORMAT`; CheckpointError for anything else."""
+    return _read_state(Path(path), (), formats=(_CHECKPOINT_FORMAT, DCP_CHECKPOINT_FORMAT))["format"]
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Resume ``model`` and ``optimizer`` in one process from checkpoint ``path`` of either format
+    (this module's, or a DCP checkpoint of a run laid out over processes): the optimizer's
+    settings stay its own, its moments and step counts are the checkpoint's. Returns the state."""
+    if checkpoint_format(path) == DCP_CHECKPOINT_FORMAT:
+        from torchmhc.distributed.checkpoint import load_dcp_checkpoint
+
+        return load_dcp_checkpoint(path, model, optimizer, hyperparameters="optimizer")
+    return load_checkpoint(path, model, optimizer, hyperparameters="optimizer")
+
+
+class LocalJob:
+    """A run in this process on one device: the model and optimizer, and what the loop of
+    :func:`train` does with them (step, evaluate, check, save, load).
+
+    ``torchmhc.distributed.job.ParallelJob`` is the same for a run laid out over processes.
+    """
+
+    #: Whether this process writes the run directory and shows progress.
+    is_main = True
+
+    def __init__(self, cfg: RunConfig, device: torch.device, *, data: TokenData | None, progress: bool) -> None:
+        self.cfg, self.device = cfg, device
+        self.autocast = autocast_context(device, cfg.train.dtype)
+        self.data = data if data is not None else load_data(cfg.data, progress=progress)
+        check_vocabulary(self.data, cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if cfg.train.compile:
+            apply_compile(self.model, mode=cfg.train.compile_mode)
+        self.num_params, self.num_streams = self.model.num_params(), self.model.num_streams
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch ``step``: inputs and targets, int64 ``[B, T]`` each, on the CPU."""
+        tc, dc = self.cfg.train, self.cfg.data
+        return self.data.get_batch("train", step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed)
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> StepStats:
+        """Optimizer step ``step`` (0-based) on ``batch`` (from :meth:`batch`)."""
+        tc = self.cfg.train
+        x, y = batch
+        return train_step(
+            self.model, self.optimizer, (x.to(self.device), y.to(self.device)),
+            lr=learning_rate(step, tc.steps, self.cfg.optim), grad_clip=self.cfg.optim.grad_clip,
+            on_nonfinite=tc.on_nonfinite, autocast=self.autocast, step=step,
+        )  # fmt: skip
+
+    def evaluate(self) -> float:
+        """Mean validation loss over the first ``train.eval_batches`` validation batches."""
+        dc = self.cfg.data
+        return evaluate(
+            self.model, self.data, num_batches=self.cfg.train.eval_batches, batch_size=dc.batch_size,
+            seq_len=dc.seq_len, device=self.device, autocast=self.autocast,
+        )  # fmt: skip
+
+    def nonfinite(self) -> list[str]:
+        """Names of the weights and optimizer state tensors that are not finite."""
+        return nonfinite_tensors(self.model, self.optimizer)
+
+    def save(self, state: dict[str, Any]) -> Path:
+        return save_checkpoint(self.cfg.out_dir, self.model, self.optimizer, state, keep=self.cfg.train.keep_checkpoints)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return load_training_checkpoint(path, self.model, self.optimizer)
+
+    def peak_memory(self, meter: _SavedActivationMeter) -> tuple[int, str]:
+        """(bytes, "cuda") measured, or (bytes, "estimate") on the CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), "cuda"
+        return _state_bytes(self.model) + meter.nbytes, "estimate"
+
+    def close(self) -> None:
+        """Release what the job holds beyond its objects (nothing in one process)."""
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -667,24 +848,32 @@ def train(
 ) -> RunResult:
     """Train one model as ``cfg`` says; write metrics, checkpoints and a summary to ``cfg.out_dir``.
 
+    Under ``torchrun`` (world size above 1) or with a ``[parallel]`` section the run is laid out
+    over the job's processes (``torchmhc.distributed``; see :func:`parallel_layout`): every
+    process calls this, rank 0 writes the run directory, checkpoints are DCP directories.
+    Otherwise it runs in this process on one device.
+
     Args:
         resume: False starts fresh (an existing ``metrics.jsonl`` is overwritten); True continues
             from ``cfg.out_dir``'s latest checkpoint; a path continues from that checkpoint dir.
-            The model settings must be the checkpoint's (``model.recompute`` may change); every
-            other setting is ``cfg``'s, optimizer settings included (``config.json`` records them).
-            Nothing in the run directory changes unless the checkpoint loads.
+            Checkpoints of either kind (one process, or laid out over processes) resume at any
+            layout. The model settings must be the checkpoint's (``model.recompute`` may change);
+            every other setting is ``cfg``'s, optimizer settings included (``config.json``
+            records them). Nothing in the run directory changes unless the checkpoint loads.
         progress: show a tqdm bar (loss, tokens/s, ETA) on stderr.
         desc: label of the progress bar (defaults to the run name).
         data: an already opened corpus (``torchmhc compare`` shares one between variants).
         eval_hook: called with the model (in eval mode, no grad) at every evaluation; the
-            JSON-serializable dict it returns is merged into that evaluation's metrics row.
+            JSON-serializable dict it returns is merged into that evaluation's metrics row. Not
+            with pipeline parallelism (no process holds the whole model).
 
     Raises:
         NonFiniteLossError: with ``train.on_nonfinite = "stop"``, or whenever the weights
             themselves stop being finite; names the newest checkpoint of finite weights, written
             first when the weights are still finite (None if there is none).
         CheckpointError: ``resume`` asked for a checkpoint that is missing, corrupt, or of another model.
-        ValueError: ``train.out_dir`` cannot be written, or a corpus problem (``torchmhc.data``).
+        ValueError: ``train.out_dir`` cannot be written, a corpus problem (``torchmhc.data``), or a
+            ``[parallel]`` layout that does not fit the job (:func:`parallel_layout`).
         ImportError: safetensors or tqdm (the ``train`` extra) is not installed.
     """
     require("safetensors", "train")
@@ -693,7 +882,9 @@ def train(
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)
-    autocast = autocast_context(device, tc.dtype)
+    layout = parallel_layout(cfg)
+    if layout is not None and layout.pipelined and eval_hook is not None:
+        raise ValueError("eval_hook needs the whole model, which no process holds with pipeline parallelism (parallel.pp).")
     out_dir = cfg.out_dir
     ckpt = None
     if resume:
@@ -703,35 +894,46 @@ def train(
         _resume_state(cfg, ckpt)
     _writable_dir(out_dir, "train.out_dir")
 
-    data = data if data is not None else load_data(dc, progress=progress)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"the corpus has token ids up to {data.vocab_size - 1} but model.vocab_size is "
-            f"{cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}."
-        )
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.optim)
-    if tc.compile:
-        apply_compile(model, mode=tc.compile_mode)
+    if layout is None:
+        job = LocalJob(cfg, device, data=data, progress=progress)
+    else:
+        from torchmhc.distributed.job import ParallelJob
 
+        job = ParallelJob(cfg, device.type, data=data, progress=progress)
+    try:
+        return _run(job, cfg, ckpt, progress=progress and job.is_main, desc=desc, eval_hook=eval_hook)
+    finally:
+        job.close()
+
+
+def _run(
+    job: "LocalJob | ParallelJob",
+    cfg: RunConfig,
+    ckpt: Path | None,
+    *,
+    progress: bool,
+    desc: str | None,
+    eval_hook: Callable[[GPT], dict[str, Any]] | None,
+) -> RunResult:
+    """The loop of :func:`train` over ``job`` (a :class:`LocalJob` or a ``ParallelJob``)."""
+    tc, dc = cfg.train, cfg.data
+    out_dir, device, data = cfg.out_dir, job.device, job.data
     start_step, tokens_seen, train_time, skipped = 0, 0, 0.0, 0
     metrics_path = out_dir / "metrics.jsonl"
     last_good: Path | None = None  # newest checkpoint of finite weights that this run can stand on
     if ckpt is not None:
-        # the optimizer's settings are this config's; its moments and step counts the checkpoint's
-        state = load_checkpoint(ckpt, model, optimizer, hyperparameters="optimizer")
+        state = job.load(ckpt)
         start_step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time_s"]
         skipped = state["skipped_steps"]
         last_good = ckpt
         changes = _changed_settings(state.get("config", {}), config_to_dict(cfg))
         if progress and changes:
             print(f"{desc or cfg.name}: resuming at step {start_step} with changed settings: {'; '.join(changes)}")
-    rows = _read_metrics(metrics_path, start_step) if resume else []
+    rows = _read_metrics(metrics_path, start_step) if ckpt is not None and job.is_main else []
     # The run directory changes only now, when the checkpoint has loaded.
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if job.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     history = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
 
@@ -742,7 +944,7 @@ def train(
 
     def checkpoint(step: int) -> Path:
         nonlocal last_good
-        bad = nonfinite_tensors(model, optimizer)
+        bad = job.nonfinite()
         if bad:
             raise NonFiniteLossError(
                 f"the weights or the optimizer state are not finite after step {step} ({_some(bad)}); "
@@ -753,25 +955,23 @@ def train(
         # is recorded so that a resume can tell whether it is given the same model.
         state = {"step": step, "tokens": tokens_seen, "train_time_s": train_time, "skipped_steps": skipped,
                  "data_position": step, "config": config_to_dict(cfg)}
-        last_good = save_checkpoint(out_dir, model, optimizer, state, keep=tc.keep_checkpoints)
+        last_good = job.save(state)
         return last_good
 
     def log(row: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if job.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def run_eval(step: int) -> dict[str, Any]:
-        val_loss = evaluate(
-            model, data, num_batches=tc.eval_batches, batch_size=dc.batch_size,
-            seq_len=dc.seq_len, device=device, autocast=autocast,
-        )
+        val_loss = job.evaluate()
         row = {"kind": "eval", "step": step, "val_loss": val_loss,
                "val_bpb": bits_per_byte(val_loss, data.bytes_per_token)}
         if eval_hook is not None:
-            model.eval()
+            job.model.eval()
             with torch.no_grad():
-                row.update(eval_hook(model))
-            model.train()
+                row.update(eval_hook(job.model))
+            job.model.train()
         evals.append(row)
         log(row)
         return row
@@ -785,15 +985,11 @@ def train(
         run_eval(0)  # the starting point of the validation and gain curves
     try:
         for step in range(start_step, tc.steps):
-            x, y = data.get_batch("train", step, batch_size=dc.batch_size, seq_len=dc.seq_len, seed=tc.seed)
+            batch = job.batch(step)
             t0 = time.perf_counter()
             # Measure saved activations on the first step of this process only (it is not free).
             with meter.context() if step == start_step else contextlib.nullcontext():
-                stats = train_step(
-                    model, optimizer, (x.to(device), y.to(device)),
-                    lr=learning_rate(step, tc.steps, cfg.optim), grad_clip=cfg.optim.grad_clip,
-                    on_nonfinite=tc.on_nonfinite, autocast=autocast, step=step,
-                )
+                stats = job.step(step, batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -820,7 +1016,7 @@ def train(
         checkpoint(tc.steps)
     except NonFiniteLossError as exc:
         # A stopped step did not touch the weights: if they are finite, they are the last good state.
-        if not nonfinite_tensors(model, optimizer):
+        if not job.nonfinite():
             checkpoint(exc.step)
         exc.checkpoint = last_good
         where = f" Last good checkpoint: {last_good}" if last_good else " No checkpoint of finite weights exists for this run."
@@ -829,43 +1025,38 @@ def train(
         raise
     finally:
         bar.close()
-        if stopped is not None:
-            _write_summary(out_dir, _summary(cfg, model, data, history, evals, tokens_seen, train_time,
-                                             device, meter, skipped, stopped))
+        if stopped is not None and job.is_main:
+            _write_summary(out_dir, _summary(cfg, job, history, evals, tokens_seen, train_time, meter, skipped, stopped))
 
-    summary = _summary(cfg, model, data, history, evals, tokens_seen, train_time, device, meter, skipped, None)
-    _write_summary(out_dir, summary)
+    summary = _summary(cfg, job, history, evals, tokens_seen, train_time, meter, skipped, None)
+    if job.is_main:
+        _write_summary(out_dir, summary)
     if progress:
         print(f"{desc or cfg.name}: val_loss {final_eval['val_loss']:.4f}, bpb {final_eval['val_bpb']:.3f}, "
               f"{summary['tokens_per_s']:,.0f} tokens/s -> {out_dir}")
-    return RunResult(cfg, out_dir, model, data, history, evals, summary)
+    return RunResult(cfg, out_dir, job.model, data, history, evals, summary)
 
 
 def _summary(
     cfg: RunConfig,
-    model: GPT,
-    data: TokenData,
+    job: "LocalJob | ParallelJob",
     history: list[dict[str, Any]],
     evals: list[dict[str, Any]],
     tokens_seen: int,
     train_time: float,
-    device: torch.device,
     meter: _SavedActivationMeter,
     skipped: int,
     stopped: str | None,
 ) -> dict[str, Any]:
     """Final numbers of a run (see :class:`RunResult`)."""
     last = [r["loss"] for r in history[-10:] if math.isfinite(r["loss"])]
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda"
-    else:
-        peak, kind = _state_bytes(model) + meter.nbytes, "estimate"
+    peak, kind = job.peak_memory(meter)
     val = evals[-1] if evals else {}
     return {
         "name": cfg.name,
         "residual": cfg.model.residual,
-        "num_streams": model.num_streams,
-        "num_params": model.num_params(),
+        "num_streams": job.num_streams,
+        "num_params": job.num_params,
         "steps": history[-1]["step"] if history else 0,
         "tokens": tokens_seen,
         "train_loss": sum(last) / len(last) if last else math.nan,
@@ -877,7 +1068,7 @@ def _summary(
         "peak_memory_kind": kind,
         "skipped_steps": skipped,
         "stopped": stopped,
-        "corpus": data.source,
+        "corpus": job.data.source,
     }
 
 

@@ -14,8 +14,10 @@ Layout on disk, next to ``torchmhc.train``'s single-file checkpoints::
 
 Atomic: every rank writes into ``checkpoints/.step_<n>.tmp``; once DCP has finished (its
 ``.metadata`` is written last) rank 0 writes ``state.json``, renames the directory into place and
-then replaces ``latest``. A crash at any point leaves the previous checkpoint the one ``latest``
-names. All ranks must see one shared directory (one host, or a shared file system).
+then replaces ``latest`` (``torchmhc.train.publish_checkpoint``, as for single-file
+checkpoints: re-saving a step is safe too). A crash at any point leaves the previous checkpoint
+the one ``latest`` names. All ranks must see one shared directory (one host, or a shared file
+system).
 
 No pickled code runs on load. DCP writes its ``.metadata`` file with ``pickle``, and loads it
 with ``pickle.load``: a crafted file could run anything. :class:`SafeFileSystemReader` reads it
@@ -40,7 +42,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -57,7 +59,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchmhc.config import ModelConfig, OptimConfig
-from torchmhc.train import CheckpointError, build_optimizer, latest_checkpoint, load_checkpoint, save_checkpoint
+from torchmhc.train import (
+    DCP_CHECKPOINT_FORMAT,
+    CheckpointError,
+    build_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
     "DCP_FORMAT",
@@ -70,7 +80,7 @@ __all__ = [
 ]
 
 #: ``state.json``'s ``format`` for DCP checkpoints (``torchmhc.train``'s own are format 1).
-DCP_FORMAT = "dcp-1"
+DCP_FORMAT = DCP_CHECKPOINT_FORMAT
 
 # Optimizer entries are flattened to parameter names ("state.blocks.0.attn.wo.weight.exp_avg"),
 # which do not depend on the layout.
@@ -207,44 +217,49 @@ def save_dcp_checkpoint(
     Returns:
         The checkpoint directory.
     """
+    return _save(run_dir, model, optimizer, state, keep=keep, collective=dist.is_initialized())
+
+
+def _save(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    keep: int,
+    collective: bool,
+) -> Path:
+    """:func:`save_dcp_checkpoint` by every rank of the job (``collective``) or by this process
+    alone (a whole model, also on one rank of a job)."""
     root = Path(run_dir) / "checkpoints"
     name = f"step_{state['step']:06d}"
     tmp = root / f".{name}.tmp"
-    if _rank() == 0:
+    writes_state = not collective or _rank() == 0
+    if writes_state:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a previous attempt that crashed
         tmp.mkdir()
-    _barrier()
+    if collective:
+        _barrier()
     tensors = {**_tensor_state(model, optimizer), "rng": _rng_state()}
     with _one_process_quiet():
-        dcp.save(tensors, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not dist.is_initialized())
-    if _rank() == 0:
+        dcp.save(tensors, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not collective)
+    if writes_state:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
         meta = {
             "format": DCP_FORMAT,
             "data_position": state["step"],
             **state,
             "param_groups": groups,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": dist.get_world_size() if collective else 1,
         }
         with open(tmp / "state.json", "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2))
             f.flush()
             os.fsync(f.fileno())
-        final = root / name
-        if final.exists():  # re-saving the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        with open(pointer, "w", encoding="utf-8") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pointer, root / "latest")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-    _barrier()
+        publish_checkpoint(tmp, root / name, keep=keep)
+    if collective:
+        _barrier()
     return root / name
 
 
@@ -266,9 +281,20 @@ def _read_state(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_dcp_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load_dcp_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    hyperparameters: Literal["checkpoint", "optimizer"] = "checkpoint",
+) -> dict[str, Any]:
     """Load a DCP checkpoint into ``model`` (and ``optimizer``) at this run's layout; restore this
     rank's RNG state if the checkpoint has one for it. Call on every rank.
+
+    Args:
+        hyperparameters: where the optimizer's settings (lr, betas, eps, weight decay) come from,
+            as in ``torchmhc.train.load_checkpoint``: the checkpoint's, or those ``optimizer`` was
+            built with. Its moments and step counts are the checkpoint's either way.
 
     Returns:
         The saved training state (``step``, ``data_position``, ...).
@@ -280,7 +306,7 @@ def load_dcp_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     meta = _read_state(path)
     reader = SafeFileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
-    if optimizer is not None:
+    if optimizer is not None and hyperparameters == "checkpoint":
         # Hyperparameters from the checkpoint, implementation from this process (as train.py).
         if len(meta["param_groups"]) != len(optimizer.param_groups):
             raise CheckpointError(
@@ -345,10 +371,9 @@ def dcp_to_safetensors(dcp_path: Path, run_dir: Path, model_cfg: ModelConfig, op
 
 
 def safetensors_to_dcp(path: Path, run_dir: Path, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Path:
-    """Write ``torchmhc.train`` checkpoint ``path`` as a DCP checkpoint under ``run_dir`` (one
-    process); any layout then resumes from it with :func:`load_dcp_checkpoint`."""
-    if dist.is_initialized():
-        raise CheckpointError("safetensors_to_dcp runs in one process, outside a process group.")
+    """Write ``torchmhc.train`` checkpoint ``path`` as a DCP checkpoint under ``run_dir``; any
+    layout then resumes from it with :func:`load_dcp_checkpoint`. Runs in this process alone
+    (also on one rank of a job: the others wait for it); the RNG state saved is rank 0's."""
     model, optimizer = _one_process_model(model_cfg, optim_cfg)
     state = load_checkpoint(path, model, optimizer)  # restores its RNG state
-    return save_dcp_checkpoint(run_dir, model, optimizer, state)
+    return _save(run_dir, model, optimizer, state, keep=1, collective=False)

@@ -26,6 +26,7 @@ With a 2-D mesh (``dp_replicate`` × ``dp_shard``) ``fully_shard`` is HSDP: shar
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -69,6 +70,9 @@ def apply_fsdp(
     fp32 = MixedPrecisionPolicy(
         param_dtype=torch.float32 if param_dtype is not None else None, reduce_dtype=reduce_dtype, cast_forward_inputs=False
     )
+    # FSDP warns about every unit whose forward returns a view (an in-place change of it would
+    # skip the unit's backward hook): the models here never change a unit's output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor", category=UserWarning)
     for root in roots:
         blocks = [m for m in root.modules() if isinstance(m, Block)]
         # Block recomputation (torchmhc.recompute) and the fused transition (Block.forward) call

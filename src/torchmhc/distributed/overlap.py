@@ -77,10 +77,15 @@ def _forward(schedule, stage, mb: int, ctx, local: dict) -> None:
         local[stage.stage_index + 1].set_local_fwd_input(output, mb)
 
 
-def _backward(schedule, stage, mb: int, local: dict) -> None:
-    """What torch's runtime does for a FULL_BACKWARD action."""
+def _wait_backward_input(schedule, stage, mb: int, local: dict) -> None:
+    """Wait for a backward chunk's gradient from the next rank (none when it is local)."""
     if not stage.is_last and stage.stage_index + 1 not in local:
         _wait(schedule.bwd_recv_ops.pop((stage.stage_index, mb)))
+
+
+def _backward(schedule, stage, mb: int, local: dict) -> None:
+    """What torch's runtime does for a FULL_BACKWARD action."""
+    _wait_backward_input(schedule, stage, mb, local)
     loss = schedule._maybe_get_loss(stage, mb)
     schedule.backward_counter[stage.stage_index] += 1
     last = schedule.backward_counter[stage.stage_index] == schedule._n_microbatches
@@ -108,6 +113,9 @@ def overlap_forward_backward(action, ctx, streams: dict[int, torch.cuda.Stream] 
     if not b_stage.has_backward:  # schedule.eval(): forward only
         _wait_forward_input(schedule, f_stage, f.microbatch_index, local)
         _forward(schedule, f_stage, f.microbatch_index, ctx, local)
+        # The schedule still posted the backward's (empty) receive: consume it as torch's runtime
+        # does, or the next run of the schedule finds it pending ("Recv twice").
+        _wait_backward_input(schedule, b_stage, b.microbatch_index, local)
         return
     for stage in (f_stage, b_stage):
         schedule._assert_unsharded(stage)

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -43,12 +42,13 @@ from torchmhc.config import ModelConfig
 from torchmhc.distributed.config import V_SCHEDULES, ParallelConfig
 from torchmhc.models import GPT
 from torchmhc.models.gpt import embed_streams, run_blocks, streams_to_logits
+from torchmhc.train import token_cross_entropy
 
 __all__ = [
     "ContiguousGrad",
     "GPTStage",
     "ModelPart",
-    "token_cross_entropy",
+    "check_pipelinable",
     "block_flops",
     "head_flops",
     "balance_stages",
@@ -58,12 +58,6 @@ __all__ = [
     "split_model",
     "build_schedule",
 ]
-
-
-def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (fp32 scalar) of logits ``[B, T, V]`` against ids ``[B, T]``:
-    the loss of ``torchmhc.train.lm_loss``, as the pipeline's last stage applies it."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +255,16 @@ class ModelPart(nn.Module):
         raise RuntimeError("a ModelPart is run by its pipeline schedule, not called")
 
 
+def check_pipelinable(cfg: ModelConfig) -> None:
+    """ValueError if a model of ``cfg`` cannot be cut into pipeline stages."""
+    if cfg.tie_embeddings:
+        raise ValueError(
+            "model.tie_embeddings = true cannot be pipelined: the embedding lives on the first stage and "
+            "the LM head on the last; set model.tie_embeddings = false (--set model.tie_embeddings=false; "
+            "the GPU presets do)."
+        )
+
+
 def split_model(
     model: GPT,
     parallel: ParallelConfig,
@@ -281,11 +285,7 @@ def split_model(
     Returns:
         (the rank's part, its stage modules in increasing stage order, their stage indices).
     """
-    if model.cfg.tie_embeddings:
-        raise ValueError(
-            "model.tie_embeddings = true cannot be pipelined: the embedding lives on the first stage and "
-            "the LM head on the last; set model.tie_embeddings = false (the GPU presets do)."
-        )
+    check_pipelinable(model.cfg)
     ranges = stage_block_ranges(model.cfg, parallel, seq_len)
     indices = stages_of_rank(pp_rank, parallel)
     last = parallel.num_stages - 1

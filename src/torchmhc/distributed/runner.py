@@ -16,6 +16,8 @@ directory whose latest checkpoint to start from). Each case writes
 validation batch after training, from rank 0) and
 ``out/<name>/weights_pp<r>.safetensors`` (the full weights of pipeline rank r's part, from its
 first data-parallel rank). The launch's world size must equal each case's product of degrees.
+(``torchmhc train`` runs one such run with its metrics, evaluations and checkpoints:
+``torchmhc.distributed.job``.)
 """
 
 from __future__ import annotations
@@ -28,44 +30,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from torchmhc.config import RunConfig, load_config
+from torchmhc.config import load_config
 from torchmhc.data import TokenData, load_data
 from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.data import local_batch, local_rows
-from torchmhc.distributed.mesh import build_mesh, init_distributed
-from torchmhc.distributed.parallelize import ParallelModel, parallelize
+from torchmhc.distributed.job import build
+from torchmhc.distributed.mesh import init_distributed
+from torchmhc.distributed.parallelize import ParallelModel
 from torchmhc.distributed.step import evaluate_loss, train_step
-from torchmhc.models import build_model
-from torchmhc.train import build_optimizer, learning_rate
+from torchmhc.train import learning_rate
 
-__all__ = ["build", "run_case", "full_state_dict", "main"]
-
-
-def build(
-    cfg: RunConfig,
-    parallel: ParallelConfig,
-    *,
-    device_type: str = "cpu",
-    overlap: bool = True,
-    dtype: torch.dtype = torch.float32,
-):
-    """Model, layout and optimizer of ``cfg`` laid out as ``parallel`` on the running job
-    (``dtype``: the parameters' dtype, fp64 to compare layouts without fp32 rounding).
-
-    Returns:
-        (the :class:`ParallelModel`, its AdamW optimizer).
-    """
-    device = init_distributed(device_type)
-    mesh = build_mesh(parallel, device_type)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(dtype)
-    model.train()
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.dtype != "fp32" else None
-    pm = parallelize(
-        model, parallel, mesh, device=device, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-        compute_dtype=compute_dtype, overlap=overlap,
-    )  # fmt: skip
-    return pm, build_optimizer(pm.part, cfg.optim)
+__all__ = ["run_case", "full_state_dict", "main"]
 
 
 def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor]:

@@ -16,15 +16,15 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.distributed.moe import update_router_bias
 from torchmhc.distributed.parallelize import ParallelModel
-from torchmhc.distributed.pipeline import token_cross_entropy
-from torchmhc.train import NonFiniteLossError, StepStats
+from torchmhc.train import StepStats, check_skippable, nonfinite_names, token_cross_entropy
 
-__all__ = ["train_step", "forward_backward", "evaluate_loss"]
+__all__ = ["train_step", "forward_backward", "evaluate_loss", "nonfinite_tensors"]
 
 
 def _all_reduce_dp_mean(value: Tensor, pm: ParallelModel) -> Tensor:
@@ -102,22 +102,35 @@ def train_step(
     grad_norm_t = clip_grad_norm_(params, max_norm, pp_group=pm.pp_group)
     loss_value, grad_norm = torch.stack([loss, grad_norm_t.to(loss.device)]).tolist()
 
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # on every rank alike: both are global
         optimizer.zero_grad(set_to_none=True)
         update_router_bias(pm.part, pm.mesh)
-        if on_nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"non-finite training signal at step {step}: loss={loss_value}, grad_norm={grad_norm}. "
-                f"The weights were not updated by this step. Lower optim.lr, enable optim.grad_clip, "
-                f"or set train.on_nonfinite=skip to skip such steps.",
-                step=step,
-            )
+        check_skippable(step, loss_value, grad_norm, nonfinite_tensors(pm.part, optimizer), on_nonfinite)
         return StepStats(loss_value, grad_norm, lr, skipped=True)
 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_router_bias(pm.part, pm.mesh)
     return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+def nonfinite_tensors(part: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
+    """``torchmhc.train.nonfinite_tensors`` over all ranks: the names of the weights and optimizer
+    state tensors that hold a NaN or an Inf on any rank (each rank checks its shards; a collective,
+    the same list on every rank)."""
+    named = list(part.state_dict().items())
+    if optimizer is not None:
+        names = {id(p): name for name, p in part.named_parameters()}
+        named += [
+            (f"optimizer state {names[id(p)]}.{key}", value)
+            for p, entry in optimizer.state.items()
+            for key, value in entry.items()
+            if isinstance(value, Tensor)
+        ]
+    local = nonfinite_names([(name, t.to_local() if isinstance(t, DTensor) else t) for name, t in named])
+    everyone: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, local)
+    return sorted(set().union(*everyone))
 
 
 @contextlib.contextmanager
