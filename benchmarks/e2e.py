@@ -381,6 +381,10 @@ def _build_fsdp(cfg: RunConfig, device: torch.device, compile_mode: str):
     ``torchrun --nproc-per-node 1`` runs (compiled block by block first, as torchtitan orders it)."""
     from torchmhc.distributed import ParallelConfig, build_mesh, init_distributed, parallelize
 
+    if cfg.train.compile and compile_mode in CUDA_GRAPH_MODES:
+        # as `torchmhc train` refuses it: FSDP's gathers between the graphs defeat their replay
+        # (gpu-dense-1b on an H100: 4106 ms a step against 181 without FSDP, results/log 2026-12-06)
+        raise ValueError(f"{compile_mode!r} replays CUDA graphs, which FSDP does not support: --set train.compile_mode=default")
     init_distributed(device.type)  # a one-process group without torchrun
     model, _ = _build(cfg, device, compile_mode)
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
