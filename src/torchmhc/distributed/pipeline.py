@@ -193,7 +193,7 @@ class GPTStage(nn.Module):
     dicts and checkpoints do not depend on the layout.
 
     ``forward``: first stage ids ``[mb, T]`` int64, other stages streams ``[mb, T, n, C]``;
-    returns streams ``[mb, T, n, C]`` (contiguous) or, on the last stage, logits ``[mb, T, V]``.
+    returns streams ``[mb, T, n, C]`` (contiguous, not a view) or, on the last stage, logits ``[mb, T, V]``.
     """
 
     def __init__(
@@ -226,7 +226,10 @@ class GPTStage(nn.Module):
             x = run_blocks(self.blocks.values(), x, self.cfg)  # [mb, T, n, C]
             if self.lm_head is not None:
                 return streams_to_logits(self.stream_head, self.norm, self.lm_head, x)  # [mb, T, V]
-            return x.contiguous()
+            # a contiguous edge that is not a view either: the zero-bubble schedules (zbv,
+            # dualpipev) detach stage outputs in place, which a view (the fused ops' outputs are
+            # reshaped to [mb, T, n, C]) refuses; one copy of the edge where it is one
+            return x.clone(memory_format=torch.contiguous_format) if x._is_view() else x.contiguous()
 
     def _autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
