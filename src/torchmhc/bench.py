@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import triton.testing
+from torch import Tensor
 
 from torchmhc import functional as ref
 from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
@@ -99,6 +100,36 @@ def sublayer(impl, x, fn, scale, base):
     streams for the post-res, coefficients), as ``torchmhc.kernels.mhc_pre`` does."""
     layer_input, x_for_post, (_h_pre, h_post, h_res) = impl.pre(x, fn, scale, base)
     return impl.post_res(x_for_post, layer_input, h_post, h_res)
+
+
+def time_sublayers(
+    rows: list[Row],
+    op: str,
+    shape: str,
+    fused: list[tuple[str, object]],
+    reference: object,
+    inputs: tuple[Tensor, ...],
+    grad: Tensor,
+    nbytes: int,
+    compile_ref: bool,
+) -> None:
+    """One row each for :func:`sublayer` forward + backward with every ``(name, impl)`` in ``fused``
+    (kernels), the ``reference`` in torch eager (timed as launched: its coefficient backward breaks
+    a CUDA-graph capture) and, with ``compile_ref``, the reference under torch.compile.
+    ``inputs``: ``(x, fn, scale, base)``; ``grad``: the gradient of the output streams."""
+    runs = [(name, impl, lambda f: f) for name, impl in fused] + [("torch eager", reference, lambda f: f)]
+    if compile_ref:
+        runs.append(("torch.compile", reference, lambda f: torch.compile(f, dynamic=False)))
+    for impl_name, impl, wrap in runs:
+        xr, *params = (t.detach().requires_grad_() for t in inputs)
+        f = wrap(lambda x_, *p, impl=impl: sublayer(impl, x_, *p))
+
+        def step(f=f, xr=xr, params=params):
+            torch.autograd.grad(f(xr, *params), [xr, *params], grad)
+
+        with use_kernels("reference" if impl is reference else "triton"):
+            timed = bench(step, graph=impl_name != "torch eager", label=f"{impl_name} {op}")
+            rows.append(Row(op, shape, impl_name, timed, nbytes))
 
 
 class _Fused:
@@ -248,22 +279,8 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     # whole sub-layer, identity branch, forward + backward
     sub_bytes = (5 * n + 2) * ch + (13 * n + 3) * ch  # the unfused decomposition's traffic (reference only)
     # (the unchained kernels only show what the gradient chaining saves)
-    for impl_name, impl, wrap in [
-        ("torchmhc triton", _Fused, lambda f: f),
-        ("torchmhc triton, unchained", _FusedUnchained, lambda f: f),
-        ("torch eager", _Reference, lambda f: f),
-    ] + ([("torch.compile", _Reference, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []):
-        params = [p.detach().requires_grad_() for p in (fn, scale, base)]
-        xr = x.detach().requires_grad_()
-        f = wrap(lambda x_, *p: sublayer(impl, x_, *p))
-
-        def step():
-            out = f(xr, *params)
-            torch.autograd.grad(out, [xr, *params], g_nc)
-
-        with use_kernels("reference" if impl is _Reference else "triton"):
-            timed = bench(step, graph=impl_name != "torch eager", label=f"{impl_name} sub-layer")
-            rows.append(Row("sub-layer fwd+bwd", shape, impl_name, timed, sub_bytes))
+    impls = [("torchmhc triton", _Fused), ("torchmhc triton, unchained", _FusedUnchained)]
+    time_sublayers(rows, "sub-layer fwd+bwd", shape, impls, _Reference, (x, fn, scale, base), g_nc, sub_bytes, compile_ref)
 
     # two sub-layers (identity branches): the first one's post-res fused with the second one's
     # coefficients and pre-mix (mhc_post_pre, opt-in) against the two one by one
@@ -360,21 +377,10 @@ def run_hc_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> 
         post_res = staticmethod(ref.post_res)
 
     sub_bytes = (5 * n + 2) * ch + (13 * n + 3) * ch  # as the mHC sub-layer row: the unfused traffic
-    for impl_name, impl, wrap in [
-        ("torchmhc triton", _FusedHC, lambda f: f),
-        ("torch eager", _ReferenceHC, lambda f: f),
-    ] + ([("torch.compile", _ReferenceHC, lambda f: torch.compile(f, dynamic=False))] if compile_ref else []):
-        params = [p.detach().requires_grad_() for p in (fn, scale, base)]
-        xr = x.detach().requires_grad_()
-        f = wrap(lambda x_, *p: sublayer(impl, x_, *p))
-
-        def step():
-            out = f(xr, *params)
-            torch.autograd.grad(out, [xr, *params], g_nc)
-
-        with use_kernels("reference" if impl is _ReferenceHC else "triton"):
-            timed = bench(step, graph=impl_name != "torch eager", label=f"{impl_name} hc sub-layer")
-            rows.append(Row("hc sub-layer fwd+bwd", shape, impl_name, timed, sub_bytes))
+    time_sublayers(
+        rows, "hc sub-layer fwd+bwd", shape, [("torchmhc triton", _FusedHC)], _ReferenceHC, (x, fn, scale, base), g_nc,
+        sub_bytes, compile_ref,
+    )  # fmt: skip
 
 
 def to_markdown(rows: list[Row], device: str, copy_tbps: float, command: str) -> str:
