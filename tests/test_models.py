@@ -211,23 +211,31 @@ def test_models_built_on_another_default_device_put_everything_there():
 
 
 @pytest.mark.parametrize("residual, mode", [("mhc", "triton"), ("mhc", "reference"), ("hc", "reference"), ("residual", "reference")])
-def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode):
+def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode, monkeypatch):
     # model.fuse_transitions runs HyperConnection.post_pre inside each block: same function (with
     # the kernels, under Triton's interpreter: the fused post-res + coefficients op)
     if mode == "triton" and not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
-    cfg = ModelConfig(residual=residual, dim=64, num_layers=2, num_heads=2, max_seq_len=16)
+    import torchmhc.layers
+
+    fused_calls = []
+    fused_op = torchmhc.layers.kernels.mhc_post_pre
+    monkeypatch.setattr(torchmhc.layers.kernels, "mhc_post_pre", lambda *a, **k: fused_calls.append(1) or fused_op(*a, **k))
+    cfg = ModelConfig(residual=residual, dim=64, num_layers=2, num_heads=2, max_seq_len=16, fuse_transitions=False)
     torch.manual_seed(0)
     plain = build_model(cfg)
     fused = build_model(dataclasses.replace(cfg, fuse_transitions=True))
     fused.load_state_dict(plain.state_dict())
     idx = torch.randint(0, 256, (2, 16))
-    losses, grads = [], []
+    losses, grads, calls = [], [], []
     with use_kernels(mode):
         for model in (plain, fused):
+            fused_calls.clear()
             loss = model(idx).square().mean()
+            calls.append(len(fused_calls))
             losses.append(loss)
             grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert calls == [0, 2 if residual == "mhc" else 0]  # one fused transition per block, mHC only
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

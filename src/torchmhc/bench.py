@@ -102,6 +102,15 @@ def sublayer(impl, x, fn, scale, base):
     return impl.post_res(x_for_post, layer_input, h_post, h_res)
 
 
+def correct(label: str, errs: dict[str, float]) -> bool:
+    """Prints the relative errors against the reference; False (timings skipped) if one is >= 2e-2."""
+    print(f"{label} rel. errors vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+    bad = [k for k, v in errs.items() if not v < 2e-2]
+    if bad:
+        print(f"{label} CORRECTNESS FAILED for {bad}; skipping timings", flush=True)
+    return not bad
+
+
 def time_sublayers(
     rows: list[Row],
     op: str,
@@ -189,10 +198,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     scale = torch.rand(3, device=dev) + 0.5
     base = torch.randn(nr, device=dev)
     errs = check(x, fn, scale, base)
-    print(f"[{shape}] rel. errors vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
-    bad = [k for k, v in errs.items() if not v < 2e-2]
-    if bad:
-        print(f"[{shape}] CORRECTNESS FAILED for {bad}; skipping timings", flush=True)
+    if not correct(f"[{shape}]", errs):
         return
 
     e = 2  # bytes per bf16 element
@@ -322,10 +328,7 @@ def run_hc_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> 
     errs = {k: rel_err(a, b) for k, a, b in zip(("h_pre", "h_post", "h_res"), coef, ref_coef)}
     grads, ref_grads = torch.autograd.grad(coef, leaves, g), torch.autograd.grad(ref_coef, leaves, g)
     errs.update({f"d{k}": rel_err(a, b) for k, a, b in zip(("x", "fn", "scale", "base"), grads, ref_grads)})
-    print(f"[{shape}] HC rel. errors vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
-    bad = [k for k, v in errs.items() if not v < 2e-2]
-    if bad:
-        print(f"[{shape}] HC CORRECTNESS FAILED for {bad}; skipping timings", flush=True)
+    if not correct(f"[{shape}] HC", errs):
         return
 
     e = 2  # bytes per bf16 element

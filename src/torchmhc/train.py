@@ -70,6 +70,7 @@ __all__ = [
     "token_cross_entropy",
     "save_checkpoint",
     "publish_checkpoint",
+    "read_checkpoint_state",
     "load_checkpoint",
     "load_training_checkpoint",
     "checkpoint_format",
@@ -487,7 +488,7 @@ def _some(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _read_state(path: Path, keys: tuple[str, ...], formats: tuple[int | str, ...] = (_CHECKPOINT_FORMAT,)) -> dict[str, Any]:
+def read_checkpoint_state(path: Path, keys: tuple[str, ...], formats: tuple[int | str, ...] = (_CHECKPOINT_FORMAT,)) -> dict[str, Any]:
     """``path/state.json``, checked to be a checkpoint of one of ``formats`` holding ``keys``."""
     state_file = path / "state.json"
     if not state_file.is_file():
@@ -531,7 +532,7 @@ def load_checkpoint(
     from safetensors.torch import load_file, load_model
 
     path = Path(path)
-    meta = _read_state(path, ("files", "param_groups", "step"))
+    meta = read_checkpoint_state(path, ("files", "param_groups", "step"))
     files = meta["files"]
     unrecorded = [name for name in CHECKPOINT_FILES if not isinstance(files, dict) or name not in files]
     if unrecorded:
@@ -671,7 +672,7 @@ _RUNTIME_MODEL_SETTINGS = ("recompute", "recompute_block_length")
 
 def _resume_state(cfg: RunConfig, ckpt: Path) -> dict[str, Any]:
     """The training state of checkpoint ``ckpt`` if ``cfg`` may resume from it, else CheckpointError."""
-    state = _read_state(ckpt, ("step", "tokens", "train_time_s", "skipped_steps"),
+    state = read_checkpoint_state(ckpt, ("step", "tokens", "train_time_s", "skipped_steps"),
                         formats=(_CHECKPOINT_FORMAT, DCP_CHECKPOINT_FORMAT))
     saved = state.get("config", {}).get("model")  # checkpoints from before configs were recorded: none
     if saved is not None:
@@ -757,7 +758,7 @@ def check_vocabulary(data: TokenData, cfg: RunConfig) -> None:
 def checkpoint_format(path: Path) -> int | str:
     """The ``format`` of checkpoint directory ``path``: 1 (this module's) or
     :data:`DCP_CHECKPOINT_FORMAT`; CheckpointError for anything else."""
-    return _read_state(Path(path), (), formats=(_CHECKPOINT_FORMAT, DCP_CHECKPOINT_FORMAT))["format"]
+    return read_checkpoint_state(Path(path), (), formats=(_CHECKPOINT_FORMAT, DCP_CHECKPOINT_FORMAT))["format"]
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -878,7 +879,7 @@ def train(
     """
     require("safetensors", "train")
     require("tqdm", "train")
-    tc, dc = cfg.train, cfg.data
+    tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = resolve_device(tc.device)

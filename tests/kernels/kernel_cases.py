@@ -115,6 +115,11 @@ def made_by(t, name):
     return node is not None and name in type(node).__name__
 
 
+def branch(u, w):
+    """A branch F with a parameter: ``tanh(u @ w)`` in w's precision, ``[T, C] -> [T, C]`` in u.dtype."""
+    return torch.tanh(u.to(w.dtype) @ w).to(u.dtype)
+
+
 class RecordOps(TorchDispatchMode):
     """Records every op that runs below autograd: its overload packet and its (first) output's shape
     (Triton launches are not torch ops, and eager mode calls the launchers without the registered

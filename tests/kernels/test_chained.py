@@ -9,16 +9,11 @@ import math
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, check_fwd_bwd, made_by, mhc_params, streams
+from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, branch, check_fwd_bwd, made_by, mhc_params, streams
 
 import torchmhc
 from torchmhc import functional as ref
 from torchmhc.kernels import mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
-
-
-def branch(u, w):
-    """A branch F with a parameter: ``tanh(u @ w)`` in w's precision, ``[T, C] -> [T, C]`` in u.dtype."""
-    return torch.tanh(u.to(w.dtype) @ w).to(u.dtype)
 
 
 def chained(x, fn, scale, base, w):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, check_fwd_bwd, hc_params, made_by, streams
+from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, branch, check_fwd_bwd, hc_params, made_by, streams
 
 import torchmhc
 from torchmhc import functional as ref
@@ -124,11 +124,6 @@ def test_torch_compile_traces_the_hc_ops():
 
 
 # -- the chained sub-layer: coefficients + pre-mix as one node, x's gradients summed in one pass --
-
-
-def branch(u, w):
-    """A branch F with a parameter: ``tanh(u @ w)`` in w's precision, ``[T, C] -> [T, C]`` in u.dtype."""
-    return torch.tanh(u.to(w.dtype) @ w).to(u.dtype)
 
 
 def chained(x, fn, scale, base, w):

@@ -66,6 +66,7 @@ from torchmhc.train import (
     latest_checkpoint,
     load_checkpoint,
     publish_checkpoint,
+    read_checkpoint_state,
     save_checkpoint,
 )
 
@@ -264,16 +265,10 @@ def _save(
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r} (state.json is missing).")
-    try:
-        meta = json.loads(state_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: state.json is not valid JSON ({exc}).") from exc
-    if meta.get("format") != DCP_FORMAT:
+    meta = read_checkpoint_state(path, (), formats=(1, DCP_FORMAT))  # a format 1 one gets the message below
+    if meta["format"] != DCP_FORMAT:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has format {meta.get('format')!r}, not a DCP checkpoint ({DCP_FORMAT!r}); "
+            f"checkpoint {str(path)!r} has format {meta['format']!r}, not a DCP checkpoint ({DCP_FORMAT!r}); "
             f"torchmhc.train.load_checkpoint reads format 1, or convert it with safetensors_to_dcp."
         )
     if not (path / ".metadata").is_file():
