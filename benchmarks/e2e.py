@@ -172,23 +172,30 @@ def connection_memory(
     return ConnectionMemory(kept=kept, kept_recompute=kept_recompute, residual=L * c * e, num_blocks=blocks)
 
 
-def mhc_traffic_bytes(*, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False) -> dict[str, int]:
+def mhc_traffic_bytes(
+    *, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False, fused: float = 0.0
+) -> dict[str, int]:
     """Bytes the mHC operations of one sub-layer must move per token, by pass (the per-kernel counts
     of torchmhc bench: every input read once, every output written once).
 
     forward: coefficients read nC; pre-mix read nC, write C; post-res read nC + C, write nC
-    (docs/math.md §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it: pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the
-    post-res gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df
-    (3nC + 2C). fp32 coefficient traffic, (3n² + 4n + 40)·4 bytes per coefficient pass, forward and
-    backward. recompute: the forward of the connections once more in the backward (block
-    recomputation replays coefficients, pre-mix and post-res). ``residual``: the plain residual's
-    own add (read 2C, write C), which mHC replaces.
+    (docs/math.md §9: (3n+1)C read, (n+1)C write). backward, as the chained kernels run it:
+    pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the post-res
+    gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df (3nC + 2C).
+    ``fused``: the share of sub-layers whose post-res is fused with the next sub-layer's
+    coefficients and pre-mix (``model.fuse_transitions``: one of a block's two). Each such pair
+    reads x_{l+1} once less forward (nC), and its backward's one stream pass moves (3n + 3)C
+    instead of the dx pass and the post-res backward's (6n + 3)C. fp32 coefficient traffic,
+    (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
+    the connections once more in the backward (block recomputation replays coefficients, pre-mix
+    and post-res, unfused). ``residual``: the plain residual's own add (read 2C, write C), which
+    mHC replaces.
     """
     n, c, e = num_streams, dim, elem_bytes
     small = (3 * n * n + 4 * n + 40) * 4
     out = {
-        "forward": (4 * n + 2) * c * e + small,
-        "backward": (7 * n + 4) * c * e + small,
+        "forward": round(((4 * n + 2) - fused * n) * c * e) + small,
+        "backward": round(((7 * n + 4) - fused * 3 * n) * c * e) + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
     }
     out["total"] = sum(out.values())
@@ -209,10 +216,14 @@ class Floor:
         return self.net_bytes_per_step / (self.copy_tbps * 1e12) * 1e3
 
 
-def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, recompute: bool = False) -> Floor:
-    """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block)."""
+def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int) -> Floor:
+    """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block; ``model.recompute``
+    replays the connections, ``model.fuse_transitions`` fuses each block's inner transition)."""
     m = cfg.model
-    per = mhc_traffic_bytes(num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=recompute)
+    fused = 0.5 if m.fuse_transitions and not m.recompute else 0.0
+    per = mhc_traffic_bytes(
+        num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused
+    )
     units = 2 * m.num_layers * cfg.data.batch_size * cfg.data.seq_len  # sub-layer-tokens
     return Floor(per["total"] * units, (per["total"] - per["residual"]) * units, copy_tbps)
 
@@ -592,7 +603,8 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "## Floor: the overhead that the mHC operations' memory traffic explains",
         "",
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
-        "backward (7n+4)·C stream elements, plus fp32 coefficients; with recomputation the forward once more) "
+        "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves nC forward and 3nC "
+        "backward, and the models fuse one of each block's two; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",
@@ -602,7 +614,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         variant = Variant.parse(spec)
         if variant.residual in ("residual", "hc"):
             continue
-        floor = mhc_floor(base, copy_tbps=copy, elem_bytes=elem, recompute=variant.recompute)
+        floor = mhc_floor(variant.config(base), copy_tbps=copy, elem_bytes=elem)
         overhead_ms = r.ms_per_step - base_ms
         share = f"{100 * floor.ms / overhead_ms:.0f}%" if overhead_ms > 0 else "–"
         lines.append(f"| {spec} | {floor.net_bytes_per_step / 1e9:.1f} | {floor.ms:.1f} | {_pct(floor.ms / base_ms)} | "

@@ -58,12 +58,18 @@ def test_traffic_follows_spec_and_kernel_counts():
     assert plain["residual"] == 3 * c * e
     again = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, recompute=True)
     assert again["total"] == plain["total"] + plain["forward"]
+    # every transition fused: x_{l+1} read once less forward; backward one stream pass of (3n+3)C
+    # instead of the dx pass (3n+1)C and the post-res backward (3n+2)C
+    fused = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, fused=1.0)
+    assert plain["forward"] - fused["forward"] == n * c * e
+    assert fused["backward"] - small == ((n + 1) + (3 * n + 3)) * c * e
 
 
 def test_floor_of_a_preset():
     cfg = load_config("gpu-moe-3b")
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2)
+    assert cfg.model.fuse_transitions  # the models fuse one transition of each block's two
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=0.5)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units

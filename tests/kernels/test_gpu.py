@@ -110,3 +110,30 @@ def test_gpu_post_res_coefficients_equals_unfused_kernels(t, n, c, dtype):
     assert torch.equal(x_next, unfused_x)
     for a, b in zip(fused, unfused):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # two ~16-bit projections: docs/math.md §10 TF32 tolerance
+
+
+@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (555, 3, 320)])
+def test_gpu_post_pre_matches_reference_and_is_deterministic(t, n, c):
+    # the chained transition (mhc_post_pre): its backward's one stream pass sums x_{l+1}'s three
+    # gradients and applies l's post-res backward; against the composed reference, and run to run
+    from torchmhc.kernels import mhc_post_pre
+
+    def fused(x_, f_, hp, hr, fn, scale, base):
+        u, x_next, c2 = mhc_post_pre(x_, f_, hp, hr, fn, scale, base)
+        return (post_res(x_next, u, c2.h_post, c2.h_res), c2.h_pre)
+
+    def composed(x_, f_, hp, hr, fn, scale, base):
+        x_next = ref.post_res(x_, f_, hp, hr)
+        c2 = ref.mhc_coefficients(x_next, fn, scale, base)
+        return (ref.post_res(x_next, ref.pre_mix(x_next, c2.h_pre), c2.h_post, c2.h_res), c2.h_pre)
+
+    inputs = [*_post_res_inputs(t, n, c, torch.bfloat16), *mhc_params(n, c)]
+    with use_kernels("triton"):
+        check_fwd_bwd(fused, composed, inputs, norm_tol=1e-2)
+        leaves = [v.detach().requires_grad_() for v in inputs]
+        runs = []
+        for _ in range(2):
+            out, h_pre = fused(*leaves)
+            runs.append([out, *torch.autograd.grad(out.float().square().sum() + h_pre.sum(), leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
