@@ -413,6 +413,12 @@ class RunConfig:
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len}).",
         )
+        _check(
+            self.data.tokenizer != "bpe" or self.model.vocab_size >= self.data.bpe_vocab_size,
+            f"model.vocab_size ({self.model.vocab_size}) is smaller than data.bpe_vocab_size "
+            f"({self.data.bpe_vocab_size}): the model needs an embedding for every token; set "
+            f"model.vocab_size = {self.data.bpe_vocab_size}.",
+        )
 
     @property
     def out_dir(self) -> Path:
