@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +122,7 @@ def cached_meta(entry: Path) -> dict | None:
         return None
 
 
-def write_entry(entry: Path, fill, *, where: str) -> dict:
+def write_entry(entry: Path, fill: Callable[[Path], dict], *, where: str) -> dict:
     """Make the cache entry ``entry``: ``fill(tmp)`` writes its files into a temporary folder beside it
     and returns the meta, written last as ``meta.json``; the folder is then renamed to ``entry``.
 
@@ -146,8 +146,11 @@ def write_entry(entry: Path, fill, *, where: str) -> dict:
             os.fsync(f.fileno())
         if entry.exists() and cached_meta(entry) is None:
             shutil.rmtree(entry)  # incomplete: replaced
-        if not entry.exists():
+        try:
             os.replace(tmp, entry)
+        except OSError:
+            if cached_meta(entry) is None:  # not a concurrent process's complete entry
+                raise
         return cached_meta(entry) or meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
