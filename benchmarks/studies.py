@@ -48,6 +48,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "studies-cpu.jsonl"
 GPU_RESULTS = Path(__file__).resolve().parent / "results" / "studies-gpu.jsonl"
 #: Points kept of a run's gradient-norm history (each the median and the maximum of its window).
 HISTORY_POINTS = 100
+#: Seconds of the time budget under which no run is started or resumed: setting one up (the model,
+#: the first evaluation) and saving its checkpoint must fit in what is left.
+START_MARGIN_S = 30.0
 
 
 def run_one(cfg, data, probe, *, study: str, command: str) -> dict:
@@ -169,7 +172,7 @@ def grad_norm_history(history: list[dict], points: int = HISTORY_POINTS) -> list
 
 
 def _scale_row(cfg: RunConfig, *, preset: str, key: str, summary: dict, history: list[dict], evals: list[dict],
-               info: dict | None, corpus_tokens: int, command: str, wall_s: float) -> dict:
+               info: dict | None, corpus_tokens: int, command: str) -> dict:
     tokens = cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len
     gains = [e["max_composite_gain"] for e in evals if "max_composite_gain" in e]
     return {
@@ -178,13 +181,14 @@ def _scale_row(cfg: RunConfig, *, preset: str, key: str, summary: dict, history:
         "corpus": summary.get("corpus"), "corpus_train_tokens": corpus_tokens, "passes": tokens / corpus_tokens,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "num_params": summary.get("num_params"),
-        **{k: summary.get(k) for k in ("train_loss", "val_loss", "val_bpb", "tokens_per_s", "stopped")},
+        **{k: summary.get(k) for k in ("train_loss", "val_loss", "val_bpb", "tokens_per_s", "train_time_s", "stopped")},
+        # a run that diverged has no final validation loss (its last one is in val_history)
+        **({"val_loss": math.nan, "val_bpb": math.nan} if summary.get("stopped") else {}),
         "max_composite_gain": info["max_composite_gain"] if info else 1.0,
         "max_composite_gain_during": max(gains, default=1.0),
         "gain_history": [[e["step"], e["max_composite_gain"]] for e in evals if "max_composite_gain" in e],
         "val_history": [[e["step"], e["val_loss"]] for e in evals],
         "grad_norm_history": grad_norm_history(history),
-        "wall_s": wall_s,
     }
 
 
@@ -201,8 +205,9 @@ def _read_run(cfg: RunConfig, probe: torch.Tensor, device: torch.device) -> tupl
     return summary, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"], info
 
 
-def run_scale(args: argparse.Namespace, command: str) -> bool:
-    """Train (or continue) every run of the study; True once every run has a row in ``args.results``."""
+def run_scale(args: argparse.Namespace, command: str) -> None:
+    """Train (or continue) the runs of the study that have no row in ``args.results`` yet, until the
+    time or step budget is spent."""
     budget = TimeBudget(args.time_budget) if args.time_budget else None
     steps_left = args.step_budget
     base = load_config(args.preset, ["train.out_dir='runs/studies/{name}'", *args.overrides])
@@ -228,12 +233,10 @@ def run_scale(args: argparse.Namespace, command: str) -> bool:
                       train=replace(base.train, seed=seed))
         if (cfg.name, key) in done:
             continue
-        if (budget is not None and budget.remaining() <= 0) or steps_left == 0:
+        if (budget is not None and budget.remaining() < START_MARGIN_S) or steps_left == 0:
             break
-        started = time.perf_counter()
         latest = latest_checkpoint(cfg.out_dir)
         at = read_checkpoint_state(latest, ("step",))["step"] if latest is not None else 0
-        stopped = None
         if at >= cfg.train.steps and (cfg.out_dir / "summary.json").is_file():
             summary, history, evals, info = _read_run(cfg, probe, device)  # finished, its row not yet written
         else:
@@ -247,29 +250,25 @@ def run_scale(args: argparse.Namespace, command: str) -> bool:
             try:
                 result = train(cfg, resume=latest is not None, progress=not args.quiet, data=data,
                                eval_hook=lambda m: gain_snapshot(m, probe), pause=pause)
-            except NonFiniteLossError as exc:
-                stopped = str(exc)
+            except NonFiniteLossError:  # diverged (HC may): its summary says where, its last good weights are kept
                 result = None
             if result is not None and result.paused:
                 print(f"{cfg.name}: paused at step {result.summary['steps']}; run the same command to continue")
-                return False
-            if steps_left is not None:
-                steps_left -= cfg.train.steps - at
+                return
             if result is None:
                 summary, history, evals, info = _read_run(cfg, probe, device)
             else:
                 summary, history, evals = result.summary, result.history, result.evals
                 info = analyze_model(result.model, probe)
+            if steps_left is not None:
+                steps_left -= summary["steps"] - at
         row = _scale_row(cfg, preset=preset, key=key, summary=summary, history=history, evals=evals, info=info,
-                         corpus_tokens=len(data.train), command=command, wall_s=time.perf_counter() - started)
-        if stopped:
-            row["stopped"] = stopped
+                         corpus_tokens=len(data.train), command=command)
         _append(args.results, row)
     remaining = [(v, s) for v, s in runs if (f"{preset}-{v}-s{s}-{key}", key) not in
                  {(r["name"], r["config_key"]) for r in _rows(args.results)}]
     print(f"{preset}: {len(runs) - len(remaining)} of {len(runs)} runs done"
           + ("" if remaining else f"; python benchmarks/studies.py scale-report --results {args.results}"))
-    return not remaining
 
 
 def _rows(path: Path) -> list[dict]:

@@ -53,6 +53,14 @@ def test_a_study_split_across_invocations_equals_one_that_was_not(tmp_path):
     assert whole[("mhc", 0)]["max_composite_gain"] >= 1 and len(whole[("mhc", 0)]["grad_norm_history"]) == 4
 
 
+def test_a_diverged_run_is_a_row_that_says_where_it_stopped(tmp_path):
+    studies.main(_study(tmp_path, "div", "--set", "optim.lr=1e9", "--set", "optim.grad_clip=0",
+                        "--variants", "hc", "--seeds", "0"))
+    (row,) = _rows(tmp_path, "div").values()
+    assert "non-finite" in row["stopped"] and row["val_loss"] != row["val_loss"]  # NaN
+    assert "| hc | 0 | – |" in studies.render_scale([row]) and "1 of 1 |" in studies.render_scale([row])
+
+
 def test_a_study_longer_than_one_pass_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="passes over|times"):
         studies.main(_study(tmp_path, "long", "--set", "train.steps=5000"))
