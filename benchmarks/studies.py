@@ -17,8 +17,9 @@ larger than one pass of the run, BPE tokens) and is made to be split across call
 length: each run checkpoints and pauses before ``--time-budget`` seconds have passed (or after
 ``--step-budget`` steps, counted over the invocation), and the same command continues where it
 stopped, each run resuming from its checkpoint exactly as if it had never stopped. Finished runs
-append one row each to ``benchmarks/results/studies-gpu.jsonl``; ``scale-report`` turns the rows
-into docs/scale_study.md: mean ± standard deviation over seeds of the final validation loss and of
+append one row each to ``runs/studies/scale-study.jsonl`` (``--results``) and their checkpoints are
+deleted (``--keep-checkpoints`` keeps them; a GPU preset's take 0.7-2.5 GB a run); ``scale-report``
+turns the rows into docs/scale_study.md: mean ± standard deviation over seeds of the final validation loss and of
 the paired gap to the residual baseline, the largest composite gain, and the gradient-norm history.
 A study whose budget is more than one pass over the training split is refused (``--allow-repeats``).
 """
@@ -28,6 +29,7 @@ import hashlib
 import json
 import math
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -45,7 +47,9 @@ from torchmhc.train import (NonFiniteLossError, TimeBudget, latest_checkpoint, l
                             read_checkpoint_state, resolve_device, train)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "studies-cpu.jsonl"
-GPU_RESULTS = Path(__file__).resolve().parent / "results" / "studies-gpu.jsonl"
+#: The scale study's rows: under runs/, which git ignores, so that a machine that receives a copy of
+#: the working tree at each call keeps them between calls, with the runs' checkpoints.
+GPU_RESULTS = Path(__file__).resolve().parents[1] / "runs" / "studies" / "scale-study.jsonl"
 #: Points kept of a run's gradient-norm history (each the median and the maximum of its window).
 HISTORY_POINTS = 100
 #: Seconds of the time budget under which no run is started or resumed: setting one up (the model,
@@ -265,6 +269,8 @@ def run_scale(args: argparse.Namespace, command: str) -> None:
         row = _scale_row(cfg, preset=preset, key=key, summary=summary, history=history, evals=evals, info=info,
                          corpus_tokens=len(data.train), command=command)
         _append(args.results, row)
+        if not args.keep_checkpoints:  # the row holds what the report needs
+            shutil.rmtree(cfg.out_dir / "checkpoints", ignore_errors=True)
     remaining = [(v, s) for v, s in runs if (f"{preset}-{v}-s{s}-{key}", key) not in
                  {(r["name"], r["config_key"]) for r in _rows(args.results)}]
     print(f"{preset}: {len(runs) - len(remaining)} of {len(runs)} runs done"
@@ -360,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-budget", type=int, default=None, metavar="STEPS",
                         help="scale: pause after this many training steps in this invocation")
     parser.add_argument("--allow-repeats", action="store_true", help="scale: allow runs longer than one pass")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="scale: keep finished runs' checkpoints")
     parser.add_argument("--out", type=Path, default=None, help="scale-report: write the Markdown here (default: print)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ def test_a_study_split_across_invocations_equals_one_that_was_not(tmp_path):
             assert split[key][field] == row[field], (key, field)
     studies.main(_study(tmp_path, "split"))  # everything done: nothing trains, no row is added
     assert len((tmp_path / "split.jsonl").read_text().splitlines()) == 4
+    assert not list((tmp_path / "split").glob("*/checkpoints"))  # deleted once a run's row is written
 
     report = studies.render_scale(list(whole.values()))
     gap = [whole[("mhc", s)]["val_loss"] - whole[("residual", s)]["val_loss"] for s in (0, 1)]
