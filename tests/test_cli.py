@@ -62,6 +62,8 @@ def test_presets_ship_inside_the_package(tmp_path):
     (["train", "--set", "optim.lr=inf"], "optim.lr must be a finite number > 0, got inf"),
     (["train", "--config", "no-such-file.cfg"], "config file 'no-such-file.cfg' does not exist"),
     (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--time-budget", "0"], "the time budget must be a finite number of seconds > 0, got 0.0"),
+    (["train", "--set", "data.corpus=wikipedia"], "data.corpus must be '' (data.path, or the standard library) or one of"),
 ])
 def test_config_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from torchmhc import __version__
 from torchmhc.config import OVERRIDE_RULE, CompareConfig, RunConfig, list_presets, load_config
 from torchmhc.report import run_compare
-from torchmhc.train import CheckpointError, NonFiniteLossError, laid_out, parallel_layout, train
+from torchmhc.train import CheckpointError, NonFiniteLossError, TimeBudget, laid_out, parallel_layout, train
 
 __all__ = ["main"]
 
@@ -78,9 +78,10 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from exc
     resume = args.resume_from if args.resume_from is not None else args.resume
-    result = train(cfg, resume=resume, progress=not args.quiet)
+    pause = TimeBudget(args.time_budget).pause() if args.time_budget is not None else None
+    result = train(cfg, resume=resume, progress=not args.quiet, pause=pause)
     if _rank() == 0:
-        print(f"run: {result.out_dir}")
+        print(f"run: {result.out_dir}" + (" (paused: the same command with --resume continues it)" if result.paused else ""))
     return 0
 
 
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT_DIR",
                    help="continue from this checkpoint directory")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop before a step that would end more than SECONDS from now, with a checkpoint "
+                        "(leave a margin for it); --resume continues the run as if it had not stopped")
     p.set_defaults(func=_train)
 
     # Listed for --help only: main() hands every argument after "bench" to the script untouched.

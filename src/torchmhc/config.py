@@ -173,24 +173,69 @@ class ModelConfig:
         return self.expert_hidden or max(32, self.effective_ffn_hidden // self.top_k)
 
 
+#: Corpora named by ``data.corpus`` (``torchmhc.data.corpora``); "" is ``data.path`` if set, else the stdlib.
+CORPORA = ("stdlib", "site-packages", "linux-source", "datasets")
+#: Tokenizers named by ``data.tokenizer``.
+TOKENIZERS = ("bytes", "bpe")
+#: Formats of the ``datasets`` corpus (Hugging Face ``datasets`` builders); "" picks one by file suffix.
+DATASET_FORMATS = ("text", "json", "parquet")
+#: Suffixes of pre-tokenized token files (``data.path``).
+TOKEN_FILE_SUFFIXES = (".npy", ".bin", ".u16", ".u32")
+
+
 @dataclass
 class DataConfig:
     """Where tokens come from and how batches are cut.
 
-    ``path = ""`` uses the default corpus: the Python standard library sources of the running
-    interpreter. Otherwise a text file, a directory of text files, a ``.npy`` token array, or a
-    raw token file (``.bin``/``.u16``/``.u32``; ``token_dtype`` says how to read ``.bin``).
+    ``corpus`` names the text (``torchmhc.data.corpora``): ``""`` reads ``path`` if set, else the
+    Python standard library of the running interpreter; ``"stdlib"``; ``"site-packages"`` (the
+    installed packages' Python source); ``"linux-source"`` (the kernel tarball of the
+    ``linux-source`` package, or the tarball ``path`` names); ``"datasets"`` (local text, JSON
+    lines or Parquet files at ``path``, read with Hugging Face ``datasets``). With ``corpus = ""``,
+    ``path`` is a text file, a directory of text files, a ``.npy`` token array, or a raw token file
+    (``.bin``/``.u16``/``.u32``; ``token_dtype`` says how to read ``.bin``).
+
+    ``tokenizer`` is ``"bytes"`` (vocabulary 256) or ``"bpe"``: a byte-level BPE of
+    ``bpe_vocab_size`` tokens trained on ``bpe_sample_mb`` MB of the training split
+    (``torchmhc.data.bpe``); the model then needs ``model.vocab_size >= bpe_vocab_size``.
     """
 
+    corpus: str = ""
     path: str = ""
     cache_dir: str = ""  # "" -> $TORCHMHC_CACHE or ~/.cache/torchmhc
     glob: str = "**/*"  # files taken from a directory path (binary files are skipped)
+    max_file_kb: int = 0  # leave out files larger than this (generated tables); 0 = no limit
+    text_field: str = "text"  # corpus "datasets": the column or JSON key holding each record's text
+    format: str = ""  # corpus "datasets": "text", "json" or "parquet"; "" = by file suffix
     val_fraction: float = 0.05  # share of files (text) or of tokens (token files) held out
     token_dtype: str = "uint16"  # how to read a raw .bin token file
+    tokenizer: str = "bytes"  # "bytes" or "bpe"
+    bpe_vocab_size: int = 32768
+    bpe_sample_mb: float = 64.0  # MB of the training split the BPE merges are learned from
     seq_len: int = 128
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        _check(
+            self.corpus in ("",) + CORPORA,
+            f"data.corpus must be '' (data.path, or the standard library) or one of {', '.join(CORPORA)}; "
+            f"got {self.corpus!r}.",
+        )
+        _check(
+            not (self.path and self.corpus in ("stdlib", "site-packages")),
+            f"data.corpus {self.corpus!r} reads no data.path (got {self.path!r}); leave data.path empty, "
+            f"or set data.corpus = '' to read the path.",
+        )
+        _check(
+            bool(self.path) or self.corpus != "datasets",
+            "data.corpus 'datasets' reads local files: set data.path to a file or a directory of them.",
+        )
+        _check(
+            self.format in ("",) + DATASET_FORMATS,
+            f"data.format must be '' (by file suffix) or one of {', '.join(DATASET_FORMATS)}; got {self.format!r}.",
+        )
+        _check(bool(self.text_field), "data.text_field must name a column (e.g. 'text'), got ''.")
+        _check(self.max_file_kb >= 0, f"data.max_file_kb must be >= 0 (0 = no limit), got {self.max_file_kb}.")
         _check(
             0.0 < self.val_fraction < 1.0,
             f"data.val_fraction must be in (0, 1), got {self.val_fraction}.",
@@ -198,6 +243,25 @@ class DataConfig:
         _check(
             self.token_dtype in ("uint8", "uint16", "uint32"),
             f"data.token_dtype must be uint8, uint16 or uint32; got {self.token_dtype!r}.",
+        )
+        _check(
+            self.tokenizer in TOKENIZERS,
+            f"data.tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}.",
+        )
+        _check(
+            not (self.tokenizer == "bpe" and not self.corpus and Path(self.path).suffix in TOKEN_FILE_SUFFIXES),
+            f"data.path {self.path!r} holds tokens already; data.tokenizer = 'bpe' tokenizes text. "
+            f"Set data.tokenizer = 'bytes' (the file's tokens are read as they are).",
+        )
+        # 256 byte tokens and the document separator come first: fewer leaves no room for a merge
+        _check(
+            258 <= self.bpe_vocab_size <= 2**32,
+            f"data.bpe_vocab_size must be in [258, 2**32] (256 bytes, the separator, and merges), "
+            f"got {self.bpe_vocab_size}.",
+        )
+        _check(
+            math.isfinite(self.bpe_sample_mb) and self.bpe_sample_mb > 0,
+            f"data.bpe_sample_mb must be a finite number > 0, got {self.bpe_sample_mb}.",
         )
         _check(self.seq_len >= 1, f"data.seq_len must be >= 1, got {self.seq_len}.")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}.")
@@ -348,6 +412,12 @@ class RunConfig:
         _check(
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len}).",
+        )
+        _check(
+            self.data.tokenizer != "bpe" or self.model.vocab_size >= self.data.bpe_vocab_size,
+            f"model.vocab_size ({self.model.vocab_size}) is smaller than data.bpe_vocab_size "
+            f"({self.data.bpe_vocab_size}): the model needs an embedding for every token; set "
+            f"model.vocab_size = {self.data.bpe_vocab_size}.",
         )
 
     @property

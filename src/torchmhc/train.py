@@ -56,6 +56,7 @@ __all__ = [
     "NonFiniteLossError",
     "CheckpointError",
     "RunResult",
+    "TimeBudget",
     "train",
     "laid_out",
     "parallel_layout",
@@ -634,6 +635,41 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    paused: bool = False  # stopped early by train()'s ``pause`` (resume to continue); no final evaluation
+
+
+class TimeBudget:
+    """When runs must stop: ``seconds`` from now (a monotonic clock), leaving room for one more step.
+
+    :meth:`pause` gives :func:`train` a ``pause`` callable for one run: it says True when the
+    longest step seen in that run (the time between two calls, evaluations and checkpoints
+    included) would end past the deadline. Several runs may share one budget, one after another.
+    """
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"the time budget must be a finite number of seconds > 0, got {seconds}.")
+        self.clock = clock
+        self.deadline = clock() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left (negative once past the deadline)."""
+        return self.deadline - self.clock()
+
+    def pause(self) -> Callable[[int], bool]:
+        """A ``pause(step)`` callable for one run under this budget."""
+        last: float | None = None
+        longest = 0.0
+
+        def pause(step: int) -> bool:
+            nonlocal last, longest
+            now = self.clock()
+            if last is not None:
+                longest = max(longest, now - last)
+            last = now
+            return now + longest >= self.deadline
+
+        return pause
 
 
 def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -846,6 +882,7 @@ def train(
     desc: str | None = None,
     data: TokenData | None = None,
     eval_hook: Callable[[GPT], dict[str, Any]] | None = None,
+    pause: Callable[[int], bool] | None = None,
 ) -> RunResult:
     """Train one model as ``cfg`` says; write metrics, checkpoints and a summary to ``cfg.out_dir``.
 
@@ -867,6 +904,11 @@ def train(
         eval_hook: called with the model (in eval mode, no grad) at every evaluation; the
             JSON-serializable dict it returns is merged into that evaluation's metrics row. Not
             with pipeline parallelism (no process holds the whole model).
+        pause: called before each step with its index; True stops the run there, after a
+            checkpoint of the steps done so far, and returns a result with ``paused`` set and no
+            final evaluation (:class:`TimeBudget` makes one from a deadline). ``resume=True``
+            continues it: the run is the same as one that never paused. Not with a run laid out
+            over processes.
 
     Raises:
         NonFiniteLossError: with ``train.on_nonfinite = "stop"``, or whenever the weights
@@ -886,6 +928,8 @@ def train(
     layout = parallel_layout(cfg)
     if layout is not None and layout.pipelined and eval_hook is not None:
         raise ValueError("eval_hook needs the whole model, which no process holds with pipeline parallelism (parallel.pp).")
+    if layout is not None and pause is not None:
+        raise ValueError("pausing a run (a time budget) is not supported for a run laid out over processes.")
     out_dir = cfg.out_dir
     ckpt = None
     if resume:
@@ -902,7 +946,7 @@ def train(
 
         job = ParallelJob(cfg, device.type, data=data, progress=progress)
     try:
-        return _run(job, cfg, ckpt, progress=progress and job.is_main, desc=desc, eval_hook=eval_hook)
+        return _run(job, cfg, ckpt, progress=progress and job.is_main, desc=desc, eval_hook=eval_hook, pause=pause)
     finally:
         job.close()
 
@@ -915,6 +959,7 @@ def _run(
     progress: bool,
     desc: str | None,
     eval_hook: Callable[[GPT], dict[str, Any]] | None,
+    pause: Callable[[int], bool] | None = None,
 ) -> RunResult:
     """The loop of :func:`train` over ``job`` (a :class:`LocalJob` or a ``ParallelJob``)."""
     tc, dc = cfg.train, cfg.data
@@ -982,10 +1027,14 @@ def _run(
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc or cfg.name, disable=not progress,
                unit="step", dynamic_ncols=True, leave=True)
     stopped = None
+    paused_at: int | None = None
     if start_step == 0 and tc.eval_interval:
         run_eval(0)  # the starting point of the validation and gain curves
     try:
         for step in range(start_step, tc.steps):
+            if pause is not None and pause(step):
+                paused_at = step
+                break
             batch = job.batch(step)
             t0 = time.perf_counter()
             # Measure saved activations on the first step of this process only (it is not free).
@@ -1013,8 +1062,11 @@ def _run(
             if tc.checkpoint_interval and done % tc.checkpoint_interval == 0 and done < tc.steps:
                 checkpoint(done)
         bar.close()
-        final_eval = run_eval(tc.steps)
-        checkpoint(tc.steps)
+        if paused_at is None:
+            final_eval = run_eval(tc.steps)
+            checkpoint(tc.steps)
+        elif paused_at > start_step:
+            checkpoint(paused_at)
     except NonFiniteLossError as exc:
         # A stopped step did not touch the weights: if they are finite, they are the last good state.
         if not job.nonfinite():
@@ -1030,6 +1082,10 @@ def _run(
             _write_summary(out_dir, _summary(cfg, job, history, evals, tokens_seen, train_time, meter, skipped, stopped))
 
     summary = _summary(cfg, job, history, evals, tokens_seen, train_time, meter, skipped, None)
+    if paused_at is not None:
+        if progress:
+            print(f"{desc or cfg.name}: paused at step {paused_at} of {tc.steps}; resume to continue -> {out_dir}")
+        return RunResult(cfg, out_dir, job.model, data, history, evals, summary, paused=True)
     if job.is_main:
         _write_summary(out_dir, summary)
     if progress:

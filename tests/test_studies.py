@@ -1,0 +1,81 @@
+"""benchmarks/studies.py's study at GPU scale, on a tiny CPU config: variants x seeds, a run split
+across invocations equal to one that was not, the one-pass guard and the report."""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchmhc.train import TimeBudget
+from train_helpers import cli_overrides, tiny_config
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "studies.py"
+_spec = importlib.util.spec_from_file_location("studies_bench", _PATH)
+studies = importlib.util.module_from_spec(_spec)
+sys.modules["studies_bench"] = studies
+_spec.loader.exec_module(studies)
+
+
+def _study(tmp_path, label: str, *extra: str) -> list[str]:
+    cfg = tiny_config(tmp_path, "train.steps=4", "train.eval_interval=2", f"train.out_dir='{tmp_path / label / '{name}'}'")
+    return ["scale", "--preset", "tiny", *cli_overrides(cfg), "--variants", "residual", "mhc", "--seeds", "0", "1",
+            "--results", str(tmp_path / f"{label}.jsonl"), "--quiet", *extra]
+
+
+def _rows(tmp_path, label):
+    return {(r["variant"], r["seed"]): r for r in map(json.loads, (tmp_path / f"{label}.jsonl").read_text().splitlines())}
+
+
+def test_a_study_split_across_invocations_equals_one_that_was_not(tmp_path):
+    studies.main(_study(tmp_path, "whole"))
+    whole = _rows(tmp_path, "whole")
+    assert len(whole) == 4
+    calls = 0
+    while not (tmp_path / "split.jsonl").is_file() or len(_rows(tmp_path, "split")) < 4:
+        studies.main(_study(tmp_path, "split", "--step-budget", "3"))  # pauses runs mid-way (4 steps each)
+        calls += 1
+        assert calls <= 8
+    assert calls == 6  # 16 steps, 3 an invocation
+    split = _rows(tmp_path, "split")
+    for key, row in whole.items():
+        for field in ("val_loss", "train_loss", "val_history", "grad_norm_history", "gain_history", "max_composite_gain"):
+            assert split[key][field] == row[field], (key, field)
+    studies.main(_study(tmp_path, "split"))  # everything done: nothing trains, no row is added
+    assert len((tmp_path / "split.jsonl").read_text().splitlines()) == 4
+    assert not list((tmp_path / "split").glob("*/checkpoints"))  # deleted once a run's row is written
+
+    report = studies.render_scale(list(whole.values()))
+    gap = [whole[("mhc", s)]["val_loss"] - whole[("residual", s)]["val_loss"] for s in (0, 1)]
+    assert f"{statistics.mean(gap):+.4f} ± {statistics.stdev(gap):.4f}" in report
+    assert "| residual | 0, 1 |" in report and f"{whole[('mhc', 0)]['passes']:.2f} passes" in report
+    assert whole[("mhc", 0)]["max_composite_gain"] >= 1 and len(whole[("mhc", 0)]["grad_norm_history"]) == 4
+
+
+def test_a_diverged_run_is_a_row_that_says_where_it_stopped(tmp_path):
+    studies.main(_study(tmp_path, "div", "--set", "optim.lr=1e9", "--set", "optim.grad_clip=0",
+                        "--variants", "hc", "--seeds", "0"))
+    (row,) = _rows(tmp_path, "div").values()
+    assert "non-finite" in row["stopped"] and row["val_loss"] != row["val_loss"]  # NaN
+    assert "| hc | 0 | – |" in studies.render_scale([row]) and "1 of 1 |" in studies.render_scale([row])
+
+
+def test_a_study_longer_than_one_pass_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="passes over|times"):
+        studies.main(_study(tmp_path, "long", "--set", "train.steps=5000"))
+
+
+def test_time_budget_pauses_before_a_step_that_would_end_late():
+    now = [0.0]
+    budget = TimeBudget(10.0, clock=lambda: now[0])
+    pause = budget.pause()
+    assert not pause(0)
+    now[0] = 4.0  # a step took 4 s: the next would end at 8
+    assert not pause(1)
+    now[0] = 6.5  # 2.5 s, but the longest was 4: 6.5 + 4 > 10
+    assert pause(2)
+    assert budget.remaining() == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="time budget"):
+        TimeBudget(0)
