@@ -184,8 +184,7 @@ def mhc_traffic_bytes(
     gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df (3nC + 2C).
     ``fused``: the share of sub-layers whose post-res is fused with the next sub-layer's
     coefficients and pre-mix (``model.fuse_transitions``: one of a block's two). Each such pair
-    reads x_{l+1} once less forward (nC), and its backward's one stream pass moves (3n + 3)C
-    instead of the dx pass and the post-res backward's (6n + 3)C. fp32 coefficient traffic,
+    reads x_{l+1} once less forward (nC); its backward runs the same passes. fp32 coefficient traffic,
     (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
     the connections once more in the backward (block recomputation replays coefficients, pre-mix
     and post-res, unfused). ``residual``: the plain residual's own add (read 2C, write C), which
@@ -195,7 +194,7 @@ def mhc_traffic_bytes(
     small = (3 * n * n + 4 * n + 40) * 4
     out = {
         "forward": round(((4 * n + 2) - fused * n) * c * e) + small,
-        "backward": round(((7 * n + 4) - fused * 3 * n) * c * e) + small,
+        "backward": (7 * n + 4) * c * e + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
     }
     out["total"] = sum(out.values())
@@ -603,8 +602,8 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "## Floor: the overhead that the mHC operations' memory traffic explains",
         "",
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
-        "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves nC forward and 3nC "
-        "backward, and the models fuse one of each block's two; with recomputation the forward once more) "
+        "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves nC forward, and the "
+        "models fuse one of each block's two; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",

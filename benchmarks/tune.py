@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd", "post_res_coef_fwd", "post_res_coef_bwd")
+KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd", "post_res_coef_fwd")
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
 GRIDS: dict[str, dict[str, tuple]] = {
@@ -44,14 +44,6 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "post_res_fwd": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8, 16)},
     "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
     "post_res_coef_fwd": {"block_t": (32, 64), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
-    # its backward's stream pass, chained as _ChainedPostPre runs it (add and mix)
-    "post_res_coef_bwd": {
-        "block_t": (32, 64),
-        "block_c": (16, 32, 64),
-        "num_warps": (4, 8),
-        "num_stages": (1, 2, 3),
-        "waves": (2, 4),
-    },
 }
 
 
@@ -68,7 +60,7 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
         coefficients_bwd_x,
         coefficients_fwd,
     )
-    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_bwd_streams, post_res_coefficients_fwd
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 
     torch.manual_seed(0)
@@ -104,11 +96,6 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
             lambda **kw: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0, **kw)
         ), 2 * stream_bytes + channel_bytes + small
     g = torch.randn_like(x)
-    if kernel == "post_res_coef_bwd":
-        mix = (f_out, torch.rand(t, n, device=dev))
-        return (
-            lambda **kw: post_res_coefficients_bwd_streams(x, f_out, h_post, h_res, fn, *dm, add=g, mix=mix, **kw)
-        ), 3 * stream_bytes + 3 * channel_bytes + small
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
 
 

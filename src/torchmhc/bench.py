@@ -30,7 +30,7 @@ from torchmhc import functional as ref
 from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
 from torchmhc.kernels.hc_coefficients_op import WIDTH, hc_coefficients_bwd, hc_coefficients_fwd
-from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_bwd_streams, post_res_coefficients_fwd
+from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_dh, pre_mix_fwd
 
@@ -245,18 +245,6 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         "post_res + next coefficients fwd (fused)", 2 * tok + ch + small,
         lambda: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
     ))  # fmt: skip
-    # ... and its backward's stream pass (l+1's dx + dfn, then l's post-res backward) against the
-    # two passes it replaces (same per-token gradients dm, cx)
-    ops += [
-        (
-            "post_res + next coefficients bwd stream pass (fused)", 3 * tok + 3 * ch + small,
-            lambda: post_res_coefficients_bwd_streams(x, f_out, h_post, h_res, fn, *steps[:2], add=g_nc, mix=(g_c, h_pre)),
-        ),
-        (
-            "  unfused: coefficients dx+dfn step (+ add, mix), post_res bwd", 6 * tok + 3 * ch,
-            lambda: post_res_bwd(coefficients_bwd_x(x, fn, *steps[:2], add=g_nc, mix=(g_c, h_pre))[0], x, f_out, h_post, h_res),
-        ),
-    ]  # fmt: skip
     for name, nbytes, fn_ in ops:
         rows.append(Row(name, shape, "torchmhc triton", bench(fn_, label=name), nbytes))
 

@@ -364,12 +364,10 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     assert forward.calls("post_res_coefficients_fwd") == 1 and forward.calls("pre_mix_fwd") == 1
     assert forward.calls("post_res_fwd") == forward.calls("coefficients_fwd") == 0
     assert all(made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
-    # backward: dh_pre alone from the pre-mix; x_{l+1}'s three gradients summed and handed to the
-    # post-res backward of l in one stream pass (none by autograd, no pre-mix dx pass, no separate
-    # coefficient dx pass or post-res backward of l); the last post-res (of l+1) has its own
+    # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
+    # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
     assert backward_launches.calls("pre_mix_dh") == 1 and backward_launches.calls("pre_mix_bwd") == 0
-    assert backward_launches.calls("post_res_coefficients_bwd_streams") == 1
-    assert backward_launches.calls("coefficients_bwd") == 0 and backward_launches.calls("post_res_bwd") == 1
+    assert backward_launches.calls("coefficients_bwd") == 1 and backward_launches.calls("post_res_bwd") == 2
     assert backward.stream_adds(x.shape) == 0
 
 

@@ -114,8 +114,8 @@ def test_gpu_post_res_coefficients_equals_unfused_kernels(t, n, c, dtype):
 
 @pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (555, 3, 320)])
 def test_gpu_post_pre_matches_reference_and_is_deterministic(t, n, c):
-    # the chained transition (mhc_post_pre): its backward's one stream pass sums x_{l+1}'s three
-    # gradients and applies l's post-res backward; against the composed reference, and run to run
+    # the chained transition (mhc_post_pre): its backward sums x_{l+1}'s three gradients in the
+    # coefficient dx pass, then l's post-res backward; against the composed reference, and run to run
     from torchmhc.kernels import mhc_post_pre
 
     def fused(x_, f_, hp, hr, fn, scale, base):

@@ -404,9 +404,8 @@ class _ChainedPostPre(torch.autograd.Function):
 
     Forward: the fused post-res + coefficient op (one pass over the streams, writes x_{l+1}), then
     the pre-mix of x_{l+1}; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1.
-    Backward: the pre-mix's ``dh_pre`` (a reduction over x_{l+1}), then l+1's coefficient backward
-    and l's post-res backward in one pass over the streams (``post_res_coefficients_backward``),
-    which sums x_{l+1}'s three gradients (coefficients, pre-mix, downstream) in registers.
+    Backward: :func:`_chained_pre_backward` for l+1 (its dx pass also adds the gradient x_next got
+    downstream), then the post-res backward of l.
     """
 
     @staticmethod
@@ -430,34 +429,17 @@ class _ChainedPostPre(torch.autograd.Function):
     def backward(
         ctx, dy: Tensor | None, d_next: Tensor | None, d_pre: Tensor | None, d_post: Tensor | None, d_res: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_backward, post_res_coefficients_backward_op
         from torchmhc.kernels.post_res_op import post_res_backward_op, post_res_bwd
-        from torchmhc.kernels.pre_mix_op import pre_mix_dh, pre_mix_dh_op
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
-        iters, eps, _rms_eps, post_scale = ctx.config
-        d_next = None if d_next is None else d_next.contiguous()
-        if dy is not None:  # the pre-mix's share of dh_pre: a reduction over x_{l+1} (read once)
-            dy = dy.contiguous()
-            dh_mix = eager_or_compiled(pre_mix_dh_op, pre_mix_dh, x)(dy, x_next)
-            d_pre = dh_mix if d_pre is None else d_pre + dh_mix
-        if d_pre is None and d_post is None and d_res is None:  # l+1 unused: only the post-res of l
-            if d_next is None:
-                return (None,) * 11
+        d_next, dfn, dscale, dbase = _chained_pre_backward(
+            "mhc", x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
+        )
+        dx = df = dh_post = dh_res = None
+        if d_next is not None:  # else nothing downstream depended on x_next
             dx, df, dh_post, dh_res = eager_or_compiled(post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
-            return dx, df, dh_post, dh_res, None, None, None, None, None, None, None
-
-        def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-            return h_pre.new_zeros(shape) if g is None else g.contiguous()
-
-        t, n = h_pre.shape
-        # l+1's coefficient backward and l's post-res backward in one stream pass
-        grads = eager_or_compiled(post_res_coefficients_backward_op, post_res_coefficients_backward, x)(
-            d_next, grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)), x, f_out, h_post, h_res,
-            fn, scale, base, *saved, iters, eps, post_scale, dy, None if dy is None else h_pre,
-        )  # fmt: skip
         # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
-        return (*grads, None, None, None, None)
+        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
 
 
 def _cpu_pre(pre: Callable[..., tuple], x: Tensor, *args: object) -> tuple[Tensor, Tensor, ref.Coefficients]:

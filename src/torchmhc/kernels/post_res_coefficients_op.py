@@ -28,14 +28,8 @@ T = 16384, C = 4096, n = 4 (85% of a copy; the [BT, NP·BC]-operand form took 51
 moves no stream data, and one program of 4 warps holds a multiprocessor (its staged tiles fill the
 shared memory).
 
-Backward: l+1's per-token coefficient backward (``coefficients_bwd_tokens``: σ', Sinkhorn), then
-one pass over the streams (:func:`post_res_coefficients_bwd_streams`) that forms the whole gradient
-of ``x_{l+1}`` (its coefficients' share, its pre-mix's when chained, the downstream one) in fp32
-registers and applies the post-res backward of l to it at once, recomputing ``x_{l+1}`` from
-``x_l`` instead of reading it. Per token it reads ``x_l``, f, the incoming gradient of ``x_{l+1}``
-and the pre-mix's dy, and writes dx_l and df: (3n + 3)·C values, where the coefficient dx pass and
-the post-res backward run apart move (6n + 3)·C (the gradient of ``x_{l+1}`` written and read back,
-``x_{l+1}`` read).
+Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
+``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
 Legend: T tokens, n streams, NS = n padded to a power of two, NP = max(4, NS), C channels,
 K = n·C; see ``coefficients_op.py`` for the packed pp / res column layouts.
@@ -48,25 +42,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import (
-    cdiv,
-    channel_block,
-    define_op,
-    eager_or_compiled,
-    next_pow2,
-    num_sms,
-    tile_descriptor,
-    token_block,
-)
-from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, precision_mode, split2
+from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, next_pow2, tile_descriptor, token_block
+from torchmhc.kernels._precision import MODE_FMA, precision_mode, split2
 from torchmhc.kernels.coefficients_op import (
-    _dot_dm_fn,
     _np,
     coef_epilogue,
     coefficients_bwd_tokens,
+    coefficients_bwd_x,
     empty_coefficient_outputs,
     merged_row_of,
 )
+from torchmhc.kernels.post_res_op import post_res_bwd
 
 __all__ = [
     "pack_fn",
@@ -318,191 +304,12 @@ def post_res_coefficients_fwd(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: the stream pass of both sub-layers in one kernel
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _post_res_coef_bwd_kernel(
-    x_ptr,  # [T, n, C] streams of sub-layer l
-    f_ptr,  # [T, C] branch output of sub-layer l
-    hpost_ptr,  # [T, n] fp32, sub-layer l
-    hres_ptr,  # [T, n, n] fp32, sub-layer l (paper orientation)
-    fn_ptr,  # [n²+2n, n·C] fp32, sub-layer l+1
-    dm_ptr,  # [T, W] fp32: l+1's dL/dm̂ in the merged columns (coefficients_bwd_tokens)
-    cx_ptr,  # [T] fp32: l+1's coefficient of x_{l+1} in its dx (from 1/r)
-    add_ptr,  # [T, n, C]: the gradient x_{l+1} got downstream, when ADD (else None)
-    dy_ptr,  # [T, C]: the gradient of l+1's pre-mix output, when MIX (else None)
-    hpre_ptr,  # [T, n] fp32: l+1's h_pre, when MIX (else None)
-    dx_ptr,  # [T, n, C] out: dL/dx_l
-    df_ptr,  # [T, C] out: dL/df_l
-    dfn_ptr,  # [groups, n²+2n, n·C] fp32 out: l+1's dfn, partial sums per token group
-    dh_ptr,  # [C / BC, T, n + n²] fp32 out: l's [dh_post | dh_res], partial sums per channel block
-    T,
-    C: tl.constexpr,
-    N: tl.constexpr,
-    NS: tl.constexpr,
-    NP: tl.constexpr,
-    W: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    TILES: tl.constexpr,
-    MODE: tl.constexpr,
-    ADD: tl.constexpr,
-    MIX: tl.constexpr,
-):
-    # grid (C / BC, groups): the program owns channels [c0, c0 + BC) of every stream for TILES·BT
-    # consecutive tokens. Per token tile it recomputes x_{l+1} from x_l (the forward's fused
-    # multiply-adds: the same rounded values), forms the whole gradient of x_{l+1} in fp32
-    # (coefficients of l+1, its pre-mix, downstream) and hands it straight to the post-res backward
-    # of l: the gradient of x_{l+1} is never written, and x_{l+1} never read.
-    K: tl.constexpr = N * C
-    R: tl.constexpr = N * N + 2 * N
-    H: tl.constexpr = N + N * N
-    cb = tl.program_id(0)
-    c0 = cb * BC
-    cols = c0 + tl.arange(0, BC)
-    group = tl.program_id(1)
-    rows, valid = merged_row_of(tl.arange(0, W), N, NP)
-    # fnᵀ of these channels, all streams side by side [W, NS·BC] (column i·BC + c: stream i), resident
-    q = tl.arange(0, NS * BC)
-    q_stream = q // BC
-    q_col = q_stream * C + c0 + q % BC
-    q_valid = q_stream < N
-    w = tl.load(fn_ptr + rows[:, None] * K + q_col[None, :], mask=valid[:, None] & q_valid[None, :], other=0.0)
-    if MODE != 0:
-        w, w_lo = split2(w)
-    else:
-        w_lo = w
-    # dfnᵀ accumulated as [NS·BC, W]: the joined x_{l+1} tile is the left operand (M = NS·BC)
-    dfn_t = tl.zeros([NS * BC, W], dtype=tl.float32)
-    for it in range(TILES):
-        t0 = (group * TILES + it) * BT
-        toks = t0 + tl.arange(0, BT)
-        tmask = toks < T
-        toks = toks.to(tl.int64)
-        m2 = tmask[:, None]
-        stream_offs = toks[:, None] * K + cols[None, :]  # + i·C for stream i
-        chan_offs = toks[:, None] * C + cols[None, :]
-        f = tl.load(f_ptr + chan_offs, mask=m2, other=0.0).to(tl.float32)
-        xs = ()
-        for j in tl.static_range(N):
-            xs = xs + (tl.load(x_ptr + stream_offs + j * C, mask=m2, other=0.0),)
-        dm = tl.load(dm_ptr + toks[:, None] * W + tl.arange(0, W)[None, :], mask=m2 & valid[None, :], other=0.0)
-        cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)[:, None]
-        if MIX:
-            dy = tl.load(dy_ptr + chan_offs, mask=m2, other=0.0).to(tl.float32)
-        # l+1's coefficient share of the gradient, all streams in one product [BT, NS·BC]
-        proj = _dot_dm_fn(dm, w, w_lo, tl.zeros([BT, NS * BC], dtype=tl.float32), MODE)
-        proj = _split_streams(tl.reshape(proj, (BT, NS, BC)), BT, NS, BC)
-        h_post = ()
-        h_res = ()
-        for i in tl.static_range(N):
-            h_post = h_post + (tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0)[:, None],)
-            for j in tl.static_range(N):
-                h_res = h_res + (tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0)[:, None],)
-        ys = ()
-        ds = ()
-        for i in tl.static_range(NS):
-            if i < N:
-                # x_{l+1}, stream i: post_res_op's fused multiply-adds, rounded as the forward stored it
-                y = h_post[i] * f
-                for j in tl.static_range(N):
-                    y = tl.fma(h_res[i * N + j], xs[j].to(tl.float32), y)
-                y = y.to(x_ptr.dtype.element_ty)
-                d = proj[i] + cx * y.to(tl.float32)
-                if MIX:
-                    d += tl.load(hpre_ptr + toks * N + i, mask=tmask, other=0.0)[:, None] * dy
-                if ADD:
-                    d += tl.load(add_ptr + stream_offs + i * C, mask=m2, other=0.0).to(tl.float32)
-                ys = ys + (y,)
-                ds = ds + (d,)
-            else:  # padding stream: zero operand rows
-                ys = ys + (tl.zeros([BT, BC], dtype=x_ptr.dtype.element_ty),)
-        dfn_t = dot_bf16_f32(tl.trans(_join_streams(ys, BT, NS, BC)), dm, dfn_t, MODE)
-        # post-res backward of l on the fp32 gradient d of x_{l+1}: dx_j = Σ_i h_res[i, j]·d_i,
-        # df = Σ_i h_post[i]·d_i; dh_post[i] = Σ_c d_i·f and dh_res[i, j] = Σ_c d_i·x_j over this
-        # program's channels (summed over channel blocks by the launcher)
-        df = tl.zeros([BT, BC], dtype=tl.float32)
-        dh_row = dh_ptr + (cb * T + toks) * H
-        for i in tl.static_range(N):
-            df = tl.fma(h_post[i], ds[i], df)
-            tl.store(dh_row + i, tl.sum(ds[i] * f, axis=1), mask=tmask)
-            for j in tl.static_range(N):
-                tl.store(dh_row + N + i * N + j, tl.sum(ds[i] * xs[j].to(tl.float32), axis=1), mask=tmask)
-        tl.store(df_ptr + chan_offs, df.to(df_ptr.dtype.element_ty), mask=m2)
-        for j in tl.static_range(N):
-            dx = tl.zeros([BT, BC], dtype=tl.float32)
-            for i in tl.static_range(N):
-                dx = tl.fma(h_res[i * N + j], ds[i], dx)
-            tl.store(dx_ptr + stream_offs + j * C, dx.to(dx_ptr.dtype.element_ty), mask=m2)
-    out = dfn_ptr + group * R * K + rows[None, :] * K + q_col[:, None]
-    tl.store(out, dfn_t, mask=valid[None, :] & q_valid[:, None])
-
-
-def post_res_coefficients_bwd_streams(
-    x: Tensor,
-    f_out: Tensor,
-    h_post: Tensor,
-    h_res: Tensor,
-    fn: Tensor,
-    dm: Tensor,
-    cx: Tensor,
-    *,
-    add: Tensor | None = None,
-    mix: tuple[Tensor, Tensor] | None = None,
-    block_t: int | None = None,
-    block_c: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    waves: int = 2,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launcher of the backward's stream pass: sub-layer l's ``x [T, n, C]``, ``f_out [T, C]``,
-    ``h_post [T, n]``, ``h_res [T, n, n]``; sub-layer l+1's ``fn [n²+2n, n·C]`` and its per-token
-    gradients ``dm [T, W]``, ``cx [T]`` (:func:`coefficients_bwd_tokens`); x_{l+1}'s other gradients:
-    ``add [T, n, C]`` (from downstream) and ``mix = (dy [T, C], h_pre [T, n])`` (l+1's pre-mix);
-    all contiguous -> ``(dx [T, n, C] x.dtype, df [T, C] f_out.dtype, dh_post [T, n], dh_res [T, n, n],
-    dfn [n²+2n, n·C])`` fp32 but dx and df.
-
-    One read of x_l, f and the incoming gradients, one write of dx and df: the unfused backward
-    also writes x_{l+1}'s gradient and reads it back, and reads x_{l+1}: per token (3n + 3)·C values
-    instead of (6n + 3)·C. The gradient of x_{l+1} stays in fp32 (the unfused path rounds it to the
-    stream dtype in between). Tiles: ``block_t`` tokens by ``block_c`` channels of every stream."""
-    t, n, c = x.shape
-    k = n * c
-    dx = torch.empty_like(x)
-    df = torch.empty_like(f_out)
-    ns = next_pow2(n)
-    bt = token_block(block_t or 32)
-    block_c = channel_block(c, block_c or (32 if n <= 4 else 16))
-    c_blocks = c // block_c
-    t_blocks = cdiv(t, bt)
-    # programs for `waves` waves over the multiprocessors (see coefficients_bwd_x)
-    tiles = cdiv(t_blocks, max(1, (waves * num_sms(x.device)) // c_blocks))
-    quantum = max(1, next_pow2(tiles) // 8)
-    tiles = cdiv(tiles, quantum) * quantum
-    groups = cdiv(t_blocks, tiles)
-    dfn_part = torch.empty((groups, *fn.shape), dtype=torch.float32, device=x.device)
-    dh_part = torch.empty((c_blocks, t, n + n * n), dtype=torch.float32, device=x.device)
-    dy, h_pre = (None, None) if mix is None else mix
-    _post_res_coef_bwd_kernel[(c_blocks, groups)](
-        x, f_out, h_post, h_res, fn, dm, cx, add, dy, h_pre, dx, df, dfn_part, dh_part, t,
-        C=c, N=n, NS=ns, NP=_np(n), W=dm.shape[1], BT=bt, BC=block_c, TILES=tiles, MODE=precision_mode(x),
-        ADD=add is not None, MIX=mix is not None, num_warps=num_warps or 4, num_stages=num_stages or 2,
-    )  # fmt: skip
-    # fixed-order sums over programs: deterministic
-    dh = dh_part[0] if c_blocks == 1 else dh_part.sum(0)
-    dfn = dfn_part[0] if groups == 1 else dfn_part.sum(0)
-    return dx, df, dh[:, :n].contiguous(), dh[:, n:].reshape(t, n, n).contiguous(), dfn
-
-
-# ----------------------------------------------------------------------------------------------
 # Registered ops: opaque to torch.compile (fake impls give shapes), autograd attached
 # ----------------------------------------------------------------------------------------------
 
 
 def post_res_coefficients_backward(
-    d_next: Tensor | None,
+    d_next: Tensor,
     d_pre: Tensor,
     d_post: Tensor,
     d_res: Tensor,
@@ -510,6 +317,7 @@ def post_res_coefficients_backward(
     f_out: Tensor,
     h_post: Tensor,
     h_res: Tensor,
+    x_next: Tensor,
     fn: Tensor,
     scale: Tensor,
     base: Tensor,
@@ -519,15 +327,11 @@ def post_res_coefficients_backward(
     iters: int,
     eps: float,
     post_scale: float,
-    mix_dy: Tensor | None = None,
-    mix_h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`post_res_coefficients_fwd` from the gradients of its outputs (``d_next``
-    of x_next or None, fp32 ``d_pre``, ``d_post``, ``d_res``; contiguous) and its saved tensors
-    -> ``(dx, df, dh_post, dh_res, dfn, dscale, dbase)``: l+1's per-token coefficient backward, then
-    one stream pass (:func:`post_res_coefficients_bwd_streams`). A pre-mix of x_next
-    (``mix_h [T, n]``, ``mix_dy [T, C]``, both or neither) adds ``mix_h ⊗ mix_dy`` to x_next's
-    gradient there; its ``dh_pre`` is the caller's, already in ``d_pre``."""
+    of x_next, fp32 ``d_pre``, ``d_post``, ``d_res``; all given, contiguous) and its saved tensors
+    -> ``(dx, df, dh_post, dh_res, dfn, dscale, dbase)``: the coefficient backward of l+1 (adding
+    ``d_next`` in its dx pass), then the post-res backward of l."""
     t, n, c = x.shape
     if t == 0:
         zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
@@ -535,10 +339,9 @@ def post_res_coefficients_backward(
     dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, d_pre, d_post, d_res, n * c, iters, eps, post_scale
     )
-    mix = None if mix_dy is None or mix_h is None else (mix_dy, mix_h)
-    dx, df, dh_post, dh_res, dfn = post_res_coefficients_bwd_streams(
-        x, f_out, h_post, h_res, fn, dm, cx, add=d_next, mix=mix
-    )
+    # total gradient of x_{l+1}: the coefficient pass's share plus what came from downstream
+    d_total, dfn = coefficients_bwd_x(x_next, fn, dm, cx, add=d_next)
+    dx, df, dh_post, dh_res = post_res_bwd(d_total, x, f_out, h_post, h_res)
     return dx, df, dh_post, dh_res, dfn, dscale, dbase
 
 
@@ -553,12 +356,11 @@ post_res_coefficients_op = define_op(
 #: :func:`post_res_coefficients_backward`.
 post_res_coefficients_backward_op = define_op(
     "post_res_coefficients_backward",
-    "(Tensor? d_next, Tensor d_pre, Tensor d_post, Tensor d_res, Tensor x, Tensor f_out, Tensor h_post,"
-    " Tensor h_res, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv, int iters,"
-    " float eps, float post_scale, Tensor? mix_dy=None, Tensor? mix_h=None)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor d_next, Tensor d_pre, Tensor d_post, Tensor d_res, Tensor x, Tensor f_out, Tensor h_post,"
+    " Tensor h_res, Tensor x_next, Tensor fn, Tensor scale, Tensor base, Tensor m_pp, Tensor m_res, Tensor rinv,"
+    " int iters, float eps, float post_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     post_res_coefficients_backward,
-    lambda d_next, d_pre, d_post, d_res, x, f_out, h_post, h_res, fn, scale, base, *_, **__: tuple(
+    lambda d_next, d_pre, d_post, d_res, x, f_out, h_post, h_res, x_next, fn, scale, base, *_: tuple(
         torch.empty_like(t) for t in (x, f_out, h_post, h_res, fn, scale, base)
     ),
 )
@@ -566,22 +368,23 @@ post_res_coefficients_backward_op = define_op(
 
 def _setup_context(ctx, inputs, output) -> None:
     x, f_out, h_post, h_res, fn, scale, base, iters, eps, _rms_eps, post_scale = inputs
-    _, _, _, _, m_pp, m_res, rinv = output
-    ctx.save_for_backward(x, f_out, h_post, h_res, fn, scale, base, m_pp, m_res, rinv)
+    x_next, _, _, _, m_pp, m_res, rinv = output
+    ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv)
     ctx.config = (iters, eps, post_scale)
 
 
 def _backward(ctx, d_next, d_pre, d_post, d_res, _d_mpp, _d_mres, _d_rinv):
-    x, f_out, h_post, h_res, fn, scale, base, m_pp, m_res, rinv = ctx.saved_tensors
+    x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv = ctx.saved_tensors
     iters, eps, post_scale = ctx.config
     t, n, _ = x.shape
 
-    def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-        return rinv.new_zeros(shape) if g is None else g.contiguous()
+    def grad(g: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return like.new_zeros(shape) if g is None else g.contiguous()
 
     grads = eager_or_compiled(post_res_coefficients_backward_op, post_res_coefficients_backward, x)(
-        None if d_next is None else d_next.contiguous(), grad(d_pre, (t, n)), grad(d_post, (t, n)),
-        grad(d_res, (t, n, n)), x, f_out, h_post, h_res, fn, scale, base, m_pp, m_res, rinv, iters, eps, post_scale,
+        grad(d_next, tuple(x.shape), x), grad(d_pre, (t, n), rinv), grad(d_post, (t, n), rinv),
+        grad(d_res, (t, n, n), rinv), x, f_out, h_post, h_res, x_next, fn, scale, base, m_pp, m_res, rinv,
+        iters, eps, post_scale,
     )  # fmt: skip
     # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
     return (*grads, None, None, None, None)

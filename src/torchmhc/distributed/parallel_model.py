@@ -1,0 +1,132 @@
+"""The one place that lays a model out over the mesh, in a fixed order:
+
+1. pipeline split (``parallel.pp_schedule`` with more than one stage): this rank keeps its stages,
+   each a run of whole blocks (``torchmhc.distributed.pipeline``); block recomputation then runs
+   inside each stage, never across a stage edge;
+2. move to the device;
+3. FSDP2 over the data-parallel dimensions (``torchmhc.distributed.fsdp``): always without
+   pipelining (also on one rank, so one code path serves every size), and with pipelining when
+   there is more than one data-parallel rank;
+4. the pipeline schedule over the (possibly FSDP-wrapped) stages.
+
+Every rank builds the full model from the same seed first and keeps its part, so every layout
+starts from the same weights as a one-process run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from torchmhc.distributed.config import ParallelConfig
+from torchmhc.distributed.fsdp import apply_fsdp, data_parallel_mesh
+from torchmhc.distributed.mesh import Layout, rank_layout
+from torchmhc.distributed.overlap import prioritize_post_res
+from torchmhc.distributed.pipeline import build_schedule, split_model
+from torchmhc.models import GPT
+
+__all__ = ["ParallelModel", "parallelize"]
+
+
+@dataclass
+class ParallelModel:
+    """A model laid out over a mesh: what a training loop holds instead of a ``GPT``.
+
+    Attributes:
+        part: this rank's parameters under the full model's names: the (FSDP-wrapped) GPT without
+            pipelining, else a :class:`~torchmhc.distributed.pipeline.ModelPart`. Give it to the
+            optimizer and to checkpoints.
+        stages: the modules the schedule runs (pipelined), else ``[part]``.
+        stage_indices: their stage numbers (``[0]`` without pipelining).
+        schedule: the ``torch.distributed.pipelining`` schedule, or None without pipelining.
+        parallel: the resolved parallel config.
+        mesh: the ``(pp, dp_replicate, dp_shard)`` mesh.
+        layout: this rank's coordinates.
+        device: this rank's device.
+        compute_dtype: autocast dtype of the forward (bf16 on GPUs), None for fp32.
+    """
+
+    part: nn.Module
+    stages: list[nn.Module]
+    stage_indices: list[int]
+    schedule: Any
+    parallel: ParallelConfig
+    mesh: DeviceMesh
+    layout: Layout
+    device: torch.device
+    compute_dtype: torch.dtype | None
+
+    @property
+    def has_first_stage(self) -> bool:
+        """Whether this rank feeds the token ids (it holds the embedding)."""
+        return 0 in self.stage_indices
+
+    @property
+    def has_last_stage(self) -> bool:
+        """Whether this rank computes the loss (it holds the LM head)."""
+        return self.parallel.num_stages - 1 in self.stage_indices
+
+    @property
+    def pp_group(self):
+        """The pipeline process group, or None without pipelining."""
+        return self.mesh.get_group("pp") if self.parallel.pipelined else None
+
+
+def parallelize(
+    model: GPT,
+    parallel: ParallelConfig,
+    mesh: DeviceMesh,
+    *,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    compute_dtype: torch.dtype | None = None,
+    overlap: bool = True,
+) -> ParallelModel:
+    """Lay ``model`` out over ``mesh`` as ``parallel`` says (see the module docstring).
+
+    Args:
+        model: the full model, built identically (same seed) on every rank, on the CPU (fp32, or
+            fp64 for exact comparisons).
+        parallel: the ``[parallel]`` config; resolved here against the mesh.
+        mesh: from :func:`torchmhc.distributed.mesh.build_mesh`.
+        device: this rank's device (:func:`torchmhc.distributed.mesh.init_distributed`).
+        batch_size: the global batch (``data.batch_size``).
+        seq_len: the training sequence length.
+        compute_dtype: bf16 to train in mixed precision (FSDP's parameter dtype and the forward's
+            autocast), None for fp32 throughout.
+        overlap: for dualpipev, overlap each paired forward and backward, and on CUDA run the FFN
+            post-res kernels on a high-priority stream (see ``overlap.py``).
+    """
+    parallel = parallel.resolve(mesh.size(), num_layers=model.cfg.num_layers, batch_size=batch_size)
+    layout = rank_layout(mesh)
+    dp_mesh = data_parallel_mesh(mesh)
+
+    if not parallel.pipelined:
+        model.to(device)
+        # With one data-parallel rank resharding saves no memory: gather once per step, not twice.
+        apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=layout.dp_size > 1)
+        return ParallelModel(model, [model], [0], None, parallel, mesh, layout, device, compute_dtype)
+
+    part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
+    part.to(device)
+    if overlap and parallel.pp_schedule == "dualpipev" and device.type == "cuda":
+        prioritize_post_res(stages, device=device)
+    if layout.dp_size > 1:
+        apply_fsdp(stages, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=False)
+    schedule = build_schedule(
+        stages,
+        indices,
+        parallel,
+        group=mesh.get_group("pp"),
+        device=device,
+        microbatch_size=batch_size // layout.dp_size // parallel.microbatches,
+        seq_len=seq_len,
+        stream_dtype=compute_dtype or next(model.parameters()).dtype,
+        overlap=overlap,
+    )
+    return ParallelModel(part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype)
