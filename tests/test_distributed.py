@@ -3,6 +3,7 @@ checkpoint safety and conversion. The multi-process runs are in ``test_distribut
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -445,3 +446,17 @@ def test_loading_never_unpickles_code(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"'model.tok_emb.weight' as a pickled object"):
         ckpt.load_dcp_checkpoint(sneaky, build_model(cfg))
     assert not (tmp_path / "exploited").exists()
+
+
+def test_lazy_names_resolve_to_their_objects_after_every_submodule_is_imported():
+    # a submodule named like one of the package's lazy names would shadow it once imported
+    # (`torchmhc.distributed.parallelize` did: benchmarks/e2e.py got the module, not the function)
+    import importlib
+    import pkgutil
+
+    import torchmhc.distributed as dist_pkg
+
+    for info in pkgutil.iter_modules(dist_pkg.__path__):
+        importlib.import_module(f"torchmhc.distributed.{info.name}")
+    for name in dist_pkg.__all__:
+        assert not inspect.ismodule(getattr(dist_pkg, name)), name

@@ -11,7 +11,7 @@ when the world size is above 1 or the run has a ``[parallel]`` section). One fil
     pipeline.py     stage split, stage modules, schedules
     overlap.py      DualPipeV's overlapped forward/backward chunks
     fsdp.py         fully_shard units and mixed precision
-    parallelize.py  the one place that composes the above, in order
+    parallel_model.py  parallelize(): the one place that composes the above, in order
     clip.py         gradient clipping by the global norm over shards and stages
     moe.py          router-bias balancing with the global batch's expert loads
     data.py         each data-parallel rank's rows of the global batch
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from torchmhc.distributed.config import ParallelConfig
     from torchmhc.distributed.data import local_batch, local_rows
     from torchmhc.distributed.mesh import build_mesh, init_distributed, rank_layout
-    from torchmhc.distributed.parallelize import ParallelModel, parallelize
+    from torchmhc.distributed.parallel_model import ParallelModel, parallelize
     from torchmhc.distributed.step import evaluate_loss, forward_backward, train_step
 
 # Imported on first use: ``torchmhc.config`` needs ParallelConfig (a plain dataclass) without
@@ -42,8 +42,8 @@ _WHERE = {
     "build_mesh": "mesh",
     "init_distributed": "mesh",
     "rank_layout": "mesh",
-    "ParallelModel": "parallelize",
-    "parallelize": "parallelize",
+    "ParallelModel": "parallel_model",
+    "parallelize": "parallel_model",
     "evaluate_loss": "step",
     "forward_backward": "step",
     "train_step": "step",

@@ -6,7 +6,7 @@ in one process, with the parts of this package:
 
 - start: join the process group, open the corpus (rank 0 first: it may tokenize and cache it),
   build the whole model on the CPU from the seed (the weights of a one-process run), compile its
-  blocks in place, lay it out (:func:`~torchmhc.distributed.parallelize.parallelize`), AdamW over
+  blocks in place, lay it out (:func:`~torchmhc.distributed.parallel_model.parallelize`), AdamW over
   this rank's part;
 - step: this data-parallel rank's rows of the global batch (``data.py``), then the parallel
   ``train_step`` (``step.py``); the losses and gradient norms are global, the same on every rank;
@@ -35,7 +35,7 @@ from torchmhc.distributed.checkpoint import load_dcp_checkpoint, safetensors_to_
 from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.data import local_batch, local_rows
 from torchmhc.distributed.mesh import build_mesh, init_distributed
-from torchmhc.distributed.parallelize import ParallelModel, parallelize
+from torchmhc.distributed.parallel_model import ParallelModel, parallelize
 from torchmhc.distributed.step import evaluate_loss, nonfinite_tensors, train_step
 from torchmhc.models import build_model
 from torchmhc.train import (

@@ -36,7 +36,7 @@ from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.data import local_batch, local_rows
 from torchmhc.distributed.job import build
 from torchmhc.distributed.mesh import init_distributed
-from torchmhc.distributed.parallelize import ParallelModel
+from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.distributed.step import evaluate_loss, train_step
 from torchmhc.train import learning_rate
 

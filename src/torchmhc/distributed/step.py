@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.distributed.moe import update_router_bias
-from torchmhc.distributed.parallelize import ParallelModel
+from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.train import StepStats, check_skippable, nonfinite_names, token_cross_entropy
 
 __all__ = ["train_step", "forward_backward", "evaluate_loss", "nonfinite_tensors"]
@@ -85,7 +85,7 @@ def train_step(
     """Forward, backward, global norm, non-finite guard, clip, AdamW, router-bias update.
 
     Args:
-        pm: from :func:`torchmhc.distributed.parallelize.parallelize`.
+        pm: from :func:`torchmhc.distributed.parallel_model.parallelize`.
         optimizer: over ``pm.part``'s parameters (``torchmhc.train.build_optimizer(pm.part, ...)``).
         batch: this rank's rows (``torchmhc.distributed.data.local_batch``), on any device.
         lr, grad_clip, on_nonfinite, step: as ``torchmhc.train.train_step``.
