@@ -433,6 +433,10 @@ class RunConfig:
             f"({self.data.bpe_vocab_size}): the model needs an embedding for every token; set "
             f"model.vocab_size = {self.data.bpe_vocab_size}.",
         )
+        _check(
+            not (self.model.arch == "hf-llama" and self.train.compile),
+            "train.compile is not supported for model.arch = 'hf-llama'.",
+        )
 
     @property
     def out_dir(self) -> Path:

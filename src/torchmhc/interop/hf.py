@@ -205,11 +205,11 @@ def preserving_init_(hc: HyperConnection | StreamHead) -> None:
         return
     n, eps = hc.num_streams, hc.eps
     q = 1 - IDENTITY_WEIGHT if n > 1 else 0.0
-    pre = torch.full((n,), q)
+    pre = torch.full((n,), q, dtype=torch.float64)  # in fp64: exact starts for fp64 models
     pre[hc.layer_index % n] = 1 - (n - 1) * q
     if (pre <= eps).any():
         raise ValueError(f"eps must be below the smallest pre-mix weight {float(pre.min())} for a function-preserving start, got {eps}")
-    pre = torch.logit(pre.double() - eps)
+    pre = torch.logit(pre - eps)
     post = torch.full((n,), _logit(1 / hc.post_scale), dtype=torch.float64)
     res = hc.manifold.init_logits(n, "identity").double()
     hc.base.copy_(torch.cat([pre, post, res]))
@@ -266,8 +266,8 @@ def add_hyper_connections(
             :class:`HyperConnection` (the head takes ``eps``, ``rms_eps``, ``alpha_init``);
             DeepSeek-V4's values by default. JSON values: they are saved in the config.
 
-    The new parameters are fp32 on the device of each layer (coefficients are fp32 math whatever
-    the model's dtype); their settings go to ``model.config.torchmhc``, which ``save_pretrained``
+    The new parameters are fp32 (fp64 in an fp64 model) on the device of each layer: coefficients
+    are fp32 math whatever the model's dtype, so keep them fp32 when casting the model. Their settings go to ``model.config.torchmhc``, which ``save_pretrained``
     writes to config.json and :func:`from_pretrained` reads back.
 
     Returns:
@@ -295,11 +295,13 @@ def add_hyper_connections(
     # Built first, attached after: a bad option fails before the model is touched.
     built = []
     for i, layer in enumerate(layers):
-        device = next(layer.parameters()).device
-        hcs = [HyperConnection(dim, n, kind.name, layer_index=2 * i + j, **options).to(device) for j in (0, 1)]
+        like = next(layer.parameters())
+        # fp32 coefficient parameters whatever the model's dtype; fp64 for an fp64 model (exact checks)
+        to = {"device": like.device, "dtype": torch.float64 if like.dtype == torch.float64 else torch.float32}
+        hcs = [HyperConnection(dim, n, kind.name, layer_index=2 * i + j, **options).to(**to) for j in (0, 1)]
         last = i == len(layers) - 1
         num_streams = hcs[0].num_streams
-        head = StreamHead(dim, num_streams, **head_options).to(device) if last and num_streams > 1 else None
+        head = StreamHead(dim, num_streams, **head_options).to(**to) if last and num_streams > 1 else None
         for module in (*hcs, head):
             if module is not None:
                 preserving_init_(module)
@@ -381,11 +383,13 @@ def from_pretrained(path: str | Path, *, freeze_base: bool = False, **kwargs: An
         model, info = AutoModelForCausalLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     add_hyper_connections(model, settings["n"], settings["residual"], freeze_base=freeze_base, **settings["options"])
     params = dict(hyper_connection_parameters(model))
-    if info["missing_keys"] or info["mismatched_keys"] or set(info["unexpected_keys"]) != set(params):
-        others = sorted(set(info["unexpected_keys"]) - set(params))
+    # transformers loaded the base weights and left ours as unexpected: they must be exactly ours
+    missing = sorted(info["missing_keys"]) + sorted(set(params) - set(info["unexpected_keys"]))
+    unknown = sorted(set(info["unexpected_keys"]) - set(params))
+    if missing or unknown or info["mismatched_keys"]:
         raise ValueError(
-            f"{str(path)!r} does not match its converted model: missing {sorted(info['missing_keys'])[:3]}, "
-            f"mismatched {list(info['mismatched_keys'])[:3]}, unexpected {others[:3]}"
+            f"{str(path)!r} does not match its converted model: missing {missing[:3]}, unknown {unknown[:3]}, "
+            f"of another shape {list(info['mismatched_keys'])[:3]}"
         )
     found: set[str] = set()
     with torch.no_grad():
