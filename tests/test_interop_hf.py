@@ -3,6 +3,7 @@ transformers' own modules. Tiny models built from configs with random weights: n
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -374,6 +375,18 @@ def test_deepseek_v4_model_with_our_modules_in_place_of_its_own_gives_its_logits
     with torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## mHC for Hugging Face models") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", section.index("```python"))]
+    build("llama").save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace("path/to/llama", str(tmp_path / "llama")), scope)
+    assert type(scope["model"].model.layers[0]).__name__ == "HyperConnectedLlamaDecoderLayer"
+    assert (tmp_path / "llama-mhc" / "model.safetensors").is_file()
 
 
 # -- torchmhc compare with a converted Llama as its subject ------------------------------------
