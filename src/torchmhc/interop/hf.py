@@ -26,8 +26,8 @@ streams flattened, ``[B, T, n*C]``::
         h = layer.hc_head(x) if i == last else x.flatten(-2)           # [B, T, C] | [B, T, n*C]
     logits = lm_head(norm(h))
 
-The layers keep their class's name prefix and their parameters' names (``model.layers.0.self_attn.
-q_proj.weight``); the new parameters are ``model.layers.{i}.hc_attn.{fn,base,scale}``, ``...hc_ffn...``
+The layers become instances of subclasses of their own classes (``HyperConnectedLlamaDecoderLayer``)
+and keep their parameters' names (``model.layers.0.self_attn.q_proj.weight``); the new parameters are ``model.layers.{i}.hc_attn.{fn,base,scale}``, ``...hc_ffn...``
 and ``model.layers.{L-1}.hc_head.{fn,base,scale}``. ``output_hidden_states`` therefore gives the
 flattened streams ``[B, T, n*C]`` after every layer but the last.
 
@@ -61,10 +61,12 @@ gradient, ``∂L/∂h̃·m``, is zero until ``fn`` has moved (one step).
 Exactness: the sums of pre and head weights are 1 to fp32 rounding; H_res's rows are exactly 1
 for the manifolds whose identity start is exact (identity, orthostochastic, spectral,
 unconstrained; mHC-lite to rounding); for Sinkhorn (``mhc``) with DeepSeek's ``eps`` = 1e-6, rows
-end at ``S/(S + eps)``, 1 − 1e-6, so each sub-layer scales the carried state by that: a relative
-change of about 1e-6 per sub-layer (measured on the tests' tiny models: below 1e-5 in the logits;
-``eps=0`` makes it exact). HC (``residual="hc"``) needs nothing: its own start (θ = 0, one-hot
-H_pre, H_res = I, H_post = 1) already preserves the function.
+end at ``S/(S + eps)``, 1 − 1e-6, so each sub-layer keeps ``(1 − 1e-6)·h`` of the carried state:
+the logits change by about 3e-7 (relative) per sub-layer, 1.3e-6 for a 2-layer Llama, 3e-5 for a
+32-layer one; ``eps=0`` makes the start exact (fp64: equal logits), at the cost of the fused
+coefficient kernels, which implement ``eps > 0``. HC (``residual="hc"``) needs nothing: its own
+start (θ = 0, one-hot H_pre, H_res = I, H_post = 1) already preserves the function. docs/hf.md
+has the measurements.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ CONFIG_KEY = "torchmhc"
 _FORMAT = 1
 #: ``**options`` of :func:`add_hyper_connections`, passed to every :class:`HyperConnection`
 #: (the head takes ``eps``, ``rms_eps`` and ``alpha_init``).
-HC_OPTIONS = ("iters", "eps", "rms_eps", "post_scale", "alpha_init")
+_OPTIONS = ("iters", "eps", "rms_eps", "post_scale", "alpha_init")
 _HEAD_OPTIONS = ("eps", "rms_eps", "alpha_init")
 
 
@@ -283,13 +285,15 @@ def add_hyper_connections(
             f"model already has hyper-connections (config.{CONFIG_KEY} = {getattr(model.config, CONFIG_KEY)}); "
             f"a saved converted model is loaded with torchmhc.interop.hf.from_pretrained"
         )
-    unknown = sorted(set(options) - set(HC_OPTIONS))
+    unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for add_hyper_connections; options: {', '.join(HC_OPTIONS)}")
+        raise TypeError(f"unknown option(s) {unknown} for add_hyper_connections; options: {', '.join(_OPTIONS)}")
     if not isinstance(freeze_base, bool):
         raise TypeError(f"freeze_base must be a bool, got {type(freeze_base).__name__}")
     kind = get_residual(residual)
     layers = _layers(model, family)
+    if any(isinstance(layer, _HyperConnectedLayer) for layer in layers):
+        raise ValueError("model already has hyper-connections (its decoder layers are converted)")
     dim = model.config.hidden_size
     head_options = {k: v for k, v in options.items() if k in _HEAD_OPTIONS}
     # Built first, attached after: a bad option fails before the model is touched.
