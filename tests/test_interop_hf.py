@@ -3,11 +3,13 @@ transformers' own modules. Tiny models built from configs with random weights: n
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when transformers is imported: never reach for the Hub
 transformers = pytest.importorskip("transformers")
 
 import torchmhc as mhc  # noqa: E402
