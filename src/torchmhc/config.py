@@ -58,6 +58,10 @@ __all__ = [
 
 
 
+#: ``model.arch`` values.
+ARCHS = ("gpt", "moe", "hf-llama")
+
+
 def _is_residual(name: str) -> bool:
     try:
         get_residual(name)
@@ -79,7 +83,10 @@ class ModelConfig:
     model always uses one stream, whatever ``num_streams`` says (``effective_num_streams``).
     """
 
-    arch: str = "gpt"  # "gpt" (dense SwiGLU FFN) or "moe" (DeepSeek-V3-style experts)
+    # "gpt" (dense SwiGLU FFN), "moe" (DeepSeek-V3-style experts) or "hf-llama": a transformers Llama
+    # of this shape (the 'hf' extra), upcycled to hyper-connections from a function-preserving start
+    # (torchmhc.interop.hf; hc_init, recompute and fuse_transitions do not apply to it)
+    arch: str = "gpt"
     vocab_size: int = 256  # byte-level tokens by default
     dim: int = 128  # C: hidden size of one stream
     num_layers: int = 4  # transformer blocks; 2 sub-layers (attention, FFN) each
@@ -109,7 +116,7 @@ class ModelConfig:
     router_bias_rate: float = 1e-3  # u of the auxiliary-loss-free balancing update
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("gpt", "moe"), f"model.arch must be 'gpt' or 'moe', got {self.arch!r}.")
+        _check(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}.")
         try:
             get_residual(self.residual)
         except ValueError as exc:
@@ -119,6 +126,13 @@ class ModelConfig:
             f"model.hc_init must be '' (library default) or one of {', '.join(INITS)}; "
             f"got {self.hc_init!r}.",
         )
+        if self.arch == "hf-llama":
+            _check(
+                self.hc_init == "",
+                f"model.hc_init must be '' for model.arch = 'hf-llama' (its hyper-connections start where the "
+                f"Llama's function is unchanged); got {self.hc_init!r}.",
+            )
+            _check(not self.recompute, "model.recompute is not supported for model.arch = 'hf-llama'.")
         _check(
             self.recompute_block_length >= 0,
             f"model.recompute_block_length must be >= 0 (0 = the optimal length), got {self.recompute_block_length}.",
@@ -418,6 +432,10 @@ class RunConfig:
             f"model.vocab_size ({self.model.vocab_size}) is smaller than data.bpe_vocab_size "
             f"({self.data.bpe_vocab_size}): the model needs an embedding for every token; set "
             f"model.vocab_size = {self.data.bpe_vocab_size}.",
+        )
+        _check(
+            not (self.model.arch == "hf-llama" and self.train.compile),
+            "train.compile is not supported for model.arch = 'hf-llama'.",
         )
 
     @property

@@ -767,6 +767,8 @@ def parallel_layout(cfg: RunConfig) -> ParallelConfig | None:
     """
     if not laid_out(cfg):
         return None
+    if cfg.model.arch == "hf-llama":
+        raise ValueError("model.arch = 'hf-llama' trains in one process; a run laid out over processes needs 'gpt' or 'moe'.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = cfg.parallel.resolve(world_size, num_layers=cfg.model.num_layers, batch_size=cfg.data.batch_size)
     if layout.pipelined:
