@@ -2,15 +2,17 @@
 
     python benchmarks/e2e.py --preset gpu-moe-3b --variants residual,mhc,mhc:recompute --out moe.md
     python benchmarks/e2e.py --preset tiny --device cpu --steps 3 --warmup 1      # CPU smoke run
-    python benchmarks/e2e.py --preset gpu-dense-1b --variants mhc,mhc:fsdp         # distributed path, 1 GPU
+    python benchmarks/e2e.py --preset gpu-dense-1b --variants mhc,mhc:distributed  # distributed path, 1 GPU
     python benchmarks/e2e.py --preset gpu-small --set train.compile=false         # eager
 
 A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`` turns on block
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
 ``mhc:unfused`` runs each block's attention post-res and FFN pre as two ops (``model.fuse_transitions =
-false``; the default fuses them); ``mhc:fsdp`` trains through ``torchmhc.distributed`` at world size 1
-(FSDP2 over one rank, bf16 parameters for the compute; the distributed path's cost against ``mhc``). Every
+false``; the default fuses them); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
+size 1, as ``torchrun --nproc-per-node 1`` runs it (the distributed path's cost against ``mhc``);
+``mhc:fsdp`` does too, with FSDP2 forced over the one rank (which ``torchmhc.distributed`` applies
+only to several data-parallel ranks: FSDP's own cost; not with CUDA graphs). Every
 variant gets the same preset, seed, batch and ``train.compile`` setting (the GPU benchmark presets
 compile, block by block: ``torchmhc.train.apply_compile``).
 
@@ -73,7 +75,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference", "unfused", "fsdp")
+MODIFIERS = ("recompute", "reference", "unfused", "distributed", "fsdp")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -278,6 +280,7 @@ class Variant:
     recompute: bool = False
     reference: bool = False
     unfused: bool = False
+    distributed: bool = False
     fsdp: bool = False
 
     @classmethod
@@ -286,9 +289,10 @@ class Variant:
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
             raise ValueError(
-                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:fsdp], got modifiers {bad}"
+                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:distributed][:fsdp], got modifiers {bad}"
             )
-        return cls(spec.strip(), residual, "recompute" in mods, "reference" in mods, "unfused" in mods, "fsdp" in mods)
+        flags = {m: m in mods for m in MODIFIERS}
+        return cls(spec.strip(), residual, **flags)
 
     def config(self, base: RunConfig) -> RunConfig:
         fused = base.model.fuse_transitions and not self.unfused
@@ -385,23 +389,29 @@ def _build(cfg: RunConfig, device: torch.device, compile_mode: str):
     return model, optimizer
 
 
-def _build_fsdp(cfg: RunConfig, device: torch.device, compile_mode: str):
+def _build_distributed(cfg: RunConfig, device: torch.device, compile_mode: str, *, fsdp: bool):
     """(model, AdamW, ParallelModel): the same model laid out by ``torchmhc.distributed`` in this one
-    process — FSDP2 over one rank, bf16 parameters for the compute under bf16 autocast — what
-    ``torchrun --nproc-per-node 1`` runs (compiled block by block first, as torchtitan orders it)."""
+    process, what ``torchrun --nproc-per-node 1`` runs (compiled block by block first, as torchtitan
+    orders it): one data-parallel rank, so no FSDP. ``fsdp``: FSDP2 over the one rank all the same
+    (bf16 parameters for the compute, as with several ranks), to measure what FSDP itself costs."""
     from torchmhc.distributed import ParallelConfig, build_mesh, init_distributed, parallelize
+    from torchmhc.distributed.fsdp import apply_fsdp, data_parallel_mesh
 
-    if cfg.train.compile and compile_mode in CUDA_GRAPH_MODES:
-        # as `torchmhc train` refuses it: FSDP's gathers between the graphs defeat their replay
-        # (gpu-dense-1b on an H100: 4106 ms a step against 181 without FSDP, results/log 2026-12-06)
+    if fsdp and cfg.train.compile and compile_mode in CUDA_GRAPH_MODES:
+        # FSDP's gathers between the graphs defeat their replay (gpu-dense-1b on an H100: 4106 ms a
+        # step against 181 without FSDP, results/log 2026-12-06)
         raise ValueError(f"{compile_mode!r} replays CUDA graphs, which FSDP does not support: --set train.compile_mode=default")
     init_distributed(device.type)  # a one-process group without torchrun
     model, _ = _build(cfg, device, compile_mode)
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    mesh = build_mesh(ParallelConfig(), device.type)
+    compute_dtype = torch.bfloat16 if bf16 else None
     pm = parallelize(
-        model, ParallelConfig(), build_mesh(ParallelConfig(), device.type), device=device,
-        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, compute_dtype=torch.bfloat16 if bf16 else None,
+        model, ParallelConfig(), mesh, device=device,
+        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, compute_dtype=compute_dtype,
     )  # fmt: skip
+    if fsdp:
+        apply_fsdp([pm.part], data_parallel_mesh(mesh), param_dtype=compute_dtype, reshard_after_forward=False)
     return pm.part, build_optimizer(pm.part, cfg.optim), pm
 
 
@@ -413,7 +423,9 @@ def run_variant(
     result = Result(variant.spec)
 
     def build(compile_mode: str):
-        return _build_fsdp(cfg, device, compile_mode) if variant.fsdp else (*_build(cfg, device, compile_mode), None)
+        if variant.distributed or variant.fsdp:
+            return _build_distributed(cfg, device, compile_mode, fsdp=variant.fsdp)
+        return (*_build(cfg, device, compile_mode), None)
 
     model, optimizer, pm = build(cfg.train.compile_mode)
     result.num_params = model.num_params()
@@ -672,7 +684,7 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(table)
     print(table, flush=True)
-    if torch.distributed.is_initialized():  # made by an :fsdp variant
+    if torch.distributed.is_initialized():  # made by a :distributed or :fsdp variant
         torch.distributed.destroy_process_group()
 
 

@@ -229,7 +229,8 @@ def test_a_non_finite_loss_stops_a_laid_out_run_with_its_last_good_checkpoint(ro
 
 @pytest.mark.gpu
 def test_one_gpu_laid_out_runs_with_compiled_blocks(root):
-    """``torchmhc train`` on one GPU with ``parallel.dp_shard=1`` (FSDP over one rank) and with
+    """``torchmhc train`` on one GPU with ``parallel.dp_shard=1`` (the distributed path at world size 1:
+    no FSDP over the one rank) and with
     ``parallel.pp_schedule=dualpipev`` (both V stages on the GPU, the overlap function's streams):
     NCCL, bf16, blocks compiled in place before the layout, DCP checkpoints. The losses are the
     one-device run's within bf16 rounding, and the one-device path resumes the FSDP checkpoint."""

@@ -299,10 +299,10 @@ def test_resume_in_one_process(runs4, workdir):
 
 @pytest.mark.gpu
 def test_one_gpu_fsdp_and_dualpipev_overlap(workdir):
-    """World size 1 on CUDA in bf16: FSDP over one rank, and DualPipeV with both V stages on the
-    GPU, whose overlap function runs each paired forward and backward on separate streams (and the
-    FFN post-res on a high-priority stream). Overlapped = sequential; both = the one-device loop
-    within bf16 rounding."""
+    """World size 1 on CUDA in bf16: the distributed path (no FSDP over the one rank), and DualPipeV
+    with both V stages on the GPU, whose overlap function runs each paired forward and backward on
+    separate streams (and the FFN post-res on a high-priority stream). Overlapped = sequential;
+    both = the one-device loop within bf16 rounding."""
     bf16 = ("train.dtype=bf16", "model.dim=64")
     v = {"pp_schedule": "dualpipev", "microbatches": 2}
     cases = [

@@ -775,11 +775,12 @@ def parallel_layout(cfg: RunConfig) -> ParallelConfig | None:
         from torchmhc.distributed.pipeline import check_pipelinable
 
         check_pipelinable(cfg.model)
-    if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES:
+    if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES and (layout.pipelined or world_size > 1):
+        # one process without pipelining runs the model as on one device: its graphs replay
         raise ValueError(
             f"train.compile_mode = {cfg.train.compile_mode!r} replays CUDA graphs, which a run laid out over "
-            f"processes does not support (its communication runs between the graphs); use 'default' or "
-            f"'max-autotune-no-cudagraphs'."
+            f"several processes or pipeline stages does not support (its communication and FSDP's parameter "
+            f"gathers run between the graphs); use 'default' or 'max-autotune-no-cudagraphs'."
         )
     return layout
 

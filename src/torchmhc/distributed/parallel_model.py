@@ -4,9 +4,11 @@
    each a run of whole blocks (``torchmhc.distributed.pipeline``); block recomputation then runs
    inside each stage, never across a stage edge;
 2. move to the device;
-3. FSDP2 over the data-parallel dimensions (``torchmhc.distributed.fsdp``): always without
-   pipelining (also on one rank, so one code path serves every size), and with pipelining when
-   there is more than one data-parallel rank;
+3. FSDP2 over the data-parallel dimensions (``torchmhc.distributed.fsdp``) when there is more
+   than one data-parallel rank. One rank has nothing to shard, and FSDP2 over one rank is not free:
+   on gpu-dense-1b (one H100, default torch.compile) it cost 27% of a step, its hooks leaving the
+   GPU idle and its gathers and gradient copies moving bytes (``benchmarks/results/h100.md``);
+   such a run keeps the model as on one device (fp32 parameters, bf16 autocast);
 4. the pipeline schedule over the (possibly FSDP-wrapped) stages.
 
 Every rank builds the full model from the same seed first and keeps its part, so every layout
@@ -37,8 +39,8 @@ class ParallelModel:
     """A model laid out over a mesh: what a training loop holds instead of a ``GPT``.
 
     Attributes:
-        part: this rank's parameters under the full model's names: the (FSDP-wrapped) GPT without
-            pipelining, else a :class:`~torchmhc.distributed.pipeline.ModelPart`. Give it to the
+        part: this rank's parameters under the full model's names: the GPT (FSDP-wrapped with
+            several data-parallel ranks) without pipelining, else a :class:`~torchmhc.distributed.pipeline.ModelPart`. Give it to the
             optimizer and to checkpoints.
         stages: the modules the schedule runs (pipelined), else ``[part]``.
         stage_indices: their stage numbers (``[0]`` without pipelining).
@@ -108,8 +110,8 @@ def parallelize(
 
     if not parallel.pipelined:
         model.to(device)
-        # With one data-parallel rank resharding saves no memory: gather once per step, not twice.
-        apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=layout.dp_size > 1)
+        if layout.dp_size > 1:
+            apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=True)
         return ParallelModel(model, [model], [0], None, parallel, mesh, layout, device, compute_dtype)
 
     part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torchmhc.distributed.clip import clip_grad_norm_
@@ -52,8 +53,9 @@ def forward_backward(pm: ParallelModel, x: Tensor, y: Tensor) -> Tensor:
         )
         loss = torch.zeros((), device=pm.device)
         for i, (xm, ym) in enumerate(zip(x.chunk(num_microbatches), y.chunk(num_microbatches))):
-            # Gradients are reduced once, after the last microbatch.
-            model.set_requires_gradient_sync(i == num_microbatches - 1)
+            if isinstance(model, FSDPModule):  # (one data-parallel rank: a plain model, no FSDP)
+                # Gradients are reduced once, after the last microbatch.
+                model.set_requires_gradient_sync(i == num_microbatches - 1)
             with autocast:
                 microbatch_loss = token_cross_entropy(model(xm), ym) / num_microbatches
             microbatch_loss.backward()
