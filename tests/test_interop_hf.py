@@ -255,6 +255,36 @@ def test_save_and_reload_gives_identical_logits(family, tmp_path):
     assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {n for n, _ in hyper_connection_parameters(reloaded)}
 
 
+def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
+    from torchmhc.interop.hf import save_pretrained
+
+    model = add_hyper_connections(build("llama"), 2, "mhc")
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+    save_pretrained(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        for _, p in hyper_connection_parameters(model):
+            p.add_(1.0)
+
+    def dies_midway(self, directory, **kwargs):  # writes part of a save, then the process "dies"
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "save_pretrained", dies_midway)
+        with pytest.raises(KeyboardInterrupt):
+            save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the partial save is gone
+    with torch.no_grad():  # and the last complete one loads
+        assert torch.equal(from_pretrained(tmp_path / "ckpt")(ids, attention_mask=mask).logits, before)
+    save_pretrained(model, tmp_path / "ckpt")  # a complete save replaces it
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "ckpt")(ids, attention_mask=mask).logits,
+                           model(ids, attention_mask=mask).logits)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def test_reload_refuses_what_it_cannot_rebuild_exactly(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -8,7 +8,7 @@ Legend: ``B`` batch, ``T`` tokens, ``C`` hidden size, ``n`` streams, ``l`` sub-l
     model = AutoModelForCausalLM.from_pretrained(...)           # Llama, Mistral, Qwen2, Qwen3, GPT-2
     add_hyper_connections(model, n=4, residual="mhc", freeze_base=True)
     ... train; model.generate(...) ...
-    model.save_pretrained(path)                                   # safetensors + config.json
+    save_pretrained(model, path)                                  # safetensors + config.json, atomic
     model = from_pretrained(path)                                 # the converted model again
 
 How a converted model runs. The model's own forward is untouched (embedding, masks, rotary
@@ -77,6 +77,9 @@ import inspect
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
@@ -98,6 +101,7 @@ __all__ = [
     "from_pretrained",
     "hyper_connection_parameters",
     "preserving_init_",
+    "save_pretrained",
 ]
 
 #: The key of ``config.json`` (and attribute of the model's config) holding the conversion settings.
@@ -351,6 +355,29 @@ def _checkpoint_files(path: Path) -> list[Path]:
     if not single.is_file():
         raise ValueError(f"{str(path)!r} holds no model.safetensors (or its index): not a save_pretrained directory")
     return [single]
+
+
+def save_pretrained(model: PreTrainedModel, path: str | Path, **kwargs: Any) -> Path:
+    """``model.save_pretrained(path, **kwargs)`` that a crash cannot leave half-written: the files
+    go to a temporary directory beside ``path``, which replaces ``path`` once complete. A save
+    killed before that leaves ``path`` as it was (and a ``.<name>.tmp*`` directory to delete); the
+    replacement itself is two renames (the old directory aside, the new one in), between which
+    ``path`` is briefly absent and the old directory waits at ``.<name>.old*``. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = tmp.with_name(tmp.name.replace(".tmp", ".old", 1)) if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def from_pretrained(path: str | Path, *, freeze_base: bool = False, **kwargs: Any) -> PreTrainedModel:
