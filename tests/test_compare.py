@@ -23,6 +23,7 @@ def test_compare_two_steps_writes_a_report_with_this_runs_numbers(tmp_path):
     page = index.read_text()
     table = (report / "summary.md").read_text()
     assert list(data["variants"]) == ["residual", "hc", "mhc"]
+    assert "<h1>Residual vs HC vs mHC — preset" in page  # the title names the variants compared
     for variant, entry in data["variants"].items():
         summary = entry["summary"]
         run_summary = json.loads((tmp_path / "runs" / f"t-{variant}" / "summary.json").read_text())

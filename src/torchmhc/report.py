@@ -529,7 +529,7 @@ def write_report(
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>torchmhc compare: {e(cfg.name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Residual vs HC vs mHC — preset <code>{e(cfg.name)}</code></h1>",
+        f"<h1>{e(' vs '.join(_label(r.variant) for r in results))} — preset <code>{e(cfg.name)}</code></h1>",
         f"<p class='muted'>{e(cfg.description)}</p>",
         "<p>Each variant is the same decoder-only language model (same data, batch order, seed and "
         "steps; weights outside the hyper-connections start identical). Only the connection around "
