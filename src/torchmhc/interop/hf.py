@@ -47,7 +47,8 @@ model's, for any input, cache or mask. The biases that do it (DeepSeek-V4 numeri
 - ``H_pre``: sub-layer l reads stream ``l mod n`` with weight ``1 − (n−1)·q`` and every other stream
   with ``q = 1 − IDENTITY_WEIGHT`` (0.01): the library's ``"onehot"`` start, scaled to sum to 1;
   ``b = logit(weight − eps)``;
-- ``H_post``: ``b = logit(1/post_scale)`` (0 for the default post_scale 2: exactly 1);
+- ``H_post``: ``b = logit(ρ^(l+1)/post_scale)`` for sub-layer l, ρ the row sum of its H_res
+  (exactly 1 where the manifold's start is exact: ``b = 0`` for the default post_scale 2);
 - ``H_res``: the manifold's near-identity start (Sinkhorn: ``IDENTITY_WEIGHT`` on the diagonal);
 - head: weight ``1/n`` per stream, ``b = logit(1/n − eps)``.
 
@@ -60,18 +61,22 @@ gradient, ``∂L/∂h̃·m``, is zero until ``fn`` has moved (one step).
 
 Exactness: the sums of pre and head weights are 1 to fp32 rounding; H_res's rows are exactly 1
 for the manifolds whose identity start is exact (identity, orthostochastic, spectral,
-unconstrained; mHC-lite to rounding); for Sinkhorn (``mhc``) with DeepSeek's ``eps`` = 1e-6, rows
-end at ``S/(S + eps)``, 1 − 1e-6, so each sub-layer keeps ``(1 − 1e-6)·h`` of the carried state:
-the logits change by about 3e-7 (relative) per sub-layer, 1.3e-6 for a 2-layer Llama, 3e-5 for a
-32-layer one; ``eps=0`` makes the start exact (fp64: equal logits), at the cost of the fused
-coefficient kernels, which implement ``eps > 0``. HC (``residual="hc"``) needs nothing: its own
-start (θ = 0, one-hot H_pre, H_res = I, H_post = 1) already preserves the function. docs/hf.md
+unconstrained; mHC-lite to rounding). Sinkhorn (``mhc``) with DeepSeek's ``eps`` = 1e-6 ends its
+rows at ``ρ = S/(S + eps)``, 1 − 1e-6: each sub-layer keeps ``ρ·h`` of the carried state. Left
+alone, that changes the logits by about 3e-7 (relative) per sub-layer, 2.3e-5 for a 32-layer
+Llama. ``H_post = ρ^(l+1)`` scales sub-layer l's branch output to match, so that every stream is
+``ρ^(l+1)`` times the original hidden state: a uniform scale, which each branch's pre-norm and the
+final norm divide out (up to their own small epsilon). Measured: 9.5e-7 with 32 layers.
+``eps=0`` makes the start exact in fp64 (equal logits), at the cost of the fused coefficient
+kernels, which implement ``eps > 0``. HC (``residual="hc"``) needs nothing: its own start (θ = 0,
+one-hot H_pre, H_res = I, H_post = 1) already preserves the function. docs/hf.md
 has the measurements.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -216,10 +221,24 @@ def preserving_init_(hc: HyperConnection | StreamHead) -> None:
     if (pre <= eps).any():
         raise ValueError(f"eps must be below the smallest pre-mix weight {float(pre.min())} for a function-preserving start, got {eps}")
     pre = torch.logit(pre - eps)
-    post = torch.full((n,), _logit(1 / hc.post_scale), dtype=torch.float64)
     res = hc.manifold.init_logits(n, "identity").double()
-    hc.base.copy_(torch.cat([pre, post, res]))
+    # H_res's rows sum to ρ (1 - ~1e-6 for Sinkhorn with eps > 0; 1 for the exact manifolds): the
+    # carried state shrinks by ρ per sub-layer. H_post = ρ^(l+1) scales sub-layer l's branch output
+    # to match, so the streams are ρ^(l+1)·(the original hidden state): a uniform scale, which every
+    # pre-norm branch and the final norm divide out (module docstring).
+    hc.base.copy_(torch.cat([pre, torch.zeros(n, dtype=torch.float64), res]))
     hc.fn.zero_()
+    target = _row_sum(hc) ** (hc.layer_index + 1) / hc.post_scale  # σ(b_post)
+    if not 0 < target < 1:
+        raise ValueError(f"post_scale must be above 1 for a function-preserving start (H_post = post_scale·σ), got {hc.post_scale}")
+    hc.base[n : 2 * n] = _logit(target)
+
+
+def _row_sum(hc: HyperConnection) -> float:
+    """The mean row sum of ``hc``'s H_res with ``fn = 0`` (the same for every token), in fp64."""
+    probe = copy.deepcopy(hc).double()
+    _, ctx = probe.pre(torch.ones(1, hc.num_streams, hc.dim, dtype=torch.float64, device=hc.fn.device))
+    return float(ctx.h_res.sum(-1).mean())
 
 
 def _family(model: nn.Module) -> _Family:
