@@ -131,7 +131,6 @@ def test_parallel_layout(monkeypatch, world, overrides, layout):
     "overrides, match",
     [
         (["parallel.pp=2", "parallel.dp_shard=2"], r"world size 2 must equal .* = 2 x 1 x 2 = 4"),
-        (["parallel.pp=2"], r"tie_embeddings = true cannot be pipelined.*--set model.tie_embeddings=false"),
         (["parallel.pp=2", "model.num_layers=1", "model.tie_embeddings=false"], r"model.num_layers = 1 is fewer than the 2 pipeline stages"),
         (["data.batch_size=3"], r"data.batch_size = 3 must be divisible by the data-parallel ranks x microbatches = 2 x 1"),
         (["train.compile=true", "train.compile_mode=reduce-overhead"], r"'reduce-overhead' replays CUDA graphs"),
@@ -290,10 +289,25 @@ def test_model_part_uses_the_model_names():
     assert not any(n.startswith(("blocks.1.", "blocks.2.")) for n in names)
 
 
-def test_tied_embeddings_cannot_be_pipelined():
-    model = build_model(ModelConfig(**{**SMALL, "tie_embeddings": True}, num_layers=2))
-    with pytest.raises(ValueError, match="tie_embeddings = true cannot be pipelined"):
-        split_model(model, ParallelConfig(pp=2), 0, seq_len=16)
+def test_tied_embeddings_pipeline_as_two_copies_with_one_summed_gradient():
+    # the last stage's LM head gets its own copy of the embedding matrix; after a backward the two
+    # gradients are summed into both (here both V stages on one rank: no process group), which is
+    # the one-process tied matrix's gradient
+    from torchmhc.distributed.pipeline import sync_tied_gradients
+
+    model = build_model(ModelConfig(**{**SMALL, "tie_embeddings": True}, num_layers=2)).double()
+    parallel = ParallelConfig(pp_schedule="dualpipev", microbatches=2).resolve(1, num_layers=2, batch_size=4)
+    part, stages, indices = split_model(model, parallel, 0, seq_len=16)
+    assert indices == [0, 1] and part.tied_copy is stages[1].lm_head.weight
+    assert part.tied_copy is not part.tok_emb.weight and torch.equal(part.tied_copy, part.tok_emb.weight)
+    x = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    loss = token_cross_entropy(stages[1](stages[0](x)), x)
+    loss.backward()
+    expected = torch.autograd.grad(token_cross_entropy(model(x), x), model.tok_emb.weight)[0]
+    sync_tied_gradients(part, None)
+    torch.testing.assert_close(part.tok_emb.weight.grad, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(part.tied_copy.grad, part.tok_emb.weight.grad)
+    assert part.tied_copy.grad.data_ptr() != part.tok_emb.weight.grad.data_ptr()
 
 
 def test_stage_edges_are_contiguous(monkeypatch):

@@ -48,6 +48,7 @@ from train_helpers import make_corpus
 
 STEPS = 3
 MOE = ("model.arch=moe", "model.num_experts=4", "model.top_k=2")
+TIED = "model.tie_embeddings=true"  # after _overrides' false
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,11 @@ def _cases4(root: Path) -> list[dict]:
         # trains 4 steps, checkpointed after 2 (resumed by the cases below and by the 2-process launch)
         _case(root, "pp2dp2-moe", {"pp": 2, "dp_shard": 2, "microbatches": 2}, *MOE, steps=4, **dcp),
         _case(root, "resume-dp4-moe", {"dp_shard": 4}, *MOE, steps=4, resume_from=str(root / "ckpt4")),
+        # tied embeddings: the last stage's copy on another rank, FSDP-sharded; checkpointed after 2
+        # steps and resumed at dp 4 (one tied matrix) and at pp 2 (by the 2-process launch)
+        _case(root, "pp2dp2-tied", {"pp": 2, "dp_shard": 2, "microbatches": 2}, TIED, steps=4,
+              save_at=2, checkpoint_dir=str(root / "ckpt4-tied")),  # fmt: skip
+        _case(root, "resume-dp4-tied", {"dp_shard": 4}, TIED, steps=4, resume_from=str(root / "ckpt4-tied")),
     ]
 
 
@@ -134,6 +140,10 @@ def _cases2(root: Path) -> list[dict]:
               resume_from=str(root / "ckpt4")),  # fmt: skip
         # ... and a one-process safetensors checkpoint converted to DCP, resumed with FSDP
         _case(root, "resume-converted", {"dp_shard": 2}, steps=4, resume_from=str(root / "converted")),
+        # tied embeddings: the two copies on two ranks (1f1b) or on one (dualpipev's V)
+        _case(root, "pp2-1f1b-tied", {"pp": 2, "microbatches": 4}, TIED),
+        _case(root, "pp2-dualpipev-tied", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, TIED),
+        _case(root, "resume-pp2-tied", {"pp": 2, "microbatches": 4}, TIED, steps=4, resume_from=str(root / "ckpt4-tied")),
     ]
 
 
@@ -240,7 +250,7 @@ def _check(out: Path, case: dict, *, first_step: int = 0) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fsdp4", "fsdp4-fp32", "hsdp-moe", "pp2dp2-moe-fp32", "pp2dp2-moe"])
+@pytest.mark.parametrize("name", ["fsdp4", "fsdp4-fp32", "hsdp-moe", "pp2dp2-moe-fp32", "pp2dp2-moe", "pp2dp2-tied"])
 def test_four_processes_match_one(runs4, workdir, name):
     _check(runs4, _case_by_name(_cases4(workdir), name))
 
@@ -251,6 +261,7 @@ def test_four_processes_match_one(runs4, workdir, name):
         "fsdp2", "fsdp2-fp32", "fsdp2-moe", "fsdp2-recompute", "fsdp2-accumulate",
         "pp2-gpipe", "pp2-1f1b", "pp2-interleaved-1f1b", "pp2-zbv", "pp2-dualpipev",
         "pp2-1f1b-fp32", "pp2-1f1b-moe", "pp2-dualpipev-moe", "pp2-dualpipev-recompute", "pp1dp2-dualpipev-moe",
+        "pp2-1f1b-tied", "pp2-dualpipev-tied",
     ],
 )  # fmt: skip
 def test_two_processes_match_one(runs2, workdir, name):
@@ -266,7 +277,10 @@ def test_dualpipev_overlap_matches_sequential(runs2):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("world,name", [(4, "resume-dp4-moe"), (2, "resume-pp2-moe"), (2, "resume-converted")])
+@pytest.mark.parametrize(
+    "world,name",
+    [(4, "resume-dp4-moe"), (2, "resume-pp2-moe"), (2, "resume-converted"), (4, "resume-dp4-tied"), (2, "resume-pp2-tied")],
+)
 def test_resume_at_another_layout_continues_the_run(runs4, runs2, workdir, world, name):
     """Saved at pp 2 x dp 2 (or by one process), resumed at dp 4, pp 2 (V-shaped) or FSDP 2: steps
     3 and 4 and the final weights are those of the uninterrupted one-process run."""

@@ -771,10 +771,6 @@ def parallel_layout(cfg: RunConfig) -> ParallelConfig | None:
         raise ValueError("model.arch = 'hf-llama' trains in one process; a run laid out over processes needs 'gpt' or 'moe'.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = cfg.parallel.resolve(world_size, num_layers=cfg.model.num_layers, batch_size=cfg.data.batch_size)
-    if layout.pipelined:
-        from torchmhc.distributed.pipeline import check_pipelinable
-
-        check_pipelinable(cfg.model)
     if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES and (layout.pipelined or world_size > 1):
         # one process without pipelining runs the model as on one device: its graphs replay
         raise ValueError(

@@ -189,12 +189,28 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Model and optimizer tensors under layout-independent names (DTensor shards or tensors)."""
+    """Model and optimizer tensors under layout-independent names (DTensor shards or tensors).
+
+    A pipelined tied embedding's LM-head copy (``ModelPart.tied_copy``) keeps its optimizer state
+    under the embedding's name, as a one-process run's one tied matrix does: the two copies' states
+    are equal, and any layout finds the state it asks for."""
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         flat = get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS)
-        state["optim"] = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        optim = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+        for copy_prefix, prefix in _tied_state_names(model).items():
+            for key in [k for k in optim if k.startswith(copy_prefix)]:
+                optim.setdefault(prefix + key[len(copy_prefix) :], optim.pop(key))
+        state["optim"] = optim
     return state
+
+
+def _tied_state_names(model: nn.Module) -> dict[str, str]:
+    """``{optimizer-state prefix of the tied copy: the embedding's}`` for a pipeline part holding a
+    tied embedding's LM-head copy, else empty."""
+    if getattr(model, "tied_copy", None) is None:
+        return {}
+    return {"state.lm_head.weight.": "state.tok_emb.weight."}
 
 
 def save_dcp_checkpoint(
@@ -329,7 +345,14 @@ def load_dcp_checkpoint(
     set_model_state_dict(model, tensors["model"])
     if optimizer is not None:
         flat = get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS)
-        flat.update(tensors["optim"])
+        loaded = tensors["optim"]
+        for key in flat:
+            if key in loaded:
+                flat[key] = loaded[key]
+        for copy_prefix, prefix in _tied_state_names(model).items():  # the copy's state is the embedding's
+            for key in flat:
+                if key.startswith(copy_prefix):  # a tensor of its own: the optimizer updates each copy
+                    flat[key] = loaded[prefix + key[len(copy_prefix) :]].clone()
         set_optimizer_state_dict(model, optimizer, flat, options=_OPTIM_OPTIONS)
     for key, value in rng.items():
         device, _ = key.split(".")

@@ -26,6 +26,7 @@ def clip_grad_norm_(
     max_norm: float,
     *,
     pp_group: dist.ProcessGroup | None = None,
+    duplicates: Iterable[nn.Parameter] = (),
 ) -> Tensor:
     """Scale the gradients so that their global 2-norm is at most ``max_norm``.
 
@@ -33,13 +34,16 @@ def clip_grad_norm_(
         parameters: this rank's parameters (plain tensors or FSDP's DTensors, one mesh).
         max_norm: the largest global norm; ``math.inf`` measures without clipping.
         pp_group: the pipeline process group when the model is pipelined (None otherwise).
+        duplicates: parameters whose gradient another parameter's already counts (a pipelined
+            tied embedding's second copy): clipped, not counted.
 
     Returns:
         The global norm before clipping, an fp32 scalar tensor on the gradients' device (the
         same on every rank).
     """
     parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
+    skip = {id(p) for p in duplicates}
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
     if grads:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if isinstance(norm, DTensor):
@@ -52,6 +56,6 @@ def clip_grad_norm_(
         squared = norm.square()
         dist.all_reduce(squared, group=pp_group)
         norm = squared.sqrt()
-    if grads and max_norm != math.inf:
+    if any(p.grad is not None for p in parameters) and max_norm != math.inf:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm

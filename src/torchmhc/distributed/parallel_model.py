@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -28,7 +29,7 @@ from torchmhc.distributed.config import ParallelConfig
 from torchmhc.distributed.fsdp import apply_fsdp, data_parallel_mesh
 from torchmhc.distributed.mesh import Layout, rank_layout
 from torchmhc.distributed.overlap import prioritize_post_res
-from torchmhc.distributed.pipeline import build_schedule, split_model
+from torchmhc.distributed.pipeline import build_schedule, split_model, stage_ranks
 from torchmhc.models import GPT
 
 __all__ = ["ParallelModel", "parallelize"]
@@ -50,6 +51,9 @@ class ParallelModel:
         layout: this rank's coordinates.
         device: this rank's device.
         compute_dtype: autocast dtype of the forward (bf16 on GPUs), None for fp32.
+        tied_group: with tied embeddings, the two ranks whose first and last stages hold the two
+            copies of the embedding matrix (``pipeline.sync_tied_gradients``); None where one rank
+            holds both, or nothing is tied.
     """
 
     part: nn.Module
@@ -61,6 +65,7 @@ class ParallelModel:
     layout: Layout
     device: torch.device
     compute_dtype: torch.dtype | None
+    tied_group: dist.ProcessGroup | None = None
 
     @property
     def has_first_stage(self) -> bool:
@@ -131,4 +136,24 @@ def parallelize(
         stream_dtype=compute_dtype or next(model.parameters()).dtype,
         overlap=overlap,
     )
-    return ParallelModel(part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype)
+    tied_group = _tied_group(mesh, parallel) if model.cfg.tie_embeddings else None
+    return ParallelModel(part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype, tied_group)
+
+
+def _tied_group(mesh: DeviceMesh, parallel: ParallelConfig) -> dist.ProcessGroup | None:
+    """The process group of this rank's two copies of a tied embedding matrix (the first stage's
+    rank and the last stage's at this data-parallel coordinate), or None if one rank holds both or
+    this rank holds neither. Every rank creates every pair's group, in the same order."""
+    ranks = stage_ranks(parallel)
+    first, last = ranks[0], ranks[-1]
+    if first == last:
+        return None
+    mine = None
+    grid = mesh.mesh  # global ranks, [pp, dp_replicate, dp_shard]
+    for r in range(grid.shape[1]):
+        for s in range(grid.shape[2]):
+            pair = [int(grid[first, r, s]), int(grid[last, r, s])]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                mine = group
+    return mine

@@ -17,6 +17,11 @@
   zbv and dualpipev put stages r and 2·pp - 1 - r on rank r ("V").
 - Block recomputation runs inside each stage over that stage's blocks only, so a recomputation
   block never crosses a stage edge and L_r* is computed per stage (``torchmhc.models.gpt.run_blocks``).
+- Tied embeddings (``model.tie_embeddings``): the last stage's LM head gets its own copy of the
+  embedding matrix. After each backward the two gradients are summed into both copies
+  (:func:`sync_tied_gradients`: an all-reduce between the first and last stage's ranks, or a sum
+  where one rank holds both), so the optimizer keeps the copies equal; the gradient norm counts the
+  matrix once, and checkpoints store one optimizer state for it, as a one-process run does.
 
 Legend: L blocks, S stages, P pipeline ranks, C model dim, n streams, V vocab, T sequence.
 """
@@ -29,6 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -48,7 +54,7 @@ __all__ = [
     "ContiguousGrad",
     "GPTStage",
     "ModelPart",
-    "check_pipelinable",
+    "sync_tied_gradients",
     "block_flops",
     "head_flops",
     "balance_stages",
@@ -216,6 +222,11 @@ class GPTStage(nn.Module):
         self.stream_head = model.stream_head if is_last else None
         self.norm = model.norm if is_last else None
         self.lm_head = model.lm_head if is_last else None
+        if is_last and model.cfg.tie_embeddings:  # its own copy of the embedding matrix (module docstring)
+            weight = model.tok_emb.weight
+            self.lm_head = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False, device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         with self._autocast(x.device.type):
@@ -254,18 +265,35 @@ class ModelPart(nn.Module):
         self.norm = last[0].norm if last else None
         self.lm_head = last[0].lm_head if last else None
 
+    @property
+    def tied_copy(self) -> nn.Parameter | None:
+        """The LM head's copy of a tied embedding matrix, if this part holds the last stage."""
+        return self.lm_head.weight if self.cfg.tie_embeddings and self.lm_head is not None else None
+
     def forward(self, *args, **kwargs):
         raise RuntimeError("a ModelPart is run by its pipeline schedule, not called")
 
 
-def check_pipelinable(cfg: ModelConfig) -> None:
-    """ValueError if a model of ``cfg`` cannot be cut into pipeline stages."""
-    if cfg.tie_embeddings:
-        raise ValueError(
-            "model.tie_embeddings = true cannot be pipelined: the embedding lives on the first stage and "
-            "the LM head on the last; set model.tie_embeddings = false (--set model.tie_embeddings=false; "
-            "the GPU presets do)."
-        )
+@torch.no_grad()
+def sync_tied_gradients(part: ModelPart, group: dist.ProcessGroup | None) -> None:
+    """Sum the tied embedding matrix's two gradients (the embedding's, the LM head copy's) into both.
+
+    ``group``: the two ranks holding the first and the last stage at this data-parallel
+    coordinate, or None where one rank holds both (V schedules) or the model is not tied.
+    With FSDP the gradients are shards, the same shard on both ranks: their local tensors are summed.
+    """
+    if not part.cfg.tie_embeddings:
+        return
+    grads = [p.grad for p in (part.tok_emb.weight if part.tok_emb is not None else None, part.tied_copy)
+             if p is not None and p.grad is not None]  # fmt: skip
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if group is None:  # both on this rank
+        if len(local) == 2:
+            local[0].add_(local[1])
+            local[1].copy_(local[0])
+        return
+    if local:
+        dist.all_reduce(local[0], group=group)
 
 
 def split_model(
@@ -288,7 +316,6 @@ def split_model(
     Returns:
         (the rank's part, its stage modules in increasing stage order, their stage indices).
     """
-    check_pipelinable(model.cfg)
     ranges = stage_block_ranges(model.cfg, parallel, seq_len)
     indices = stages_of_rank(pp_rank, parallel)
     last = parallel.num_stages - 1

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.distributed.moe import update_router_bias
 from torchmhc.distributed.parallel_model import ParallelModel
+from torchmhc.distributed.pipeline import sync_tied_gradients
 from torchmhc.train import StepStats, check_skippable, nonfinite_names, token_cross_entropy
 
 __all__ = ["train_step", "forward_backward", "evaluate_loss", "nonfinite_tensors"]
@@ -99,9 +100,13 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(pm, x, y)
+    duplicates = []
+    if pm.schedule is not None:  # a pipelined tied embedding: both copies get the summed gradient
+        sync_tied_gradients(pm.part, pm.tied_group)
+        duplicates = [p for p in (pm.part.tied_copy,) if p is not None]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm_t = clip_grad_norm_(params, max_norm, pp_group=pm.pp_group)
+    grad_norm_t = clip_grad_norm_(params, max_norm, pp_group=pm.pp_group, duplicates=duplicates)
     loss_value, grad_norm = torch.stack([loss, grad_norm_t.to(loss.device)]).tolist()
 
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # on every rank alike: both are global
