@@ -1,7 +1,8 @@
 """Gradient clipping by the global norm over every shard and every pipeline stage.
 
-With FSDP each rank holds a shard of each gradient (a DTensor): the norm of the shards is
-reduced over the data-parallel mesh (``DTensor.full_tensor``). With pipelining each rank holds
+With FSDP each rank holds a shard of each block's gradient (a DTensor): the norm of the shards
+is reduced over the data-parallel mesh (``DTensor.full_tensor``); the connections' parameters,
+which every rank holds whole, count once. With pipelining each rank holds
 the gradients of its stages only: the squared norms are summed over the pipeline group. Every
 rank ends with the same norm, the one a single process would compute over all gradients, and
 scales its own gradients by the same factor.
@@ -44,18 +45,24 @@ def clip_grad_norm_(
     parameters = list(parameters)
     skip = {id(p) for p in duplicates}
     grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # the sum of squares over the data-parallel shards
-    else:  # a pipeline rank whose stages have no gradient yet still joins the reduction below
-        device = parameters[0].device if parameters else torch.device("cpu")
-        norm = torch.zeros((), device=device)
-    norm = norm.float()
+    device = parameters[0].device if parameters else torch.device("cpu")
+    # FSDP's shards (DTensors) and the parameters every rank holds whole (plain tensors, equal on
+    # every data-parallel rank) are measured apart; a shard norm is reduced over the shards
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    squared = torch.zeros((), device=device)
+    for group in (sharded, whole):
+        if group:
+            norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squared = squared + norm.float().square()
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        squared = norm.square()
         dist.all_reduce(squared, group=pp_group)
-        norm = squared.sqrt()
-    if any(p.grad is not None for p in parameters) and max_norm != math.inf:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    norm = squared.sqrt()
+    if max_norm != math.inf:
+        with_grads = [p for p in parameters if p.grad is not None]
+        for group in ([p for p in with_grads if isinstance(p.grad, DTensor)], [p for p in with_grads if not isinstance(p.grad, DTensor)]):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm

@@ -3,16 +3,17 @@
 Units, bottom-up (each unit all-gathers its parameters before use and reduce-scatters their
 gradients after the backward):
 
-- every hyper-connection and the stream head: their own units, with fp32 parameters whatever
-  the mixed-precision policy, because the mHC coefficients are computed in fp32. Their
-  parameters (``fn``, ``base``, ``scale``) are sharded like any other. They stay gathered from
-  their forward to the end of their backward (``reshard_after_forward=False``; a few hundred
-  kilobytes a layer): block recomputation replays them during the backward of later sub-layers.
-  The model calls some of their methods directly rather than the modules (``pre``, and
-  ``post_pre``, which computes the next connection's coefficients): those are registered as
-  forward methods of the unit whose parameters they read.
 - every transformer block (attention, FFN or MoE, norms): one unit in the compute dtype;
 - the root (embedding, final norm, LM head) — the model, or a pipeline stage.
+
+The hyper-connections' and stream heads' parameters (``fn``, ``base``, ``scale``) are left out of
+the units (``ignored_params``): every rank keeps them whole, in fp32 (the mHC coefficients are
+computed in fp32), and :func:`average_replicated_gradients` averages their gradients over the
+data-parallel ranks in one all-reduce after the backward. They are small (for gpu-dense-1b 38 MB,
+0.7% of the model) and used by many calls per block (``pre``, ``post_pre``, ``post``, recomputation):
+as units of their own they cost FSDP's hooks at every such call (with them, FSDP over one rank left
+an H100 30 ms idle per gpu-dense-1b step; on a hook-bound CPU probe they were a third of FSDP's
+cost), and they needed their methods registered as forward methods to be gathered.
 
 Mixed precision: bf16 parameters for the compute and fp32 gradient reduction (FSDP keeps fp32
 sharded parameters for the optimizer); ``param_dtype=None`` computes and reduces in the
@@ -26,10 +27,12 @@ With a 2-D mesh (``dp_replicate`` × ``dp_shard``) ``fully_shard`` is HSDP: shar
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -37,7 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torchmhc.layers import HyperConnection, StreamHead
 from torchmhc.models.gpt import Block
 
-__all__ = ["data_parallel_mesh", "apply_fsdp"]
+__all__ = ["data_parallel_mesh", "apply_fsdp", "average_replicated_gradients"]
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -53,8 +56,8 @@ def apply_fsdp(
     *,
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool,
-) -> None:
-    """``fully_shard`` the hyper-connections, stream heads, blocks and each root, in place.
+) -> list[nn.Parameter]:
+    """``fully_shard`` the blocks and each root, in place, leaving the connections' parameters out.
 
     Args:
         roots: the model (no pipelining) or this rank's pipeline stages; each becomes an FSDP root.
@@ -63,54 +66,50 @@ def apply_fsdp(
             are then reduced in fp32), or None to compute and reduce in the parameters' own dtype.
         reshard_after_forward: free gathered block parameters after the forward (ZeRO-3). With
             pipelining keep them (False): every microbatch would gather them again.
+
+    Returns:
+        The parameters left whole on every rank (hyper-connections, stream heads), whose gradients
+        :func:`average_replicated_gradients` must average after each backward.
     """
     # Without mixed precision every unit computes and reduces in the parameters' own dtype.
     reduce_dtype = torch.float32 if param_dtype is not None else None
     compute = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    fp32 = MixedPrecisionPolicy(
-        param_dtype=torch.float32 if param_dtype is not None else None, reduce_dtype=reduce_dtype, cast_forward_inputs=False
-    )
     # FSDP warns about every unit whose forward returns a view (an in-place change of it would
     # skip the unit's backward hook): the models here never change a unit's output in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor", category=UserWarning)
+    replicated: list[nn.Parameter] = []
     for root in roots:
-        blocks = [m for m in root.modules() if isinstance(m, Block)]
-        # Block recomputation (torchmhc.recompute) and the fused transition (Block.forward) call
-        # `pre` directly instead of the module: make it gather the parameters as a forward would.
-        pre_called_directly = root.cfg.recompute or any(b.fuse_transition for b in blocks)
-        for module in root.modules():
-            if isinstance(module, (HyperConnection, StreamHead)) and _has_parameters(module):
-                fully_shard(module, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
-                if isinstance(module, HyperConnection) and pre_called_directly:
-                    register_fsdp_forward_method(module, "pre")
-        for module in blocks:
-            if module.fuse_transition:
-                _gather_for_post_pre(module.attn_hc, module.ffn_hc)
-            fully_shard(module, mesh=mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward)
+        kept = list(dict.fromkeys(  # in module order, each once
+            p for m in root.modules() if isinstance(m, (HyperConnection, StreamHead)) for p in m.parameters()
+        ))  # fmt: skip
+        for module in (m for m in root.modules() if isinstance(m, Block)):
+            fully_shard(module, mesh=mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward,
+                        ignored_params=set(kept))  # fmt: skip
             if root.cfg.recompute:
-                # ... and block recomputation the branches directly instead of the block.
+                # block recomputation calls the branches directly instead of the block
                 register_fsdp_forward_method(module, "attn_branch")
                 register_fsdp_forward_method(module, "ffn_branch")
         # The root's parameters are needed right at the start of the backward: keep them.
-        fully_shard(root, mesh=mesh, mp_policy=compute, reshard_after_forward=False)
+        fully_shard(root, mesh=mesh, mp_policy=compute, reshard_after_forward=False, ignored_params=set(kept))
+        replicated += kept
+    return replicated
 
 
-def _has_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
-def _gather_for_post_pre(hc: HyperConnection, next_hc: HyperConnection) -> None:
-    """Make ``hc.post_pre(ctx, f_out, next_hc)`` a forward method of ``next_hc``'s FSDP unit.
-
-    The fused transition (``Block.forward``) computes ``next_hc``'s coefficients inside
-    ``hc.post_pre``, from ``next_hc``'s parameters and not ``hc``'s (those were used by ``hc.pre``):
-    ``next_hc``'s unit must be gathered around that call, and its gradients are reduced once the
-    backward has passed it.
-    """
-    if not _has_parameters(next_hc):  # the plain residual: nothing to gather
+@torch.no_grad()
+def average_replicated_gradients(params: list[nn.Parameter], mesh: DeviceMesh) -> None:
+    """Average the gradients of ``params`` (left whole on every rank by :func:`apply_fsdp`) over the
+    data-parallel ranks of ``mesh`` (the job's ``(pp, dp_replicate, dp_shard)`` mesh): one
+    all-reduce of their flattened gradients per data-parallel dimension. Call on every rank."""
+    dims = [name for name in ("dp_shard", "dp_replicate") if mesh[name].size() > 1]
+    if not params or not dims:
         return
-    post_pre = hc.post_pre
-    # An instance attribute, so that register_fsdp_forward_method can wrap it.
-    next_hc.post_pre_from_previous = lambda ctx, f_out: post_pre(ctx, f_out, next_hc)
-    register_fsdp_forward_method(next_hc, "post_pre_from_previous")
-    hc.post_pre = lambda ctx, f_out, _next_hc: next_hc.post_pre_from_previous(ctx, f_out)
+    for p in params:  # a parameter no microbatch reached still takes part, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    for name in dims:
+        dist.all_reduce(flat, group=mesh.get_group(name))
+    flat /= math.prod(mesh[name].size() for name in dims)
+    for g, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(averaged)

@@ -17,7 +17,7 @@ starts from the same weights as a one-process run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ class ParallelModel:
         tied_group: with tied embeddings, the two ranks whose first and last stages hold the two
             copies of the embedding matrix (``pipeline.sync_tied_gradients``); None where one rank
             holds both, or nothing is tied.
+        replicated: parameters FSDP leaves whole on every rank (the connections'), whose
+            gradients ``fsdp.average_replicated_gradients`` averages; empty without FSDP.
     """
 
     part: nn.Module
@@ -66,6 +68,7 @@ class ParallelModel:
     device: torch.device
     compute_dtype: torch.dtype | None
     tied_group: dist.ProcessGroup | None = None
+    replicated: list[nn.Parameter] = field(default_factory=list)
 
     @property
     def has_first_stage(self) -> bool:
@@ -115,16 +118,20 @@ def parallelize(
 
     if not parallel.pipelined:
         model.to(device)
+        replicated = []
         if layout.dp_size > 1:
-            apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=True)
-        return ParallelModel(model, [model], [0], None, parallel, mesh, layout, device, compute_dtype)
+            replicated = apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=True)
+        return ParallelModel(
+            model, [model], [0], None, parallel, mesh, layout, device, compute_dtype, replicated=replicated
+        )
 
     part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
     part.to(device)
     if overlap and parallel.pp_schedule == "dualpipev" and device.type == "cuda":
         prioritize_post_res(stages, device=device)
+    replicated = []
     if layout.dp_size > 1:
-        apply_fsdp(stages, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=False)
+        replicated = apply_fsdp(stages, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=False)
     schedule = build_schedule(
         stages,
         indices,
@@ -137,7 +144,9 @@ def parallelize(
         overlap=overlap,
     )
     tied_group = _tied_group(mesh, parallel) if model.cfg.tie_embeddings else None
-    return ParallelModel(part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype, tied_group)
+    return ParallelModel(
+        part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype, tied_group, replicated
+    )
 
 
 def _tied_group(mesh: DeviceMesh, parallel: ParallelConfig) -> dist.ProcessGroup | None:

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torchmhc.distributed.clip import clip_grad_norm_
+from torchmhc.distributed.fsdp import average_replicated_gradients
 from torchmhc.distributed.moe import update_router_bias
 from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.distributed.pipeline import sync_tied_gradients
@@ -100,6 +101,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(pm, x, y)
+    average_replicated_gradients(pm.replicated, pm.mesh)  # the connections' (FSDP leaves them whole)
     duplicates = []
     if pm.schedule is not None:  # a pipelined tied embedding: both copies get the summed gradient
         sync_tied_gradients(pm.part, pm.tied_group)
