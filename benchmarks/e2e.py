@@ -8,8 +8,8 @@
 A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`` turns on block
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
-``mhc:unfused`` runs each block's attention post-res and FFN pre as two ops (``model.fuse_transitions =
-false``; the default fuses them); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
+``mhc:unfused`` runs each sub-layer's post-res and the next one's pre as two ops (``model.fuse_transitions =
+false``; the default fuses them, inside blocks and across); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
 size 1, as ``torchrun --nproc-per-node 1`` runs it (the distributed path's cost against ``mhc``);
 ``mhc:fsdp`` does too, with FSDP2 forced over the one rank (which ``torchmhc.distributed`` applies
 only to several data-parallel ranks: FSDP's own cost; not with CUDA graphs). Every
@@ -185,7 +185,7 @@ def mhc_traffic_bytes(
     pre-mix dh_pre reads dy and x (nC + C); the coefficient dx pass reads x, dy and the post-res
     gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df (3nC + 2C).
     ``fused``: the share of sub-layers whose post-res is fused with the next sub-layer's
-    coefficients and pre-mix (``model.fuse_transitions``: one of a block's two). Each such pair
+    coefficients and pre-mix (``model.fuse_transitions``: all but the last). Each such pair
     reads x_{l+1} once less forward (nC); its backward runs the same passes. fp32 coefficient traffic,
     (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
     the connections once more in the backward (block recomputation replays coefficients, pre-mix
@@ -219,9 +219,10 @@ class Floor:
 
 def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int) -> Floor:
     """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block; ``model.recompute``
-    replays the connections, ``model.fuse_transitions`` fuses each block's inner transition)."""
+    replays the connections, ``model.fuse_transitions`` fuses every transition: 2L - 1 of them)."""
     m = cfg.model
-    fused = 0.5 if m.fuse_transitions and not m.recompute else 0.0
+    sublayers = 2 * m.num_layers
+    fused = (sublayers - 1) / sublayers if m.fuse_transitions and not m.recompute else 0.0
     per = mhc_traffic_bytes(
         num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused
     )
@@ -615,7 +616,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "",
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
         "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves nC forward, and the "
-        "models fuse one of each block's two; with recomputation the forward once more) "
+        "models fuse all 2L - 1; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",

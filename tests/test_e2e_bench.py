@@ -67,8 +67,8 @@ def test_traffic_follows_spec_and_kernel_counts():
 def test_floor_of_a_preset():
     cfg = load_config("gpu-moe-3b")
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
-    assert cfg.model.fuse_transitions  # the models fuse one transition of each block's two
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=0.5)
+    assert cfg.model.fuse_transitions  # the models fuse every transition: 2L - 1 of 2L sub-layers
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units

@@ -212,8 +212,9 @@ def test_models_built_on_another_default_device_put_everything_there():
 
 @pytest.mark.parametrize("residual, mode", [("mhc", "triton"), ("mhc", "reference"), ("hc", "reference"), ("residual", "reference")])
 def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode, monkeypatch):
-    # model.fuse_transitions runs HyperConnection.post_pre inside each block: same function (with
-    # the kernels, under Triton's interpreter: the fused post-res + coefficients op)
+    # model.fuse_transitions runs HyperConnection.post_pre at every transition, inside each block
+    # and across blocks: same function (with the kernels, under Triton's interpreter: the fused
+    # post-res + coefficients op)
     if mode == "triton" and not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
     import torchmhc.layers
@@ -235,7 +236,7 @@ def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode, mo
             calls.append(len(fused_calls))
             losses.append(loss)
             grads.append(torch.autograd.grad(loss, list(model.parameters())))
-    assert calls == [0, 2 if residual == "mhc" else 0]  # one fused transition per block, mHC only
+    assert calls == [0, 3 if residual == "mhc" else 0]  # 2 blocks: 4 sub-layers, 3 transitions, mHC only
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -102,11 +102,12 @@ class ModelConfig:
     # each block start and every branch output, replay the rest in backward.
     recompute: bool = False
     recompute_block_length: int = 0  # sub-layers per block; 0 = L_r* = sqrt(n·L / (n + 2))
-    # Each block's attention post-res and its FFN's coefficients + pre-mix as one op over the streams
-    # (HyperConnection.post_pre: one read of the streams instead of two where the kernels run; mHC
-    # only, same values; not with recompute, which runs the sub-layers one by one). On by default:
-    # gpu-moe-3b on an H100, mHC's overhead +12.6% instead of +15.9% under default torch.compile,
-    # +8.0% either way with CUDA graphs (benchmarks/results/h100.md)
+    # Every sub-layer's post-res and the next one's coefficients + pre-mix as one op over the
+    # streams, inside blocks and across them (HyperConnection.post_pre: one read of the streams
+    # instead of two where the kernels run; mHC only, same values; not with recompute, which runs
+    # the sub-layers one by one). On by default: fusing each block's inner transition took mHC's
+    # overhead on an H100 from +19.0% to +17.7% (gpu-dense-1b) and +8.2% to +7.7% (gpu-moe-3b)
+    # with CUDA graphs (benchmarks/results/h100.md); across blocks too: not measured yet
     fuse_transitions: bool = True
     # Mixture of experts (arch = "moe" only)
     num_experts: int = 8  # routed experts

@@ -39,6 +39,7 @@ from torch.distributed.pipelining.schedules import (
     FORWARD,
     ScheduleDualPipeV,
 )
+from torch.utils._pytree import tree_leaves
 
 from torchmhc.layers import HyperConnection
 
@@ -144,8 +145,10 @@ def prioritize_post_res(modules: Iterable[nn.Module], *, device: torch.device | 
     """Run the post-res of every FFN hyper-connection in ``modules`` on one high-priority CUDA
     stream (no-op, returning None, without CUDA). Values are unchanged: only the stream differs.
 
-    The connection's ``post`` is replaced on the instance (as ``Block.compile_branches`` replaces
-    the branches); the current stream waits for the result before anything reads it.
+    The connection's ``post`` and ``post_pre`` (its post-res fused with the next block's
+    coefficients and pre-mix, ``model.fuse_transitions``) are replaced on the instance (as
+    ``Block.compile_branches`` replaces the branches); the current stream waits for the results
+    before anything reads them.
     """
     if not torch.cuda.is_available():
         return None
@@ -155,19 +158,22 @@ def prioritize_post_res(modules: Iterable[nn.Module], *, device: torch.device | 
     for module in modules:
         for name, hc in module.named_modules():
             if isinstance(hc, HyperConnection) and name.endswith("ffn_hc") and hc.residual != "residual":
-                hc.post = _post_on_stream(hc.post, stream)
+                hc.post = _on_stream(hc.post, stream)
+                hc.post_pre = _on_stream(hc.post_pre, stream)
     return stream
 
 
-def _post_on_stream(post, stream: torch.cuda.Stream):
-    def post_on_stream(ctx, f_out):
+def _on_stream(method, stream: torch.cuda.Stream):
+    def on_stream(*args):
         current = torch.cuda.current_stream(stream.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            out = post(ctx, f_out)
+            out = method(*args)
         current.wait_stream(stream)
-        out.record_stream(current)  # allocated on `stream`, used and freed on the current one
+        for t in tree_leaves(out):  # allocated on `stream`, used and freed on the current one
+            if isinstance(t, torch.Tensor):
+                t.record_stream(current)
         return out
 
-    return post_on_stream
+    return on_stream
 

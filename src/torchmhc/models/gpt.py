@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchmhc.config import ModelConfig
-from torchmhc.layers import HyperConnection, StreamHead, expand_streams
+from torchmhc.layers import HyperConnection, HyperConnectionContext, StreamHead, expand_streams
 from torchmhc.models.moe import MoE, SwiGLU
 from torchmhc.recompute import run_sublayers
 
@@ -136,7 +136,22 @@ class Block(nn.Module):
         self.attn_branch = torch.compile(self.attn_branch, **compile_kwargs)
         self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: HyperConnectionContext | None = None, next_hc: HyperConnection | None = None
+    ) -> Tensor | tuple[Tensor, HyperConnectionContext]:
+        """Streams ``x [B, T, n, C]`` -> streams ``[B, T, n, C]``.
+
+        Chained (``run_blocks`` with ``model.fuse_transitions``): ``x`` is the attention's layer
+        input ``[B, T, C]`` and ``ctx`` its connection's context, made by the previous block's last
+        transition; the FFN's post-res then runs fused with ``next_hc``'s coefficients and pre-mix
+        (the next block's attention connection), and the block returns that layer input and
+        context, or the streams if there is no next block.
+        """
+        if ctx is not None:  # chained across blocks
+            u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(x), self.ffn_hc)
+            if next_hc is None:
+                return self.ffn_hc.post(ctx, self.ffn_branch(u))  # [B, T, n, C]
+            return self.ffn_hc.post_pre(ctx, self.ffn_branch(u), next_hc)  # ([B, T, C], context)
         if self.fuse_transition:  # the attention's post and the FFN's pre in one pass over the streams
             u, ctx = self.attn_hc.pre(x)  # [B, T, C]
             u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(u), self.ffn_hc)
@@ -171,9 +186,17 @@ def run_blocks(blocks: Iterable[Block], x: Tensor, cfg: ModelConfig) -> Tensor:
     """
     if cfg.recompute:  # same values and gradients, fewer saved streams (torchmhc.recompute)
         return run_sublayers(x, sublayers_of(blocks), block_length=cfg.recompute_block_length or None)
-    for block in blocks:
-        x = block(x)  # [B, T, n, C]
-    return x
+    blocks = list(blocks)
+    if not cfg.fuse_transitions or not blocks:
+        for block in blocks:
+            x = block(x)  # [B, T, n, C]
+        return x
+    # Every transition fused, across blocks too: each block ends with its FFN's post-res fused
+    # with the next block's attention coefficients and pre-mix (Block.forward, chained)
+    u, ctx = blocks[0].attn_hc.pre(x)  # [B, T, C]
+    for block, following in zip(blocks[:-1], blocks[1:]):
+        u, ctx = block(u, ctx, following.attn_hc)
+    return blocks[-1](u, ctx)  # [B, T, n, C]
 
 
 def streams_to_logits(stream_head: StreamHead | None, norm: nn.Module, lm_head: nn.Linear, x: Tensor) -> Tensor:
