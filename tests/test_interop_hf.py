@@ -462,6 +462,7 @@ def test_compare_preset_hf_llama_trains_residual_and_upcycled_mhc(tmp_path):
     assert first[0]["step"] == first[1]["step"] == 0
     assert first[1]["val_loss"] == pytest.approx(first[0]["val_loss"], rel=1e-5)
     assert all(data["variants"][v]["summary"]["steps"] == 2 for v in ("residual", "mhc"))
+    assert "<h1>Residual vs mHC — preset" in index.read_text()  # the title names the two variants compared
 
     torch.manual_seed(0)
     plain = build_model(small.model.__class__(**{**vars(small.model), "residual": "residual"}))

@@ -120,6 +120,28 @@ def branch(u, w):
     return torch.tanh(u.to(w.dtype) @ w).to(u.dtype)
 
 
+def sublayers(pre, coefficients, reference_coefficients):
+    """``(chained, unchained, reference)``: one sub-layer ``(x, fn, scale, base, w) -> [T, n, C]``
+    around :func:`branch`, its first half as ``pre`` runs it (coefficients and pre-mix as one node),
+    as separate ``coefficients`` and pre-mix ops, and in the reference with ``reference_coefficients``."""
+    from torchmhc import functional as ref
+    from torchmhc.kernels import post_res, pre_mix
+
+    def chained(x, fn, scale, base, w):
+        layer_input, x_for_post, (_, h_post, h_res) = pre(x, fn, scale, base)
+        return post_res(x_for_post, branch(layer_input, w), h_post, h_res)
+
+    def unchained(x, fn, scale, base, w):
+        h_pre, h_post, h_res = coefficients(x, fn, scale, base)
+        return post_res(x, branch(pre_mix(x, h_pre), w), h_post, h_res)
+
+    def reference(x, fn, scale, base, w):
+        h_pre, h_post, h_res = reference_coefficients(x, fn, scale, base)
+        return ref.post_res(x, branch(ref.pre_mix(x, h_pre), w), h_post, h_res)
+
+    return chained, unchained, reference
+
+
 class RecordOps(TorchDispatchMode):
     """Records every op that runs below autograd: its overload packet and its (first) output's shape
     (Triton launches are not torch ops, and eager mode calls the launchers without the registered

@@ -9,26 +9,14 @@ import math
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, branch, check_fwd_bwd, made_by, mhc_params, streams
+from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, branch, check_fwd_bwd, made_by, mhc_params, streams, sublayers
 
 import torchmhc
 from torchmhc import functional as ref
 from torchmhc.kernels import mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 
 
-def chained(x, fn, scale, base, w):
-    layer_input, x_for_post, (h_pre, h_post, h_res) = mhc_pre(x, fn, scale, base)
-    return post_res(x_for_post, branch(layer_input, w), h_post, h_res)
-
-
-def unchained(x, fn, scale, base, w):
-    h_pre, h_post, h_res = mhc_coefficients(x, fn, scale, base)
-    return post_res(x, branch(pre_mix(x, h_pre), w), h_post, h_res)
-
-
-def reference(x, fn, scale, base, w):
-    h_pre, h_post, h_res = ref.mhc_coefficients(x, fn, scale, base)
-    return ref.post_res(x, branch(ref.pre_mix(x, h_pre), w), h_post, h_res)
+chained, unchained, reference = sublayers(mhc_pre, mhc_coefficients, ref.mhc_coefficients)
 
 
 # fp32 bitwise equality with the unchained ops holds where the arithmetic is the same: in the

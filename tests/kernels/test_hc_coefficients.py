@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, branch, check_fwd_bwd, hc_params, made_by, streams
+from kernel_cases import DEVICE, FP32_TOL, Launches, RecordOps, check_fwd_bwd, hc_params, made_by, streams, sublayers
 
 import torchmhc
 from torchmhc import functional as ref
-from torchmhc.kernels import hc_coefficients, hc_pre, post_res, pre_mix, use_kernels
+from torchmhc.kernels import hc_coefficients, hc_pre, use_kernels
 
 # odd token counts leave partial tiles; n = 1, 3 pad the stream axis, n = 8 fills the 16 columns most
 CASES = [(1, 64, 7), (2, 192, 19), (3, 64, 19), (4, 192, 7), (8, 64, 7)]
@@ -126,19 +126,7 @@ def test_torch_compile_traces_the_hc_ops():
 # -- the chained sub-layer: coefficients + pre-mix as one node, x's gradients summed in one pass --
 
 
-def chained(x, fn, scale, base, w):
-    layer_input, x_for_post, (_, h_post, h_res) = hc_pre(x, fn, scale, base)
-    return post_res(x_for_post, branch(layer_input, w), h_post, h_res)
-
-
-def unchained(x, fn, scale, base, w):
-    h_pre, h_post, h_res = hc_coefficients(x, fn, scale, base)
-    return post_res(x, branch(pre_mix(x, h_pre), w), h_post, h_res)
-
-
-def reference(x, fn, scale, base, w):
-    h_pre, h_post, h_res = ref.hc_coefficients(x, fn, scale, base)
-    return ref.post_res(x, branch(ref.pre_mix(x, h_pre), w), h_post, h_res)
+chained, unchained, reference = sublayers(hc_pre, hc_coefficients, ref.hc_coefficients)
 
 
 def reference_fp64(x, *params):

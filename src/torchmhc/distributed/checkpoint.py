@@ -198,19 +198,20 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     if optimizer is not None:
         flat = get_optimizer_state_dict(model, optimizer, options=_OPTIM_OPTIONS)
         optim = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
-        for copy_prefix, prefix in _tied_state_names(model).items():
-            for key in [k for k in optim if k.startswith(copy_prefix)]:
-                optim.setdefault(prefix + key[len(copy_prefix) :], optim.pop(key))
+        if _holds_tied_copy(model):
+            for key in [k for k in optim if k.startswith(_TIED_COPY_STATE)]:
+                optim.setdefault(_TIED_STATE + key.removeprefix(_TIED_COPY_STATE), optim.pop(key))
         state["optim"] = optim
     return state
 
 
-def _tied_state_names(model: nn.Module) -> dict[str, str]:
-    """``{optimizer-state prefix of the tied copy: the embedding's}`` for a pipeline part holding a
-    tied embedding's LM-head copy, else empty."""
-    if getattr(model, "tied_copy", None) is None:
-        return {}
-    return {"state.lm_head.weight.": "state.tok_emb.weight."}
+#: Optimizer-state prefixes of a pipelined tied embedding's LM-head copy and of the embedding.
+_TIED_COPY_STATE, _TIED_STATE = "state.lm_head.weight.", "state.tok_emb.weight."
+
+
+def _holds_tied_copy(model: nn.Module) -> bool:
+    """Whether ``model`` is a pipeline part holding a tied embedding's LM-head copy."""
+    return getattr(model, "tied_copy", None) is not None
 
 
 def save_dcp_checkpoint(
@@ -349,10 +350,9 @@ def load_dcp_checkpoint(
         for key in flat:
             if key in loaded:
                 flat[key] = loaded[key]
-        for copy_prefix, prefix in _tied_state_names(model).items():  # the copy's state is the embedding's
-            for key in flat:
-                if key.startswith(copy_prefix):  # a tensor of its own: the optimizer updates each copy
-                    flat[key] = loaded[prefix + key[len(copy_prefix) :]].clone()
+        if _holds_tied_copy(model):  # the copy's state is the embedding's, in tensors of its own
+            for key in [k for k in flat if k.startswith(_TIED_COPY_STATE)]:
+                flat[key] = loaded[_TIED_STATE + key.removeprefix(_TIED_COPY_STATE)].clone()
         set_optimizer_state_dict(model, optimizer, flat, options=_OPTIM_OPTIONS)
     for key, value in rng.items():
         device, _ = key.split(".")
