@@ -92,3 +92,17 @@ def test_collect_coefficients_in_call_order_and_removes_hooks():
 def test_collect_from_a_model_without_hyper_connections_is_an_error():
     with pytest.raises(ValueError, match="no torchmhc.HyperConnection"):
         analysis.collect_coefficients(nn.Linear(2, 2), torch.randn(2))
+
+
+def test_collecting_from_a_compiled_model_compiles_nothing():
+    # the hooks inside a compiled block would guard on each layer's index: one graph per layer
+    torch._dynamo.reset()
+    model = TinyStack()
+    for hc in model.hcs:
+        hc.compile(backend="eager")
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    records = analysis.collect_coefficients(model, torch.randn(2, 5, 8))
+    assert len(records) == 3
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    model(torch.randn(2, 5, 8))  # the compiled path is still used outside the collection
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames

@@ -106,11 +106,11 @@ def test_override_syntax_errors():
         load_config("no-such-preset")
 
 
-def test_compile_is_off_on_cpu_presets_and_on_for_the_gpu_benchmarks():
+def test_compile_is_off_on_cpu_presets_and_on_for_the_gpu_presets():
     assert RunConfig().train.compile is False
     for preset in ("tiny", "small", "stress"):
         assert load_config(preset).train.compile is False, preset
-    for preset in ("gpu-moe-3b", "gpu-dense-1b"):
+    for preset in ("gpu-moe-3b", "gpu-dense-1b", "gpu-small", "gpu-moe", "gpu-stress"):
         assert load_config(preset).train.compile is True, preset
     assert load_config("tiny", ["train.compile=true"]).train.compile is True
     with pytest.raises(TypeError, match="train.compile must be bool"):

@@ -137,8 +137,12 @@ def collect_coefficients(model: nn.Module, *args, **kwargs) -> list[LayerRecord]
         records.append(LayerRecord(names[module], module.layer_index, detached, stream_similarity(x)))
 
     handles = [module.register_coefficient_hook(record) for module in names]
+    # Eager even where the model is compiled: the hooks would make torch.compile guard on each
+    # connection's layer index and compile the block once per layer, until its recompile limit
+    # sends every later call of the block, training included, to eager mode.
     try:
-        model(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
