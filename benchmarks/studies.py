@@ -16,7 +16,9 @@ docs/seed_study.md. All runs use the ``tiny`` preset unless ``--preset`` says ot
 larger than one pass of the run, BPE tokens) and is made to be split across calls of limited
 length: each run checkpoints and pauses before ``--time-budget`` seconds have passed (or after
 ``--step-budget`` steps, counted over the invocation), and the same command continues where it
-stopped, each run resuming from its checkpoint exactly as if it had never stopped. Finished runs
+stopped, each run resuming from its checkpoint exactly as if it had never stopped. With
+``--whole-runs`` a run is started only if an earlier run of its variant took less time than is
+left (for machines that do not outlive a call: a paused run's checkpoint would be lost). Finished runs
 append one row each to ``runs/studies/scale-study.jsonl`` (``--results``) and their checkpoints are
 deleted (``--keep-checkpoints`` keeps them; a GPU preset's take 0.7-2.5 GB a run); ``scale-report``
 turns the rows into docs/scale_study.md: mean ± standard deviation over seeds of the final validation loss and of
@@ -230,7 +232,8 @@ def run_scale(args: argparse.Namespace, command: str) -> None:
     device = resolve_device(base.train.device)
     probe, _ = data.get_batch("val", 0, batch_size=base.data.batch_size, seq_len=base.data.seq_len, seed=0)
     probe = probe.to(device)
-    done = {(r["name"], r["config_key"]) for r in _rows(args.results) if r.get("study") == "scale"}
+    rows = [r for r in _rows(args.results) if r.get("study") == "scale"]
+    done = {(r["name"], r["config_key"]) for r in rows}
     runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
     for variant, seed in runs:
         cfg = replace(base, name=f"{preset}-{variant}-s{seed}-{key}", model=replace(base.model, residual=variant),
@@ -241,6 +244,13 @@ def run_scale(args: argparse.Namespace, command: str) -> None:
             break
         latest = latest_checkpoint(cfg.out_dir)
         at = read_checkpoint_state(latest, ("step",))["step"] if latest is not None else 0
+        if args.whole_runs and budget is not None and latest is None:
+            # a run paused at the end of a device call is lost with the machine (its checkpoint
+            # stays there): start one only where an earlier run of the variant says it fits
+            known = [r["wall_s"] for r in rows if r["config_key"] == key and r["variant"] == variant and r.get("wall_s")]
+            if known and budget.remaining() < max(known) + START_MARGIN_S:
+                continue
+        started = time.monotonic()
         if at >= cfg.train.steps and (cfg.out_dir / "summary.json").is_file():
             summary, history, evals, info = _read_run(cfg, probe, device)  # finished, its row not yet written
         else:
@@ -268,6 +278,9 @@ def run_scale(args: argparse.Namespace, command: str) -> None:
                 steps_left -= summary["steps"] - at
         row = _scale_row(cfg, preset=preset, key=key, summary=summary, history=history, evals=evals, info=info,
                          corpus_tokens=len(data.train), command=command)
+        # wall seconds of a run made in one invocation: setup, compilation, evaluations, analysis
+        row["wall_s"] = time.monotonic() - started if at == 0 else None
+        rows.append(row)
         _append(args.results, row)
         if not args.keep_checkpoints:  # the row holds what the report needs
             shutil.rmtree(cfg.out_dir / "checkpoints", ignore_errors=True)
@@ -365,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
                              "margin for an evaluation and a checkpoint")
     parser.add_argument("--step-budget", type=int, default=None, metavar="STEPS",
                         help="scale: pause after this many training steps in this invocation")
+    parser.add_argument("--whole-runs", action="store_true",
+                        help="scale: with --time-budget, start a run only if an earlier run of its variant (same "
+                             "config) took less than the time left, so that no run is left half done")
     parser.add_argument("--allow-repeats", action="store_true", help="scale: allow runs longer than one pass")
     parser.add_argument("--keep-checkpoints", action="store_true", help="scale: keep finished runs' checkpoints")
     parser.add_argument("--out", type=Path, default=None, help="scale-report: write the Markdown here (default: print)")

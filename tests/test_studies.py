@@ -79,3 +79,19 @@ def test_time_budget_pauses_before_a_step_that_would_end_late():
     assert budget.remaining() == pytest.approx(3.5)
     with pytest.raises(ValueError, match="time budget"):
         TimeBudget(0)
+
+
+def test_whole_runs_starts_only_runs_that_fit_the_time_left(tmp_path):
+    args = _study(tmp_path, "fit")
+    seeds = args.index("--seeds")
+    studies.main(args[: seeds + 1] + ["0"] + args[seeds + 3 :])  # seed 0 of both variants, timed
+    path = tmp_path / "fit.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(r["wall_s"] > 0 for r in rows)
+    for r in rows:  # residual "took" longer than the budget below; mHC's real time fits
+        r["wall_s"] = 1e4 if r["variant"] == "residual" else r["wall_s"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    studies.main(args + ["--time-budget", "600", "--whole-runs"])
+    assert set(_rows(tmp_path, "fit")) == {("residual", 0), ("mhc", 0), ("mhc", 1)}
+    studies.main(args + ["--time-budget", "600"])  # without it, a run is started and paused if need be
+    assert ("residual", 1) in _rows(tmp_path, "fit")
