@@ -359,6 +359,19 @@ def render_scale(rows: list[dict]) -> str:
             cells = [_pm([_at_fraction(r["grad_norm_history"], f, 1) for r in rs], ".3g") for f in fractions]
             largest = _pm([max((w[2] for w in r["grad_norm_history"]), default=math.nan) for r in rs], ".3g")
             out.append(f"| {variant} | " + " | ".join(cells) + f" | {largest} |")
+        # when a gap opens or closes: the validation loss at each evaluation, paired with the baseline
+        steps = sorted({s for r in group for s, _ in r["val_history"]})
+        marks = sorted({steps[min(len(steps) - 1, max(0, round(f * (len(steps) - 1))))] for f in fractions}) if steps else []
+        out += ["", "Validation loss during training (mean ± std over seeds; below each variant, its paired gap to "
+                "the residual baseline):", "", "| variant | " + " | ".join(f"step {m}" for m in marks) + " |",
+                "|---|" + "---|" * len(marks)]
+        for variant, per_seed in by_variant.items():
+            at = {s: dict(map(tuple, per_seed[s]["val_history"])) for s in per_seed}
+            out.append(f"| {variant} | " + " | ".join(_pm([at[s].get(m, math.nan) for s in at]) for m in marks) + " |")
+            if variant != "residual" and base:
+                base_at = {s: dict(map(tuple, base[s]["val_history"])) for s in base}
+                gaps = [[at[s].get(m, math.nan) - base_at[s].get(m, math.nan) for s in at if s in base_at] for m in marks]
+                out.append(f"| {variant} − residual | " + " | ".join(_pm(g, signed=True) for g in gaps) + " |")
         out += ["", "Command:", "", *[f"    {c}" for c in sorted({r['command'] for r in group})], ""]
     return "\n".join(out)
 

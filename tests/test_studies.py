@@ -50,6 +50,8 @@ def test_a_study_split_across_invocations_equals_one_that_was_not(tmp_path):
     report = studies.render_scale(list(whole.values()))
     gap = [whole[("mhc", s)]["val_loss"] - whole[("residual", s)]["val_loss"] for s in (0, 1)]
     assert f"{statistics.mean(gap):+.4f} ± {statistics.stdev(gap):.4f}" in report
+    assert f"| step 4 |\n" in report  # the validation curve's last column: the final losses and their gap
+    assert f"| mhc − residual | " in report and report.count(f"{statistics.mean(gap):+.4f} ± {statistics.stdev(gap):.4f}") == 2
     assert "| residual | 0, 1 |" in report and f"{whole[('mhc', 0)]['passes']:.2f} passes" in report
     assert whole[("mhc", 0)]["max_composite_gain"] >= 1 and len(whole[("mhc", 0)]["grad_norm_history"]) == 4
 
