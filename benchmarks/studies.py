@@ -19,7 +19,7 @@ length: each run checkpoints and pauses before ``--time-budget`` seconds have pa
 stopped, each run resuming from its checkpoint exactly as if it had never stopped. With
 ``--whole-runs`` a run is started only if an earlier run of its variant took less time than is
 left (for machines that do not outlive a call: a paused run's checkpoint would be lost). Finished runs
-append one row each to ``runs/studies/scale-study.jsonl`` (``--results``) and their checkpoints are
+append one row each to ``benchmarks/results/scale-study.jsonl`` (``--results``) and their checkpoints are
 deleted (``--keep-checkpoints`` keeps them; a GPU preset's take 0.7-2.5 GB a run); ``scale-report``
 turns the rows into docs/scale_study.md: mean ± standard deviation over seeds of the final validation loss and of
 the paired gap to the residual baseline, the largest composite gain, and the gradient-norm history.
@@ -49,9 +49,9 @@ from torchmhc.train import (NonFiniteLossError, TimeBudget, latest_checkpoint, l
                             read_checkpoint_state, resolve_device, train)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "studies-cpu.jsonl"
-#: The scale study's rows: under runs/, which git ignores, so that a machine that receives a copy of
-#: the working tree at each call keeps them between calls, with the runs' checkpoints.
-GPU_RESULTS = Path(__file__).resolve().parents[1] / "runs" / "studies" / "scale-study.jsonl"
+#: The scale study's rows, kept with the repository (the data behind docs/scale_study.md): a study
+#: spread over machines that do not outlive a call goes on from the rows that came back.
+GPU_RESULTS = Path(__file__).resolve().parent / "results" / "scale-study.jsonl"
 #: Points kept of a run's gradient-norm history (each the median and the maximum of its window).
 HISTORY_POINTS = 100
 #: Seconds of the time budget under which no run is started or resumed: setting one up (the model,
