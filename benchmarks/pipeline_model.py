@@ -320,7 +320,8 @@ def run(shape: dict, variant: str, schedule: str, ranks: int, microbatches: int,
 
 
 def report(times: dict, microbatches: dict[str, int], ranks: dict[str, list[int]], hide: float) -> str:
-    schedules = ["1F1B", "DualPipeV", "DualPipeV + overlap"]
+    # an overlapped pair that hides nothing ends as the sequential one does: its rows would repeat
+    schedules = ["1F1B", "DualPipeV"] + (["DualPipeV + overlap"] if hide else [])
     lines = [
         "# Pipeline parallelism with n-stream stage edges: a model",
         "",
@@ -331,10 +332,14 @@ def report(times: dict, microbatches: dict[str, int], ranks: dict[str, list[int]
         "the microbatches of one step (forward and backward; no optimizer, no data-parallel traffic). "
         "Idle = the share of the step a rank on average does not compute (bubble, imbalance between "
         "ranks, waiting for links); exposed = the share the links add to the step. "
-        f"DualPipeV runs its paired chunks one after the other as torch does; '+ overlap' runs "
-        f"whichever half is ready first and hides {hide:.0%} of the pair's mHC kernel time behind the "
-        "other half's products (ASSUMED, not measured: the mHC kernels are memory-bound, the products "
-        "compute-bound). Rules and limits: `benchmarks/pipeline_model.py`.",
+        "DualPipeV runs its paired chunks one after the other as torch does"
+        + ("; run concurrently they would hide none of the mHC kernels' time behind the other half's "
+           "products (measured on one H200, `benchmarks/overlap.py`, benchmarks/results/h200.md: a second "
+           "CUDA stream hid -4% to +6% of it, the products' tiles holding every multiprocessor), so no "
+           "'+ overlap' rows (`--overlap-hide` adds them)"
+           if hide == 0 else f"; '+ overlap' runs whichever half is ready first and hides {hide:.0%} of the pair's "
+           "mHC kernel time behind the other half's products (ASSUMED: measured, a second CUDA stream hid none)")
+        + ". Rules and limits: `benchmarks/pipeline_model.py`.",
         "",
     ]
     for name, ranks_list in ranks.items():
@@ -380,8 +385,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--times", type=Path, default=DEFAULT_TIMES, help="per-block times JSON")
     parser.add_argument("--write-assumed", action="store_true", help=f"(re)write {DEFAULT_TIMES.name} and use it")
-    parser.add_argument("--overlap-hide", type=float, default=0.5,
-                        help="share of the mHC kernel time an overlapped pair hides (assumed)")  # fmt: skip
+    parser.add_argument("--overlap-hide", type=float, default=0.0,
+                        help="share of the mHC kernel time an overlapped pair hides (measured: none, "
+                             "benchmarks/overlap.py)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args()
     if args.write_assumed:
