@@ -16,7 +16,7 @@
 2. pipeline stages: this rank keeps its stages, each a run of whole blocks
    (``torchmhc.distributed.pipeline``), with the embedding on the first stage and the stream
    head, norm and LM head on the last; block recomputation runs inside each stage, never across a
-   stage edge;
+   stage edge; for dualpipev on CUDA the FFN post-res kernels go to a high-priority stream;
 3. the root of each stage (or of the model): embedding, stream head, norm and LM head to the
    dtype, the stream head compiled, moved to the device, then the FSDP2 root unit;
 4. the pipeline schedule over the (possibly FSDP-wrapped) stages.
@@ -155,22 +155,24 @@ def parallelize(
         return block
 
     torch.manual_seed(seed)
-    model = GPT(cfg, place_block=place_block)
-    if parallel.pipelined:  # 2.
+    model = GPT(cfg, place_block=place_block)  # 1.
+    # 2. this rank's stages; on a pipeline rank the embedding or head another rank holds goes with `model`
+    if parallel.pipelined:
         part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
     else:
         part, stages, indices = model, [model], [0]
-    del model  # on a pipeline rank, the embedding or head another rank holds goes with it
+    del model
+    if overlap and parallel.pp_schedule == "dualpipev" and device.type == "cuda":
+        prioritize_post_res(stages, device=device)
 
-    roots = [m for m in (part.tok_emb, part.stream_head, part.norm, part.lm_head) if m is not None]  # 3.
+    # 3. the roots: what the part holds besides its blocks (embedding, stream head, norm, LM head)
+    roots = [module for name, module in part.named_children() if name != "blocks"]
     for module in roots:
         module.to(dtype)
     if compile_mode is not None and part.stream_head is not None:
         compile_in_place(part.stream_head, recompute=False, mode=compile_mode)
     for module in roots:
         module.to(device)
-    if overlap and parallel.pp_schedule == "dualpipev" and device.type == "cuda":
-        prioritize_post_res(stages, device=device)
     replicated = []
     if dp_mesh is not None:
         replicated = [p for stage in stages for p in shard_root(stage, dp_mesh, param_dtype=compute_dtype)]
