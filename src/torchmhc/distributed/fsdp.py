@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

@@ -75,7 +75,7 @@ class PeakCpuBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             t = t._local_tensor if isinstance(t, DTensor) else t
-            if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu":
+            if type(t) is torch.Tensor and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 self._alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
         self._alive = {key: entry for key, entry in self._alive.items() if not entry[0].expired()}
