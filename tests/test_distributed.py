@@ -29,7 +29,7 @@ from torchmhc.distributed.pipeline import (
     stage_block_ranges,
     stages_of_rank,
 )
-from torchmhc.models import build_model
+from torchmhc.models import GPT, build_model
 from torchmhc.recompute import optimal_block_length
 from torchmhc.train import (
     CheckpointError,
@@ -496,14 +496,16 @@ def test_one_data_parallel_rank_keeps_the_model_as_on_one_device(monkeypatch):
                                               "train.compile_mode=reduce-overhead"])) is not None  # fmt: skip
     device = init_distributed("cpu")
     try:
-        model = build_model(cfg.model)
-        pm = parallelize(model, ParallelConfig(), build_mesh(ParallelConfig(), "cpu"), device=device,
+        pm = parallelize(cfg.model, ParallelConfig(), build_mesh(ParallelConfig(), "cpu"), seed=3, device=device,
                          batch_size=4, seq_len=cfg.data.seq_len)  # fmt: skip
-        assert pm.part is model and not any(isinstance(m, FSDPModule) for m in model.modules())
+        model = pm.part
+        assert isinstance(model, GPT) and not any(isinstance(m, FSDPModule) for m in model.modules())
         assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
-        # and it trains as on one device: the same step gives the same loss and weights
+        # the weights of a one-process build from the same seed, and it trains as on one device:
+        # the same step gives the same loss and weights
+        torch.manual_seed(3)
         twin = build_model(cfg.model)
-        twin.load_state_dict(model.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
         batch = tuple(torch.randint(0, cfg.model.vocab_size, (4, 16)) for _ in range(2))
         stats = parallel_train_step(pm, build_optimizer(model, cfg.optim), batch, lr=1e-3, grad_clip=1.0,
                                     on_nonfinite="stop", step=0)  # fmt: skip

@@ -49,6 +49,7 @@ from train_helpers import make_corpus
 STEPS = 3
 MOE = ("model.arch=moe", "model.num_experts=4", "model.top_k=2")
 TIED = "model.tie_embeddings=true"  # after _overrides' false
+EIGHT = ("model.num_layers=8", "model.dim=64")  # blocks outweigh the embedding and head
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,9 @@ def _overrides(root: Path, *extra: str, steps: int = STEPS) -> list[str]:
 
 
 def _case(root: Path, name: str, parallel: dict, *extra: str, dtype: str = "float64", steps: int = STEPS, **more) -> dict:
-    return {"name": name, "overrides": _overrides(root, *extra, steps=steps), "parallel": parallel, "steps": steps,
-            "dtype": dtype, **more}  # fmt: skip
+    # steps = 0 (the initial weights) in a run of one step: a run has at least one
+    return {"name": name, "overrides": _overrides(root, *extra, steps=max(steps, 1)), "parallel": parallel,
+            "steps": steps, "dtype": dtype, **more}  # fmt: skip
 
 
 def _launch(world_size: int, cases: list[dict], out: Path, *, device: str = "cpu") -> Path:
@@ -116,6 +118,10 @@ def _cases4(root: Path) -> list[dict]:
         _case(root, "pp2dp2-tied", {"pp": 2, "dp_shard": 2, "microbatches": 2}, TIED, steps=4,
               save_at=2, checkpoint_dir=str(root / "ckpt4-tied")),  # fmt: skip
         _case(root, "resume-dp4-tied", {"dp_shard": 4}, TIED, steps=4, resume_from=str(root / "ckpt4-tied")),
+        # no steps: the initial weights, and what building them cost each rank
+        _case(root, "init-pp2dp2", {"pp": 2, "dp_shard": 2, "microbatches": 2}, dtype="float32", steps=0),
+        _case(root, "init-fsdp4", {"dp_shard": 4}, *EIGHT, dtype="float32", steps=0, measure_build=True),
+        _case(root, "init-pp4", {"pp": 4}, *EIGHT, dtype="float32", steps=0, measure_build=True),
     ]
 
 
@@ -144,6 +150,10 @@ def _cases2(root: Path) -> list[dict]:
         _case(root, "pp2-1f1b-tied", {"pp": 2, "microbatches": 4}, TIED),
         _case(root, "pp2-dualpipev-tied", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, TIED),
         _case(root, "resume-pp2-tied", {"pp": 2, "microbatches": 4}, TIED, steps=4, resume_from=str(root / "ckpt4-tied")),
+        # no steps: the initial weights
+        _case(root, "init-fsdp2-moe", {"dp_shard": 2}, *MOE, dtype="float32", steps=0),
+        _case(root, "init-pp2-tied", {"pp": 2, "microbatches": 4}, TIED, dtype="float32", steps=0),
+        _case(root, "init-pp2-dualpipev", {"pp": 2, "pp_schedule": "dualpipev", "microbatches": 4}, dtype="float32", steps=0),
     ]
 
 
@@ -233,16 +243,36 @@ def _check(out: Path, case: dict, *, first_step: int = 0) -> None:
     for mine, ref in zip(got, rows[first_step:]):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), (case["name"], mine, ref)
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), (case["name"], mine, ref)
-    parts = {}
-    for path in sorted((out / case["name"]).glob("weights_pp*.safetensors")):
-        part = load_file(str(path))
-        assert not set(part) & set(parts), "pipeline ranks hold disjoint parameters"
-        parts.update(part)
+    parts = _gathered_weights(out / case["name"])
     assert set(parts) == set(weights), "every weight of the model is somewhere"
     tolerance = 1e-6 if case["dtype"] == "float64" else 1e-4
     for key, ref in weights.items():
         error = ((parts[key] - ref).norm() / ref.norm()).item()
         assert error <= tolerance, (case["name"], key, error)
+
+
+def _gathered_weights(case_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights a case wrote, one file per pipeline rank."""
+    parts = {}
+    for path in sorted(case_dir.glob("weights_pp*.safetensors")):
+        part = load_file(str(path))
+        assert not set(part) & set(parts), "pipeline ranks hold disjoint parameters"
+        parts.update(part)
+    return parts
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _kept_bytes(block: torch.nn.Module, dp: int) -> int:
+    """What one of ``dp`` FSDP ranks keeps of ``block``: the hyper-connections' parameters and the
+    buffers whole, of every other parameter a dim-0 shard (ceil(rows / dp) rows)."""
+    total = sum(b.numel() * b.element_size() for b in block.buffers())
+    for name, p in block.named_parameters():
+        rows = p.shape[0] if "_hc." in name else -(-p.shape[0] // dp)
+        total += rows * (p.numel() // p.shape[0]) * p.element_size()
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,6 +316,49 @@ def test_resume_at_another_layout_continues_the_run(runs4, runs2, workdir, world
     3 and 4 and the final weights are those of the uninterrupted one-process run."""
     cases = _cases4(workdir) if world == 4 else _cases2(workdir)
     _check(runs4 if world == 4 else runs2, _case_by_name(cases, name), first_step=2)
+
+
+@pytest.mark.parametrize(
+    "world,name",
+    [(2, "init-fsdp2-moe"), (2, "init-pp2-tied"), (2, "init-pp2-dualpipev"), (4, "init-pp2dp2"), (4, "init-fsdp4"), (4, "init-pp4")],
+)  # fmt: skip
+def test_initial_weights_are_those_of_one_process_bit_for_bit(runs4, runs2, workdir, world, name):
+    """Each rank builds only its part, laying blocks out as they are built, yet the gathered weights
+    are a one-process build's from the same seed, bit for bit (the same random draws in order)."""
+    case = _case_by_name(_cases4(workdir) if world == 4 else _cases2(workdir), name)
+    cfg = load_config(None, case["overrides"])
+    torch.manual_seed(cfg.train.seed)
+    reference = build_model(cfg.model).state_dict()
+    parts = _gathered_weights((runs4 if world == 4 else runs2) / name)
+    assert set(parts) == set(reference)
+    for key, ref in reference.items():
+        assert parts[key].dtype == ref.dtype and torch.equal(parts[key], ref), (name, key)
+
+
+@pytest.mark.parametrize("name", ["init-fsdp4", "init-pp4"])
+def test_no_rank_holds_the_whole_model_while_building_it(runs4, workdir, name):
+    """The peak bytes of CPU tensors alive while a rank builds and lays out an 8-block model (4
+    ranks: FSDP, or 4 pipeline stages) stay below its own share of the blocks + 2 blocks + the
+    embedding and head, a bound that building the whole model, measured the same way, exceeds."""
+    from torchmhc.distributed import ParallelConfig
+    from torchmhc.distributed.pipeline import blocks_of_rank
+    from torchmhc.distributed.runner import PeakCpuBytes
+
+    case = _case_by_name(_cases4(workdir), name)
+    cfg = load_config(None, case["overrides"])
+    torch.manual_seed(cfg.train.seed)
+    with PeakCpuBytes() as whole:
+        model = build_model(cfg.model)
+    block = _nbytes(model.blocks[0])
+    embedding_and_head = _nbytes(model) - sum(_nbytes(b) for b in model.blocks)
+    parallel = ParallelConfig(**case["parallel"]).resolve(4, num_layers=cfg.model.num_layers, batch_size=cfg.data.batch_size)
+    ranks = json.loads((runs4 / name / "metrics.json").read_text())["build"]
+    assert len(ranks) == 4
+    for rank in ranks:
+        held = blocks_of_rank(cfg.model, parallel, rank["pp_rank"], seq_len=cfg.data.seq_len)
+        own = sum(_kept_bytes(model.blocks[i], parallel.dp) for i in held)
+        bound = own + 2 * block + embedding_and_head
+        assert rank["peak_cpu_bytes"] < bound < whole.peak, (name, rank, bound, whole.peak)
 
 
 def test_resume_in_one_process(runs4, workdir):

@@ -60,6 +60,30 @@ def test_variants_share_the_weights_outside_the_connections():
             assert torch.equal(state[key], value), key
 
 
+@pytest.mark.parametrize("arch", ["gpt", "moe"])
+def test_place_block_sees_each_block_once_built_and_changes_no_weight(arch):
+    """``place_block`` gets each block right after its draws: dropping some (to the meta device)
+    leaves every other weight that of a plain build from the same seed, bit for bit."""
+    torch.manual_seed(3)
+    plain = _model(arch=arch, num_layers=3, tie_embeddings=False).state_dict()
+    plain_next_draw = torch.randn(8)
+    seen = []
+
+    def place_block(index, block):
+        seen.append((index, next(block.parameters()).device.type))
+        return block.to("meta") if index != 1 else block
+
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(arch=arch, **{**SMALL, "num_layers": 3, "tie_embeddings": False}), place_block=place_block)
+    assert seen == [(0, "cpu"), (1, "cpu"), (2, "cpu")]
+    for key, value in model.state_dict().items():
+        if key.startswith(("blocks.0.", "blocks.2.")):
+            assert value.is_meta, key
+        else:
+            assert torch.equal(value, plain[key]), key
+    assert torch.equal(torch.randn(8), plain_next_draw), "the random state after the build is the same too"
+
+
 def test_tied_and_untied_head():
     tied, untied = _model(tie_embeddings=True), _model(tie_embeddings=False)
     assert tied.lm_head.weight is tied.tok_emb.weight

@@ -47,7 +47,7 @@ from torchmhc.config import CUDA_GRAPH_MODES, OptimConfig, RunConfig, config_to_
 from torchmhc.data import TokenData, bits_per_byte, load_data
 from torchmhc.distributed.config import ParallelConfig
 from torchmhc.layers import HyperConnection, StreamHead
-from torchmhc.models import GPT, build_model
+from torchmhc.models import GPT, Block, build_model
 
 if TYPE_CHECKING:
     from torchmhc.distributed.job import ParallelJob
@@ -67,6 +67,7 @@ __all__ = [
     "learning_rate",
     "build_optimizer",
     "apply_compile",
+    "compile_in_place",
     "lm_loss",
     "token_cross_entropy",
     "save_checkpoint",
@@ -176,14 +177,18 @@ def apply_compile(model: GPT, *, backend: str = "inductor", mode: str = "default
     torch.compile's (``train.compile_mode``); "reduce-overhead" replays each compiled graph as a
     CUDA graph.
     """
+    for module in [*model.blocks, *([model.stream_head] if model.stream_head is not None else [])]:
+        compile_in_place(module, recompute=model.cfg.recompute, backend=backend, mode=mode)
+
+
+def compile_in_place(module: nn.Module, *, recompute: bool, backend: str = "inductor", mode: str = "default") -> None:
+    """``torch.compile`` one block or the stream head in place, as :func:`apply_compile` does:
+    a block under block recomputation (``recompute``) compiles its two branches instead."""
     kwargs = dict(backend=backend, mode=None if mode == "default" else mode)
-    for block in model.blocks:
-        if model.cfg.recompute:
-            block.compile_branches(**kwargs)
-        else:
-            block.compile(**kwargs)
-    if model.stream_head is not None:
-        model.stream_head.compile(**kwargs)
+    if recompute and isinstance(module, Block):
+        module.compile_branches(**kwargs)
+    else:
+        module.compile(**kwargs)
 
 
 def learning_rate(step: int, total_steps: int, cfg: OptimConfig) -> float:

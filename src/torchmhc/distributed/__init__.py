@@ -11,7 +11,7 @@ when the world size is above 1 or the run has a ``[parallel]`` section). One fil
     pipeline.py     stage split, stage modules, schedules
     overlap.py      DualPipeV's overlapped forward/backward chunks
     fsdp.py         fully_shard units and mixed precision
-    parallel_model.py  parallelize(): the one place that composes the above, in order
+    parallel_model.py  parallelize(): the one place that builds the model and composes the above, in order
     clip.py         gradient clipping by the global norm over shards and stages
     moe.py          router-bias balancing with the global batch's expert loads
     data.py         each data-parallel rank's rows of the global batch

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torchmhc.layers import HyperConnection, StreamHead
 from torchmhc.models.gpt import Block
 
-__all__ = ["data_parallel_mesh", "apply_fsdp", "average_replicated_gradients"]
+__all__ = ["data_parallel_mesh", "shard_block", "shard_root", "average_replicated_gradients"]
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -50,54 +49,64 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_shard"]
 
 
-def apply_fsdp(
-    roots: Iterable[nn.Module],
-    mesh: DeviceMesh,
-    *,
-    param_dtype: torch.dtype | None,
-    reshard_after_forward: bool,
-) -> list[nn.Parameter]:
-    """``fully_shard`` the blocks and each root, in place, leaving the connections' parameters out.
+def shard_block(
+    block: Block, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool, recompute: bool
+) -> None:
+    """``fully_shard`` one transformer block in place, its hyper-connections' parameters left out.
+
+    Call it on every block before :func:`shard_root` shards the root above them (bottom-up); a
+    laid-out build calls it as each block is built, so the block's whole copy is freed at once.
 
     Args:
-        roots: the model (no pipelining) or this rank's pipeline stages; each becomes an FSDP root.
+        block: a block on this rank's device.
         mesh: the data-parallel mesh (:func:`data_parallel_mesh`).
-        param_dtype: compute dtype of the blocks and roots (``torch.bfloat16`` on GPUs; gradients
-            are then reduced in fp32), or None to compute and reduce in the parameters' own dtype.
-        reshard_after_forward: free gathered block parameters after the forward (ZeRO-3). With
+        param_dtype: compute dtype (``torch.bfloat16`` on GPUs; gradients are then reduced in
+            fp32), or None to compute and reduce in the parameters' own dtype.
+        reshard_after_forward: free the gathered parameters after the forward (ZeRO-3). With
             pipelining keep them (False): every microbatch would gather them again.
+        recompute: the model runs under block recomputation (``model.recompute``), which calls
+            the branches directly instead of the block: they gather the parameters too.
+    """
+    fully_shard(block, mesh=mesh, mp_policy=_policy(param_dtype), reshard_after_forward=reshard_after_forward,
+                ignored_params=set(_replicated(block)))  # fmt: skip
+    if recompute:
+        register_fsdp_forward_method(block, "attn_branch")
+        register_fsdp_forward_method(block, "ffn_branch")
+
+
+def shard_root(root: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None) -> list[nn.Parameter]:
+    """``fully_shard`` a root (the model, or a pipeline stage) in place: the embedding, final norm
+    and LM head it holds become one unit, kept gathered from the forward to the backward (the
+    backward needs them at once). Its blocks must be sharded already (:func:`shard_block`).
 
     Returns:
         The parameters left whole on every rank (hyper-connections, stream heads), whose gradients
         :func:`average_replicated_gradients` must average after each backward.
     """
-    # Without mixed precision every unit computes and reduces in the parameters' own dtype.
-    reduce_dtype = torch.float32 if param_dtype is not None else None
-    compute = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    kept = _replicated(root)
+    fully_shard(root, mesh=mesh, mp_policy=_policy(param_dtype), reshard_after_forward=False, ignored_params=set(kept))
+    return kept
+
+
+def _replicated(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the hyper-connections and stream heads in ``module``, in module order, each once."""
+    return list(dict.fromkeys(
+        p for m in module.modules() if isinstance(m, (HyperConnection, StreamHead)) for p in m.parameters()
+    ))  # fmt: skip
+
+
+def _policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
     # FSDP warns about every unit whose forward returns a view (an in-place change of it would
     # skip the unit's backward hook): the models here never change a unit's output in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor", category=UserWarning)
-    replicated: list[nn.Parameter] = []
-    for root in roots:
-        kept = list(dict.fromkeys(  # in module order, each once
-            p for m in root.modules() if isinstance(m, (HyperConnection, StreamHead)) for p in m.parameters()
-        ))  # fmt: skip
-        for module in (m for m in root.modules() if isinstance(m, Block)):
-            fully_shard(module, mesh=mesh, mp_policy=compute, reshard_after_forward=reshard_after_forward,
-                        ignored_params=set(kept))  # fmt: skip
-            if root.cfg.recompute:
-                # block recomputation calls the branches directly instead of the block
-                register_fsdp_forward_method(module, "attn_branch")
-                register_fsdp_forward_method(module, "ffn_branch")
-        # The root's parameters are needed right at the start of the backward: keep them.
-        fully_shard(root, mesh=mesh, mp_policy=compute, reshard_after_forward=False, ignored_params=set(kept))
-        replicated += kept
-    return replicated
+    # Without mixed precision every unit computes and reduces in the parameters' own dtype.
+    reduce_dtype = torch.float32 if param_dtype is not None else None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
 
 
 @torch.no_grad()
 def average_replicated_gradients(params: list[nn.Parameter], mesh: DeviceMesh) -> None:
-    """Average the gradients of ``params`` (left whole on every rank by :func:`apply_fsdp`) over the
+    """Average the gradients of ``params`` (left whole on every rank by :func:`shard_root`) over the
     data-parallel ranks of ``mesh`` (the job's ``(pp, dp_replicate, dp_shard)`` mesh): one
     all-reduce of their flattened gradients per data-parallel dimension. Call on every rank."""
     dims = [name for name in ("dp_shard", "dp_replicate") if mesh[name].size() > 1]

@@ -5,9 +5,9 @@
 in one process, with the parts of this package:
 
 - start: join the process group, open the corpus (rank 0 first: it may tokenize and cache it),
-  build the whole model on the CPU from the seed (the weights of a one-process run), compile its
-  blocks in place, lay it out (:func:`~torchmhc.distributed.parallel_model.parallelize`), AdamW over
-  this rank's part;
+  build this rank's part of the model from the seed, block by block, laid out as it is built (the
+  weights of a one-process run; :func:`~torchmhc.distributed.parallel_model.parallelize`), AdamW
+  over this rank's part;
 - step: this data-parallel rank's rows of the global batch (``data.py``), then the parallel
   ``train_step`` (``step.py``); the losses and gradient norms are global, the same on every rank;
 - evaluate: the validation batches' mean loss, over the same rows and stages;
@@ -37,11 +37,9 @@ from torchmhc.distributed.data import local_batch, local_rows
 from torchmhc.distributed.mesh import build_mesh, init_distributed
 from torchmhc.distributed.parallel_model import ParallelModel, parallelize
 from torchmhc.distributed.step import evaluate_loss, nonfinite_tensors, train_step
-from torchmhc.models import build_model
 from torchmhc.train import (
     DCP_CHECKPOINT_FORMAT,
     StepStats,
-    apply_compile,
     autocast_dtype,
     build_optimizer,
     check_vocabulary,
@@ -65,21 +63,17 @@ def build(
 ) -> tuple[ParallelModel, torch.optim.AdamW]:
     """Model, layout and optimizer of ``cfg`` laid out as ``parallel`` on the running job.
 
-    Every rank builds the whole model on the CPU from ``train.seed`` (so every layout starts from
-    the weights of a one-process run) in ``dtype`` (fp64 to compare layouts without fp32
-    rounding), compiles its blocks in place with ``train.compile`` (no wrapper: the zero-bubble
-    and DualPipeV schedules refuse wrapped stages), and lays it out.
+    Every rank builds its part of the model from ``train.seed`` (the weights of a one-process run;
+    no rank holds the whole model) in ``dtype`` (fp64 to compare layouts without fp32 rounding),
+    its blocks compiled in place with ``train.compile``
+    (:func:`~torchmhc.distributed.parallel_model.parallelize`).
     """
     device = init_distributed(device_type)
     mesh = build_mesh(parallel, device_type)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(dtype)
-    model.train()
-    if cfg.train.compile:
-        apply_compile(model, mode=cfg.train.compile_mode)
     pm = parallelize(
-        model, parallel, mesh, device=device, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
-        compute_dtype=autocast_dtype(device, cfg.train.dtype), overlap=overlap,
+        cfg.model, parallel, mesh, seed=cfg.train.seed, device=device, batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len, dtype=dtype, compute_dtype=autocast_dtype(device, cfg.train.dtype),
+        compile_mode=cfg.train.compile_mode if cfg.train.compile else None, overlap=overlap,
     )  # fmt: skip
     return pm, build_optimizer(pm.part, cfg.optim)
 

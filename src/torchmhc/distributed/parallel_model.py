@@ -1,18 +1,31 @@
-"""The one place that lays a model out over the mesh, in a fixed order:
+"""The one place that builds a model and lays it out over the mesh, in a fixed order:
 
-1. pipeline split (``parallel.pp_schedule`` with more than one stage): this rank keeps its stages,
-   each a run of whole blocks (``torchmhc.distributed.pipeline``); block recomputation then runs
-   inside each stage, never across a stage edge;
-2. move to the device;
-3. FSDP2 over the data-parallel dimensions (``torchmhc.distributed.fsdp``) when there is more
-   than one data-parallel rank. One rank has nothing to shard, and FSDP2 over one rank is not free:
-   on gpu-dense-1b (one H100, default torch.compile) it cost 27% of a step, its hooks leaving the
-   GPU idle and its gathers and gradient copies moving bytes (``benchmarks/results/h100.md``);
-   such a run keeps the model as on one device (fp32 parameters, bf16 autocast);
+1. build the model from the seed, block by block (``GPT(cfg, place_block=...)``), and lay each
+   block out as soon as it is built, before the next one is:
+
+   a. pipeline split (``parallel.pp_schedule`` with more than one stage): a block of another
+      rank's stages goes to the meta device, having taken its random draws;
+   b. this rank's block: to the parameter dtype, compiled in place (``train.compile``), moved to
+      the device;
+   c. FSDP2 over the data-parallel dimensions (``torchmhc.distributed.fsdp``) when there is more
+      than one data-parallel rank: the block is sharded, its whole copy freed. One rank has
+      nothing to shard, and FSDP2 over one rank is not free: on gpu-dense-1b (one H100, default
+      torch.compile) it cost 27% of a step, its hooks leaving the GPU idle and its gathers and
+      gradient copies moving bytes (``benchmarks/results/h100.md``); such a run keeps the model as
+      on one device (fp32 parameters, bf16 autocast);
+2. pipeline stages: this rank keeps its stages, each a run of whole blocks
+   (``torchmhc.distributed.pipeline``), with the embedding on the first stage and the stream
+   head, norm and LM head on the last; block recomputation runs inside each stage, never across a
+   stage edge; for dualpipev on CUDA the FFN post-res kernels go to a high-priority stream;
+3. the root of each stage (or of the model): embedding, stream head, norm and LM head to the
+   dtype, the stream head compiled, moved to the device, then the FSDP2 root unit;
 4. the pipeline schedule over the (possibly FSDP-wrapped) stages.
 
-Every rank builds the full model from the same seed first and keeps its part, so every layout
-starts from the same weights as a one-process run.
+What a rank builds and holds: every rank draws every weight's random numbers, in the order of a
+one-process build with the same seed, so every layout starts from the weights of a one-process
+run; but it keeps only its part. While building it holds its own blocks (or their shards), the
+one block being built, and the embedding and head (built whole, first and last, laid out at the
+end), never the whole model.
 """
 
 from __future__ import annotations
@@ -25,12 +38,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from torchmhc.config import ModelConfig
 from torchmhc.distributed.config import ParallelConfig
-from torchmhc.distributed.fsdp import apply_fsdp, data_parallel_mesh
+from torchmhc.distributed.fsdp import data_parallel_mesh, shard_block, shard_root
 from torchmhc.distributed.mesh import Layout, rank_layout
 from torchmhc.distributed.overlap import prioritize_post_res
-from torchmhc.distributed.pipeline import build_schedule, split_model, stage_ranks
-from torchmhc.models import GPT
+from torchmhc.distributed.pipeline import blocks_of_rank, build_schedule, split_model, stage_ranks
+from torchmhc.models import GPT, Block
+from torchmhc.train import compile_in_place
 
 __all__ = ["ParallelModel", "parallelize"]
 
@@ -87,52 +102,84 @@ class ParallelModel:
 
 
 def parallelize(
-    model: GPT,
+    cfg: ModelConfig,
     parallel: ParallelConfig,
     mesh: DeviceMesh,
     *,
+    seed: int,
     device: torch.device,
     batch_size: int,
     seq_len: int,
+    dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype | None = None,
+    compile_mode: str | None = None,
     overlap: bool = True,
 ) -> ParallelModel:
-    """Lay ``model`` out over ``mesh`` as ``parallel`` says (see the module docstring).
+    """Build the model ``cfg`` describes and lay it out over ``mesh`` as ``parallel`` says (see the
+    module docstring). Call on every rank.
 
     Args:
-        model: the full model, built identically (same seed) on every rank, on the CPU (fp32, or
-            fp64 for exact comparisons).
+        cfg: a GPT (``arch`` "gpt" or "moe").
         parallel: the ``[parallel]`` config; resolved here against the mesh.
         mesh: from :func:`torchmhc.distributed.mesh.build_mesh`.
+        seed: the weights are those of ``torch.manual_seed(seed); build_model(cfg)`` in one process
+            (``train.seed``); this seeds the global random state.
         device: this rank's device (:func:`torchmhc.distributed.mesh.init_distributed`).
         batch_size: the global batch (``data.batch_size``).
         seq_len: the training sequence length.
+        dtype: the parameters' dtype (fp32; fp64 to compare layouts without fp32 rounding). The
+            weights are drawn in fp32 and converted, as ``build_model(cfg).to(dtype)``.
         compute_dtype: bf16 to train in mixed precision (FSDP's parameter dtype and the forward's
             autocast), None for fp32 throughout.
+        compile_mode: ``torch.compile`` each block and the stream head in place in this mode
+            (``train.compile_mode``; no wrapper: the zero-bubble and DualPipeV schedules refuse
+            wrapped stages), or None to run eagerly.
         overlap: for dualpipev, overlap each paired forward and backward, and on CUDA run the FFN
             post-res kernels on a high-priority stream (see ``overlap.py``).
     """
-    parallel = parallel.resolve(mesh.size(), num_layers=model.cfg.num_layers, batch_size=batch_size)
+    parallel = parallel.resolve(mesh.size(), num_layers=cfg.num_layers, batch_size=batch_size)
     layout = rank_layout(mesh)
-    dp_mesh = data_parallel_mesh(mesh)
+    dp_mesh = data_parallel_mesh(mesh) if layout.dp_size > 1 else None
+    held = blocks_of_rank(cfg, parallel, layout.pp_rank, seq_len=seq_len)
 
-    if not parallel.pipelined:
-        model.to(device)
-        replicated = []
-        if layout.dp_size > 1:
-            replicated = apply_fsdp([model], dp_mesh, param_dtype=compute_dtype, reshard_after_forward=True)
-        return ParallelModel(
-            model, [model], [0], None, parallel, mesh, layout, device, compute_dtype, replicated=replicated
-        )
+    def place_block(index: int, block: Block) -> Block:
+        if index not in held:  # 1a. another pipeline rank's: its random draws are taken, its weights dropped
+            return block.to("meta")
+        block.to(dtype)  # 1b.
+        if compile_mode is not None:
+            compile_in_place(block, recompute=cfg.recompute, mode=compile_mode)
+        block.to(device)
+        if dp_mesh is not None:  # 1c. with pipelining keep the gathered weights for all microbatches
+            shard_block(block, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=not parallel.pipelined,
+                        recompute=cfg.recompute)  # fmt: skip
+        return block
 
-    part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
-    part.to(device)
+    torch.manual_seed(seed)
+    model = GPT(cfg, place_block=place_block)  # 1.
+    # 2. this rank's stages; on a pipeline rank the embedding or head another rank holds goes with `model`
+    if parallel.pipelined:
+        part, stages, indices = split_model(model, parallel, layout.pp_rank, seq_len=seq_len, autocast_dtype=compute_dtype)
+    else:
+        part, stages, indices = model, [model], [0]
+    del model
     if overlap and parallel.pp_schedule == "dualpipev" and device.type == "cuda":
         prioritize_post_res(stages, device=device)
+
+    # 3. the roots: what the part holds besides its blocks (embedding, stream head, norm, LM head)
+    roots = [module for name, module in part.named_children() if name != "blocks"]
+    for module in roots:
+        module.to(dtype)
+    if compile_mode is not None and part.stream_head is not None:
+        compile_in_place(part.stream_head, recompute=False, mode=compile_mode)
+    for module in roots:
+        module.to(device)
     replicated = []
-    if layout.dp_size > 1:
-        replicated = apply_fsdp(stages, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=False)
-    schedule = build_schedule(
+    if dp_mesh is not None:
+        replicated = [p for stage in stages for p in shard_root(stage, dp_mesh, param_dtype=compute_dtype)]
+    if not parallel.pipelined:
+        return ParallelModel(part, stages, indices, None, parallel, mesh, layout, device, compute_dtype, replicated=replicated)
+
+    schedule = build_schedule(  # 4.
         stages,
         indices,
         parallel,
@@ -140,10 +187,10 @@ def parallelize(
         device=device,
         microbatch_size=batch_size // layout.dp_size // parallel.microbatches,
         seq_len=seq_len,
-        stream_dtype=compute_dtype or next(model.parameters()).dtype,
+        stream_dtype=compute_dtype or dtype,
         overlap=overlap,
     )
-    tied_group = _tied_group(mesh, parallel) if model.cfg.tie_embeddings else None
+    tied_group = _tied_group(mesh, parallel) if cfg.tie_embeddings else None
     return ParallelModel(
         part, list(stages), indices, schedule, parallel, mesh, layout, device, compute_dtype, tied_group, replicated
     )

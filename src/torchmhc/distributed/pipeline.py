@@ -60,6 +60,7 @@ __all__ = [
     "balance_stages",
     "stage_ranks",
     "stage_block_ranges",
+    "blocks_of_rank",
     "stages_of_rank",
     "split_model",
     "build_schedule",
@@ -163,6 +164,12 @@ def stage_block_ranges(cfg: ModelConfig, parallel: ParallelConfig, seq_len: int)
         starts = balance_stages(cfg.num_layers, stage_ranks(parallel), last_extra=head_in_blocks)
     ends = [*starts[1:], cfg.num_layers]
     return [range(a, b) for a, b in zip(starts, ends)]
+
+
+def blocks_of_rank(cfg: ModelConfig, parallel: ParallelConfig, pp_rank: int, *, seq_len: int) -> set[int]:
+    """The indices of the blocks pipeline rank ``pp_rank``'s stages hold (all of them without pipelining)."""
+    ranges = stage_block_ranges(cfg, parallel, seq_len)
+    return {i for stage in stages_of_rank(pp_rank, parallel) for i in ranges[stage]}
 
 
 def stages_of_rank(pp_rank: int, parallel: ParallelConfig) -> list[int]:
@@ -307,7 +314,8 @@ def split_model(
     """This pipeline rank's stages of ``model``.
 
     Args:
-        model: the full model, built the same way on every rank.
+        model: the model, built the same way on every rank; the blocks of other ranks' stages may
+            be on the meta device (``parallel_model.parallelize`` drops them as they are built).
         parallel: a resolved config (``ParallelConfig.resolve``).
         pp_rank: this process's pipeline rank.
         seq_len: training sequence length (for the balance).

@@ -8,12 +8,14 @@ one launch runs a list of cases::
 ``cases.json`` is a list of objects: ``name``, ``overrides`` (``section.key=value`` strings for
 ``torchmhc.config.load_config``), ``parallel`` (``ParallelConfig`` fields), ``steps`` (how many
 optimizer steps in all), and optionally ``dtype`` ("float32" or "float64", the parameters'),
-``overlap`` (dualpipev's overlap function, default true),
+``overlap`` (dualpipev's overlap function, default true), ``measure_build`` (record every
+rank's peak bytes of CPU tensors while it builds and lays out the model, :class:`PeakCpuBytes`),
 ``save_at`` (a step count) with ``checkpoint_dir`` (a run directory: a DCP checkpoint is written
 under it after that many steps), and ``resume_from`` (a DCP checkpoint directory, or a run
 directory whose latest checkpoint to start from). Each case writes
 ``out/<name>/metrics.json`` (per-step loss and gradient norm, and the loss of the first
-validation batch after training, from rank 0) and
+validation batch after training, from rank 0; with ``measure_build`` also ``build``, one
+``{"rank", "pp_rank", "dp_rank", "peak_cpu_bytes"}`` per rank) and
 ``out/<name>/weights_pp<r>.safetensors`` (the full weights of pipeline rank r's part, from its
 first data-parallel rank). The launch's world size must equal each case's product of degrees.
 (``torchmhc train`` runs one such run with its metrics, evaluations and checkpoints:
@@ -22,6 +24,7 @@ first data-parallel rank). The launch's world size must equal each case's produc
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from torchmhc.config import load_config
 from torchmhc.data import TokenData, load_data
@@ -40,7 +46,7 @@ from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.distributed.step import evaluate_loss, train_step
 from torchmhc.train import learning_rate
 
-__all__ = ["run_case", "full_state_dict", "main"]
+__all__ = ["run_case", "full_state_dict", "PeakCpuBytes", "main"]
 
 
 def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor]:
@@ -53,6 +59,30 @@ def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor]:
     return out
 
 
+class PeakCpuBytes(TorchDispatchMode):
+    """The most bytes of CPU tensor storages alive at once (``peak``), counting the storages that
+    operations under the mode return (every allocation of a tensor goes through one), checked after
+    each operation. Storages made before the mode are not counted; a DTensor counts its local shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+        # The weak references keep each storage's record (not its memory) alive, so that a new
+        # storage cannot take the key of one freed but not yet dropped here.
+        self._alive: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            t = t._local_tensor if isinstance(t, DTensor) else t
+            if type(t) is torch.Tensor and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                self._alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self._alive = {key: entry for key, entry in self._alive.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self._alive.values()))
+        return out
+
+
 def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = None, device_type: str = "cpu") -> None:
     """Run one case of the runner's list (see the module docstring)."""
     from safetensors.torch import save_file
@@ -60,9 +90,16 @@ def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = No
     cfg = load_config(None, case["overrides"])
     data = data if data is not None else load_data(cfg.data, progress=False)
     dtype = getattr(torch, case.get("dtype", "float32"))
-    pm, optimizer = build(
-        cfg, ParallelConfig(**case["parallel"]), device_type=device_type, overlap=case.get("overlap", True), dtype=dtype
-    )
+    meter = PeakCpuBytes() if case.get("measure_build") else contextlib.nullcontext()
+    with meter:
+        pm, optimizer = build(
+            cfg, ParallelConfig(**case["parallel"]), device_type=device_type, overlap=case.get("overlap", True), dtype=dtype
+        )
+    built = None
+    if case.get("measure_build"):
+        built = [None] * dist.get_world_size()
+        mine = {"rank": dist.get_rank(), "pp_rank": pm.layout.pp_rank, "dp_rank": pm.layout.dp_rank, "peak_cpu_bytes": meter.peak}
+        dist.all_gather_object(built, mine)
     start = 0
     if case.get("resume_from"):
         from torchmhc.distributed.checkpoint import latest_checkpoint, load_dcp_checkpoint
@@ -92,7 +129,8 @@ def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = No
     weights = full_state_dict(pm)
     if dist.get_rank() == 0:
         case_dir.mkdir(parents=True, exist_ok=True)
-        (case_dir / "metrics.json").write_text(json.dumps({"train": rows, "val_loss": val_loss}))
+        metrics = {"train": rows, "val_loss": val_loss, **({"build": built} if built else {})}
+        (case_dir / "metrics.json").write_text(json.dumps(metrics))
     dist.barrier()
     if pm.layout.dp_rank == 0:
         save_file(weights, str(case_dir / f"weights_pp{pm.layout.pp_rank}.safetensors"))

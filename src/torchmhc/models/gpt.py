@@ -213,13 +213,22 @@ class GPT(nn.Module):
     :class:`torchmhc.config.ModelConfig`); ``cfg.arch = "moe"`` swaps the FFNs for MoE layers.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, place_block: Callable[[int, Block], Block] | None = None) -> None:
+        """Build the model from the current random state: the embedding, the blocks in order, the
+        stream head (on a stream of its own, ``isolated_rng``), the final norm and the LM head.
+
+        ``place_block(index, block)``, if given, receives each block right after it is built (its
+        random draws taken) and returns what the model keeps in its place: a laid-out build
+        (``torchmhc.distributed.parallel_model``) moves it to the meta device or shards it there,
+        so that no process holds every block at once while the weights stay those of a plain build.
+        """
         super().__init__()
         self.cfg = cfg
         self.num_streams = cfg.effective_num_streams
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        place_block = place_block or (lambda index, block: block)
+        self.blocks = nn.ModuleList(place_block(i, Block(cfg, i)) for i in range(cfg.num_layers))
         # With one stream there is nothing to merge; the head is the identity on stream 0.
         with isolated_rng(2 * cfg.num_layers):
             self.stream_head = StreamHead(cfg.dim, self.num_streams) if self.num_streams > 1 else None
