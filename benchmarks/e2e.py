@@ -69,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from torchmhc.config import CUDA_GRAPH_MODES, RunConfig, load_config
+from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.kernels import kernel_mode, use_kernels
 from torchmhc.models import build_model
 from torchmhc.recompute import block_starts, optimal_block_length
@@ -345,7 +346,8 @@ def memory_step(model, optimizer, batch, cfg: RunConfig, device: torch.device, a
         activations = meter.alive_bytes()
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
+    # the distributed path's clip: FSDP's shards and the parameters it leaves whole are measured apart
+    clip_grad_norm_(params, cfg.optim.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.update_router_bias()
@@ -392,27 +394,31 @@ def _build(cfg: RunConfig, device: torch.device, compile_mode: str):
 
 def _build_distributed(cfg: RunConfig, device: torch.device, compile_mode: str, *, fsdp: bool):
     """(model, AdamW, ParallelModel): the same model laid out by ``torchmhc.distributed`` in this one
-    process, what ``torchrun --nproc-per-node 1`` runs (compiled block by block first, as torchtitan
-    orders it): one data-parallel rank, so no FSDP. ``fsdp``: FSDP2 over the one rank all the same
-    (bf16 parameters for the compute, as with several ranks), to measure what FSDP itself costs."""
+    process, what ``torchrun --nproc-per-node 1`` runs (built block by block from the seed, each
+    compiled in place): one data-parallel rank, so no FSDP. ``fsdp``: FSDP2 over the one rank all
+    the same (bf16 parameters for the compute, as with several ranks), to measure what FSDP itself
+    costs."""
     from torchmhc.distributed import ParallelConfig, build_mesh, init_distributed, parallelize
-    from torchmhc.distributed.fsdp import apply_fsdp, data_parallel_mesh
+    from torchmhc.distributed.fsdp import data_parallel_mesh, shard_block, shard_root
 
     if fsdp and cfg.train.compile and compile_mode in CUDA_GRAPH_MODES:
         # FSDP's gathers between the graphs defeat their replay (gpu-dense-1b on an H100: 4106 ms a
         # step against 181 without FSDP, results/log 2026-12-06)
         raise ValueError(f"{compile_mode!r} replays CUDA graphs, which FSDP does not support: --set train.compile_mode=default")
     init_distributed(device.type)  # a one-process group without torchrun
-    model, _ = _build(cfg, device, compile_mode)
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     mesh = build_mesh(ParallelConfig(), device.type)
     compute_dtype = torch.bfloat16 if bf16 else None
     pm = parallelize(
-        model, ParallelConfig(), mesh, device=device,
-        batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, compute_dtype=compute_dtype,
+        cfg.model, ParallelConfig(), mesh, seed=cfg.train.seed, device=device, batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len, compute_dtype=compute_dtype, compile_mode=compile_mode if cfg.train.compile else None,
     )  # fmt: skip
     if fsdp:
-        apply_fsdp([pm.part], data_parallel_mesh(mesh), param_dtype=compute_dtype, reshard_after_forward=False)
+        dp_mesh = data_parallel_mesh(mesh)
+        for block in pm.part.blocks:
+            shard_block(block, dp_mesh, param_dtype=compute_dtype, reshard_after_forward=False,
+                        recompute=cfg.model.recompute)  # fmt: skip
+        shard_root(pm.part, dp_mesh, param_dtype=compute_dtype)
     return pm.part, build_optimizer(pm.part, cfg.optim), pm
 
 

@@ -131,3 +131,23 @@ def test_cpu_measurement_of_the_recompute_saving_matches_the_formula():
                                block_length=2)
     predicted = cm.saving * base.data.batch_size * base.data.seq_len
     assert plain.activation_bytes - recomputed.activation_bytes == pytest.approx(predicted, rel=0.05)
+
+
+def test_the_distributed_variants_build_the_single_device_model(monkeypatch):
+    # mhc:distributed is what torchrun runs in one process: the same weights and activations as
+    # mhc; mhc:fsdp shards it over the one rank all the same
+    import torch.distributed as dist
+
+    from torchmhc.distributed.mesh import free_port
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    try:
+        results = {spec: _measure(spec)[1] for spec in ("mhc", "mhc:distributed", "mhc:fsdp")}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert all(r.error is None and math.isfinite(r.ms_per_step) for r in results.values()), results
+    assert results["mhc:distributed"].num_params == results["mhc"].num_params
+    assert results["mhc:distributed"].activation_bytes == results["mhc"].activation_bytes
