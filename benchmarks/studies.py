@@ -52,6 +52,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "studies-cpu.jsonl"
 #: The scale study's rows, kept with the repository (the data behind docs/scale_study.md): a study
 #: spread over machines that do not outlive a call goes on from the rows that came back.
 GPU_RESULTS = Path(__file__).resolve().parent / "results" / "scale-study.jsonl"
+#: Where scale-report's tables begin in its ``--out`` file: what stands above it is kept.
+TABLES_MARKER = "<!-- tables: python benchmarks/studies.py scale-report --out <this file> replaces all below -->"
 #: Points kept of a run's gradient-norm history (each the median and the maximum of its window).
 HISTORY_POINTS = 100
 #: Seconds of the time budget under which no run is started or resumed: setting one up (the model,
@@ -405,7 +407,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.study == "scale-report":
             text = render_scale(_rows(args.results))
             if args.out:
-                args.out.write_text(text)
+                # what stands above the marker (the findings) stays, the tables below it are replaced;
+                # a file without the marker is kept whole, the tables added below it
+                old = args.out.read_text() if args.out.is_file() else ""
+                head = old[: old.index(TABLES_MARKER)] if TABLES_MARKER in old else old
+                args.out.write_text(f"{head}{TABLES_MARKER}\n\n{text}")
             else:
                 print(text)
             return

@@ -97,3 +97,22 @@ def test_whole_runs_starts_only_runs_that_fit_the_time_left(tmp_path):
     assert set(_rows(tmp_path, "fit")) == {("residual", 0), ("mhc", 0), ("mhc", 1)}
     studies.main(args + ["--time-budget", "600"])  # without it, a run is started and paused if need be
     assert ("residual", 1) in _rows(tmp_path, "fit")
+
+
+def test_scale_report_keeps_the_prose_above_its_tables(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"study": "scale", "preset": "p", "config_key": "k", "variant": "residual", "seed": 0,
+                                "steps": 4, "tokens": 8, "passes": 0.1, "corpus_train_tokens": 80, "corpus": "c",
+                                "device": "cpu", "val_loss": 2.5, "train_loss": 2.4, "max_composite_gain": 1.0,
+                                "max_composite_gain_during": 1.0, "grad_norm_history": [[4, 1.0, 2.0]],
+                                "val_history": [[0, 3.0], [4, 2.5]], "command": "cmd"}) + "\n")
+    out = tmp_path / "study.md"
+    studies.main(["scale-report", "--results", str(rows), "--out", str(out)])
+    first = out.read_text()
+    assert first.startswith(studies.TABLES_MARKER) and "| residual | 0 | 2.5000 |" in first
+    out.write_text("# Findings\n\nprose\n\n" + first.replace("2.5000", "9.9999"))  # stale tables below the prose
+    studies.main(["scale-report", "--results", str(rows), "--out", str(out)])
+    assert out.read_text() == "# Findings\n\nprose\n\n" + first
+    out.write_text("# Findings, no marker yet\n\n")
+    studies.main(["scale-report", "--results", str(rows), "--out", str(out)])
+    assert out.read_text() == "# Findings, no marker yet\n\n" + first
