@@ -103,9 +103,9 @@ def _time_parts(run, params, x, *, device, warmup, repeats, autocast) -> dict[st
 
 def measure(
     name: str, overrides: list[str], *, device: torch.device, tokens: int, warmup: int, repeats: int,
-    compile: bool = False,
+    compiled: bool = False,
 ) -> dict:
-    """Times of one block and of the head of shape ``name`` for both variants (``compile``: the
+    """Times of one block and of the head of shape ``name`` for both variants (``compiled``: the
     block and the head's modules under torch.compile's default mode)."""
     cfg = shape_config(name, overrides)
     seq = min(tokens, cfg.data.seq_len)
@@ -125,7 +125,7 @@ def measure(
         targets = torch.randint(0, model_cfg.vocab_size, (batch, seq), device=device)
         head_params = [p for m in (head_model.stream_head, head_model.norm, head_model.lm_head) if m is not None
                        for p in m.parameters()]  # fmt: skip
-        if compile:
+        if compiled:
             block.compile()
             if head_model.stream_head is not None:
                 head_model.stream_head.compile()  # as torchmhc.train.apply_compile does
@@ -165,7 +165,7 @@ def main() -> None:
     for shape in args.shape or sorted(SHAPES):
         result["shapes"][shape] = measure(
             shape, args.overrides, device=device, tokens=args.tokens, warmup=args.warmup, repeats=args.repeats,
-            compile=args.compile,
+            compiled=args.compile,
         )
     text = json.dumps(result, indent=2)
     if args.out:

@@ -64,13 +64,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from torchmhc.config import CUDA_GRAPH_MODES, RunConfig, load_config
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.kernels import kernel_mode, use_kernels
+from torchmhc.memory import NewStorages
 from torchmhc.models import build_model
 from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
@@ -240,37 +238,6 @@ def stream_bytes(cfg: RunConfig, device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-
-
-class NewStorages(TorchDispatchMode):
-    """Records the storages that tensor operations create while active (CPU activation memory).
-
-    :meth:`alive_bytes` sums those still alive: after a forward, what it left for the backward.
-    Nested ``saved_tensors_hooks`` (block recomputation uses them) do not hide anything from it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # an output sharing an input's storage (a view, or `.cpu()` of a CPU tensor inside Triton's
-        # interpreter) creates nothing: parameters would otherwise count as activations
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr in inputs:
-                    continue
-                known = self.storages.get(ptr)
-                if known is None or known[0].expired():  # new, or freed memory reused
-                    self.storages[ptr] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def alive_bytes(self) -> int:
-        return sum(nbytes for ref, nbytes in self.storages.values() if not ref.expired())
 
 
 @dataclass

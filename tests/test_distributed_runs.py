@@ -342,12 +342,12 @@ def test_no_rank_holds_the_whole_model_while_building_it(runs4, workdir, name):
     embedding and head, a bound that building the whole model, measured the same way, exceeds."""
     from torchmhc.distributed import ParallelConfig
     from torchmhc.distributed.pipeline import blocks_of_rank
-    from torchmhc.distributed.runner import PeakCpuBytes
+    from torchmhc.memory import NewStorages
 
     case = _case_by_name(_cases4(workdir), name)
     cfg = load_config(None, case["overrides"])
     torch.manual_seed(cfg.train.seed)
-    with PeakCpuBytes() as whole:
+    with NewStorages() as whole:
         model = build_model(cfg.model)
     block = _nbytes(model.blocks[0])
     embedding_and_head = _nbytes(model) - sum(_nbytes(b) for b in model.blocks)

@@ -9,7 +9,7 @@ one launch runs a list of cases::
 ``torchmhc.config.load_config``), ``parallel`` (``ParallelConfig`` fields), ``steps`` (how many
 optimizer steps in all), and optionally ``dtype`` ("float32" or "float64", the parameters'),
 ``overlap`` (dualpipev's overlap function, default true), ``measure_build`` (record every
-rank's peak bytes of CPU tensors while it builds and lays out the model, :class:`PeakCpuBytes`),
+rank's peak bytes of CPU tensors while it builds and lays out the model, :class:`torchmhc.memory.NewStorages`),
 ``save_at`` (a step count) with ``checkpoint_dir`` (a run directory: a DCP checkpoint is written
 under it after that many steps), and ``resume_from`` (a DCP checkpoint directory, or a run
 directory whose latest checkpoint to start from). Each case writes
@@ -32,9 +32,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from torchmhc.config import load_config
 from torchmhc.data import TokenData, load_data
@@ -44,9 +41,10 @@ from torchmhc.distributed.job import build
 from torchmhc.distributed.mesh import init_distributed
 from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.distributed.step import evaluate_loss, train_step
+from torchmhc.memory import NewStorages
 from torchmhc.train import learning_rate
 
-__all__ = ["run_case", "full_state_dict", "PeakCpuBytes", "main"]
+__all__ = ["run_case", "full_state_dict", "main"]
 
 
 def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor]:
@@ -59,30 +57,6 @@ def full_state_dict(pm: ParallelModel) -> dict[str, torch.Tensor]:
     return out
 
 
-class PeakCpuBytes(TorchDispatchMode):
-    """The most bytes of CPU tensor storages alive at once (``peak``), counting the storages that
-    operations under the mode return (every allocation of a tensor goes through one), checked after
-    each operation. Storages made before the mode are not counted; a DTensor counts its local shard."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak = 0
-        # The weak references keep each storage's record (not its memory) alive, so that a new
-        # storage cannot take the key of one freed but not yet dropped here.
-        self._alive: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            t = t._local_tensor if isinstance(t, DTensor) else t
-            if type(t) is torch.Tensor and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                self._alive.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        self._alive = {key: entry for key, entry in self._alive.items() if not entry[0].expired()}
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self._alive.values()))
-        return out
-
-
 def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = None, device_type: str = "cpu") -> None:
     """Run one case of the runner's list (see the module docstring)."""
     from safetensors.torch import save_file
@@ -90,7 +64,7 @@ def run_case(case: dict[str, Any], out_dir: Path, *, data: TokenData | None = No
     cfg = load_config(None, case["overrides"])
     data = data if data is not None else load_data(cfg.data, progress=False)
     dtype = getattr(torch, case.get("dtype", "float32"))
-    meter = PeakCpuBytes() if case.get("measure_build") else contextlib.nullcontext()
+    meter = NewStorages() if case.get("measure_build") else contextlib.nullcontext()
     with meter:
         pm, optimizer = build(
             cfg, ParallelConfig(**case["parallel"]), device_type=device_type, overlap=case.get("overlap", True), dtype=dtype
