@@ -21,7 +21,7 @@ How one step over BC channels of BT tokens runs:
 The previous form, ``[BT, NP·BC]`` operand in the A position, spent its time moving the mixed tile
 into the tensor-core operand layout (Nsight Compute: shared-memory stalls and bank conflicts).
 
-Speed (H100, ``benchmarks/kernels.py``; ``benchmarks/results/h100.md``, session 6): 480 µs at
+Speed (H100, ``torchmhc bench``; ``benchmarks/results/h100.md``, session 6): 480 µs at
 T = 16384, C = 4096, n = 4 (85% of a copy; the [BT, NP·BC]-operand form took 516) against 411 + 205
 µs for the post-res and coefficient kernels it replaces; 91 µs at T = 8192, C = 1280 (70 + 52) and
 132 µs at C = 2048 (109 + 73). What is left: each program's coefficient epilogue (Sinkhorn, ~4 µs)
