@@ -48,9 +48,11 @@ and a launch starts a case only if it fits (the longest case so far); what is sk
 ``--out`` gets the markdown report (device, GPU count, torch and NCCL versions, commands, medians)
 from all rows, rewritten after every launch.
 
-Expected on 8 H100s (per call of at most 10 minutes): correctness ~3 min; scaling ~14 min in
-all (two calls: ~50 s a case, 4 cases at each of 1, 2, 4, 8 GPUs); pipeline ~10 min (16 cases
-of ~35 s, and a launch per layout); model ~1 min.
+Expected on 8 H100s (estimates: not yet run on several GPUs; a case's time is mostly building
+the model on every rank and compiling its blocks): correctness ~3 min (4 launches of small
+cases); scaling ~12-16 min (16 cases of ~45-60 s: one GPU and the largest world first);
+pipeline ~10 min for pp = 2 and 4 alone (8 cases) and ~6 more for pp × dp (8 cases); model
+~1 min. That is three calls of 10 minutes with ``--time-budget 540`` (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -186,8 +188,9 @@ def scaling_overrides(device: str, preset: str, world: int) -> tuple[str, list[s
 
 
 def scaling_plan(worlds: list[int], device: str) -> list[Launch]:
+    """One GPU and the largest world first (the widest view if the budget ends), then the others."""
     launches = []
-    for w in sorted({1, *worlds}):
+    for w in sorted({1, *worlds}, key=lambda w: (w != 1, w != max(worlds), w)):
         cases = []
         for preset in ("gpu-dense-1b", "gpu-moe-3b"):
             name, overrides = scaling_overrides(device, preset, w)
@@ -503,8 +506,13 @@ def worker(section: str, cases_path: Path, rows_path: Path, out: Path, deadline:
         t0 = time.perf_counter()
         try:
             result = _RUNNERS[section](case, out, device)
-        except torch.cuda.OutOfMemoryError as exc:
-            result = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+        except Exception as exc:
+            # The other ranks may wait in a collective for this one: leave the launch (torchrun
+            # stops them), with a row that marks the case as failed, so that the driver's next
+            # launch goes on with the cases after it.
+            message = f"rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _append(rows_path, {"section": section, "key": case["key"], "env": env, "error": message[:500]})
+            raise
         seconds = time.perf_counter() - t0
         longest = max(longest, seconds)
         if rank == 0:
@@ -603,6 +611,10 @@ class Driver:
         code = _torchrun(launch.world, args, device=self.device, timeout=max(left, 1.0) + 30)
         if code != 0:
             print(f"[multi_gpu] {launch.section} at {launch.world}: torchrun exited with {code}", flush=True)
+            new = read_rows(self.rows_path)[len(rows):]
+            if code > 0 and new:
+                # a case failed (its row says so) after others finished: go on with the rest
+                self.run_launch(launch, redo=redo - {r["key"] for r in new})
 
     def run_correctness(self) -> None:
         launches = correctness_plan(self.worlds, self.device, self.work)
