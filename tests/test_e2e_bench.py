@@ -1,24 +1,18 @@
 """benchmarks/e2e.py: the memory and traffic formulas, the variant syntax, the report, and the CPU
 measurement of activation memory against the formula (the fused kernels under Triton's interpreter)."""
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from torchmhc.config import load_config
 from torchmhc.kernels import use_kernels
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
-_spec = importlib.util.spec_from_file_location("e2e_bench", _PATH)
-e2e = importlib.util.module_from_spec(_spec)
-sys.modules["e2e_bench"] = e2e  # dataclasses look their module up
-_spec.loader.exec_module(e2e)
+e2e = load_benchmark("e2e")
 
 INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's CPU interpreter")
 

@@ -2,7 +2,6 @@
 right, and the whole script runs end to end on the CPU (gloo, 2 processes), resumes and keeps to
 its time budget. On 2 or more GPUs: the correctness section on NCCL in bf16."""
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -12,16 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark_scripts import DIR as _DIR, load_benchmark
 from torchmhc.config import load_config
 from torchmhc.distributed.config import ParallelConfig
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 _SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(_DIR))  # multi_gpu imports pipeline_model from its directory
-_spec = importlib.util.spec_from_file_location("multi_gpu", _DIR / "multi_gpu.py")
-mg = importlib.util.module_from_spec(_spec)
-sys.modules["multi_gpu"] = mg  # dataclasses look their module up
-_spec.loader.exec_module(mg)
+mg = load_benchmark("multi_gpu")
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])

@@ -1,18 +1,11 @@
 """benchmarks/pipeline_model.py: the schedule simulation against textbook pipeline formulas, and
 the report it writes."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(_DIR))  # pipeline_model imports block_times from its directory
-_spec = importlib.util.spec_from_file_location("pipeline_model", _DIR / "pipeline_model.py")
-pm = importlib.util.module_from_spec(_spec)
-sys.modules["pipeline_model"] = pm  # dataclasses look their module up
-_spec.loader.exec_module(pm)
+from benchmark_scripts import load_benchmark
+
+pm = load_benchmark("pipeline_model")
 
 
 def _simulate(schedule, ranks, microbatches, times, transfer=0.0, hide=0.0):

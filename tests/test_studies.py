@@ -1,22 +1,16 @@
 """benchmarks/studies.py's study at GPU scale, on a tiny CPU config: variants x seeds, a run split
 across invocations equal to one that was not, the one-pass guard and the report."""
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from torchmhc.train import TimeBudget
 from train_helpers import cli_overrides, tiny_config
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "studies.py"
-_spec = importlib.util.spec_from_file_location("studies_bench", _PATH)
-studies = importlib.util.module_from_spec(_spec)
-sys.modules["studies_bench"] = studies
-_spec.loader.exec_module(studies)
+studies = load_benchmark("studies")
 
 
 def _study(tmp_path, label: str, *extra: str) -> list[str]:
