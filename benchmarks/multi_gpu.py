@@ -28,7 +28,8 @@ every size is the tiny one). Sections (``--only``, default all), in this order:
   mHC's overhead over the residual model at each N.
 - ``pipeline``: ``gpu-moe-3b`` cut into stages, pp = 2 and 4 (and pp × dp on the largest world),
   residual and mHC (n = 4), 1F1B and DualPipeV (with its overlap function), one sequence of 4096
-  tokens per microbatch, :data:`MICROBATCHES` a step: step time; the bytes each stage edge carries
+  tokens per microbatch, :data:`MICROBATCHES` a step: step time, and the schedule's time alone
+  (forward and backward of every microbatch, without the optimizer part); the bytes each stage edge carries
   (computed from the shapes: microbatch × T × n·C bf16 values, n = 1 for the residual model);
   a point-to-point send of exactly those tensors between two ranks, timed; and one profiled step
   per case (``torch.profiler``, CUDA kernels): per rank the idle share of the step (the bubble:
@@ -38,8 +39,8 @@ every size is the tiny one). Sections (``--only``, default all), in this order:
   Perfetto or chrome://tracing) next to ``--out``.
 - ``model``: ``benchmarks/pipeline_model.py``'s prediction for every pure-pipeline case measured,
   from per-block times that ``benchmarks/block_times.py --compile`` measures for the same shape
-  on one GPU and the link speed the pipeline section measured: predicted against measured step
-  time, idle share and mHC cost, with the error.
+  on one GPU and the link speed the pipeline section measured: predicted against the measured
+  schedule time (what the model simulates), idle share and mHC cost, with the error.
 
 Every finished measurement is appended at once to ``--rows`` (JSON lines), so a run cut short
 loses nothing; a re-run skips what the file holds. ``--time-budget S`` starts a launch only if it
@@ -287,6 +288,28 @@ def _timed_steps(pm, optimizer, batch, cfg, device: torch.device, *, warmup: int
     return {"first_step_s": times[0], "ms_per_step": statistics.median(timed) * 1e3, "ms_min": min(timed) * 1e3}
 
 
+def _timed_schedule(pm, optimizer, batch, device: torch.device, *, steps: int) -> float:
+    """Median ms of the forward and backward of every microbatch alone, the slowest rank's: the part of a
+    training step that ``pipeline_model.py`` simulates (a step adds the replicated gradients' average,
+    the global norm, clipping and the optimizer step)."""
+    import torch.distributed as dist
+
+    from torchmhc.distributed.step import forward_backward
+
+    x, y = (t.to(pm.device) for t in batch)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        forward_backward(pm, x, y)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        optimizer.zero_grad(set_to_none=True)
+    median = torch.tensor([statistics.median(times) * 1e3], dtype=torch.float64, device=pm.device)
+    dist.all_reduce(median, op=dist.ReduceOp.MAX)
+    return median.item()
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     torch.compiler.reset()
@@ -333,6 +356,7 @@ def _run_pipeline(case: dict, out: Path, device: torch.device) -> dict:
     import torch.distributed as dist
 
     result, cfg, pm, optimizer, batch = _run_training(case, device)
+    result["ms_schedule"] = _timed_schedule(pm, optimizer, batch, device, steps=STEPS[device.type])
     trace = out / "traces" / f"{case['key'].replace('/', '-')}-rank0.json.gz" if case["trace"] and dist.get_rank() == 0 else None
     summary = profile_step(pm, optimizer, batch, cfg, device, trace=trace)
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -664,13 +688,13 @@ class Driver:
             row = {
                 "section": "model", "key": f"model/{key}", "kind": "prediction", "pp": c["pp"],
                 "variant": c["variant"], "schedule": c["schedule"], "link_gbps": link[0], "link_latency_us": link[1],
-                "predicted_ms": predicted[c["variant"]]["step_ms"], "measured_ms": r["ms_per_step"],
-                "rel_error": predicted[c["variant"]]["step_ms"] / r["ms_per_step"] - 1,
+                "predicted_ms": predicted[c["variant"]]["step_ms"], "measured_ms": r["ms_schedule"],
+                "rel_error": predicted[c["variant"]]["step_ms"] / r["ms_schedule"] - 1,
                 "predicted_idle": predicted[c["variant"]]["idle"],
                 "measured_idle": statistics.mean(x["idle"] for x in r["ranks"]),
                 "predicted_cost": predicted["mhc"]["step_ms"] / predicted["residual"]["step_ms"] - 1
                 if c["variant"] == "mhc" else None,
-                "measured_cost": r["ms_per_step"] / other["ms_per_step"] - 1 if c["variant"] == "mhc" and other else None,
+                "measured_cost": r["ms_schedule"] / other["ms_schedule"] - 1 if c["variant"] == "mhc" and other else None,
             }  # fmt: skip
             _append(self.rows_path, row)
 
@@ -871,8 +895,9 @@ def _model_report(rows: list[dict]) -> list[str]:
     lines = ["", "## The pipeline model against the measurements", "",
              "`benchmarks/pipeline_model.py` simulates torch's action lists from per-block times "
              "(`benchmarks/block_times.py --compile`, one GPU, the same shape) and the link speed measured above. "
-             "It leaves out the optimizer step and gradient clipping, which the measured step includes. "
-             "Error = predicted / measured - 1.", "",
+             "It simulates the schedule alone: measured is the forward and backward of every microbatch, timed "
+             "apart from the rest of a training step (gradient averaging, norm, clipping, optimizer step), the "
+             "slowest rank's median. Error = predicted / measured - 1.", "",
              "| pp | variant | schedule | predicted ms | measured ms | error | predicted idle | measured idle | "
              "predicted mHC cost | measured mHC cost |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

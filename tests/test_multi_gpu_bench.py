@@ -104,6 +104,7 @@ def test_cpu_smoke_run_writes_every_section_resumes_and_keeps_its_budget(tmp_pat
     assert len(cases) == 4  # pp 2: residual, mHC x 1F1B, DualPipeV
     for r in cases:
         assert len(r["ranks"]) == 2 and all(0 <= x["idle"] <= 1 and x["window"] > 0 for x in r["ranks"])
+        assert 0 < r["ms_schedule"] < math.inf
         assert r["edge_bytes"] == 32 * r["num_streams"] * 64 * 4  # one sequence x n x C, fp32 on the CPU
     assert {r["num_streams"] for r in cases} == {1, 4}
     p2p = next(r for r in by_section["pipeline"] if r.get("kind") == "p2p")
