@@ -272,18 +272,27 @@ def _random_batch(cfg, pm, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return tuple(torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(2))
 
 
+def _seconds(call, device: torch.device, times: int) -> list[float]:
+    """Wall seconds of each of ``times`` calls of ``call()``, the device synchronized around each."""
+    out = []
+    for i in range(times):
+        _sync(device)
+        t0 = time.perf_counter()
+        call(i)
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _timed_steps(pm, optimizer, batch, cfg, device: torch.device, *, warmup: int, steps: int) -> dict:
     """Training steps on ``batch``: the first one's seconds (compiling) and the median of ``steps``
     after ``warmup`` (each step ends in a collective, so every rank times the same step)."""
     from torchmhc.distributed import train_step
 
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
+    def step(i: int) -> None:
         train_step(pm, optimizer, batch, lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip, on_nonfinite="skip", step=i)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+
+    times = _seconds(step, device, warmup + steps)
     timed = times[warmup:]
     return {"first_step_s": times[0], "ms_per_step": statistics.median(timed) * 1e3, "ms_min": min(timed) * 1e3}
 
@@ -297,15 +306,12 @@ def _timed_schedule(pm, optimizer, batch, device: torch.device, *, steps: int) -
     from torchmhc.distributed.step import forward_backward
 
     x, y = (t.to(pm.device) for t in batch)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def schedule(_: int) -> None:
         forward_backward(pm, x, y)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        optimizer.zero_grad(set_to_none=True)
-    median = torch.tensor([statistics.median(times) * 1e3], dtype=torch.float64, device=pm.device)
+        optimizer.zero_grad(set_to_none=True)  # each call starts from no gradients, as a step does
+
+    median = torch.tensor([statistics.median(_seconds(schedule, device, steps)) * 1e3], dtype=torch.float64, device=pm.device)
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     return median.item()
 
