@@ -137,3 +137,22 @@ def test_gpu_post_pre_matches_reference_and_is_deterministic(t, n, c):
             runs.append([out, *torch.autograd.grad(out.float().square().sum() + h_pre.sum(), leaves)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", [(8192, 4, 2048), (8192, 4, 1280), *SHAPES])
+def test_gpu_post_res_coefficients_pre_mix_equals_two_kernels(t, n, c, dtype):
+    # the fused kernel's pre-mix re-walk (read back through L2) against the fused kernel without it
+    # followed by the pre-mix kernel: every output bit-identical, at the launcher's defaults and
+    # at other token tiles (footprint in L2) and mix steps
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
+    from torchmhc.kernels.pre_mix_op import pre_mix_fwd
+
+    args = (*_post_res_inputs(t, n, c, dtype), *mhc_params(n, c), 20, 1e-6, 1e-6, 2.0)
+    x_next, *coefficients = post_res_coefficients_fwd(*args)
+    y = pre_mix_fwd(x_next, coefficients[0])
+    for config in ({}, {"block_t": 16, "block_c_mix": 64}, {"block_c_mix": 256}):
+        fused = post_res_coefficients_pre_mix_fwd(*args, **config)
+        assert torch.equal(fused[1], pre_mix_fwd(fused[0], fused[2])), config  # y from its own x_next, h_pre
+        for i, (a, b) in enumerate(zip(fused, (x_next, y, *coefficients))):
+            assert torch.equal(a, b), f"{config}: output {i}"
