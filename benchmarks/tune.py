@@ -49,7 +49,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "post_res_coef_fwd": {"block_t": (32, 64), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
     # the same kernel with the next pre-mix (the transition as the models run it): the token tile sets
     # how much x_{l+1} the resident programs have written before reading it back from L2
-    # (18 configurations: about two minutes on an H100; the stages stay the launcher's)
+    # (18 configurations, a short sweep: the stages stay the launcher's)
     "post_res_coef_mix_fwd": {"block_t": (16, 32, 64), "block_c_mix": (64, 128, 256), "num_warps": (4, 8)},
 }
 

@@ -28,6 +28,15 @@ T = 16384, C = 4096, n = 4 (85% of a copy; the [BT, NP·BC]-operand form took 51
 moves no stream data, and one program of 4 warps holds a multiprocessor (its staged tiles fill the
 shared memory).
 
+With ``MIX`` (:func:`post_res_coefficients_pre_mix_fwd`, what ``dispatch.mhc_post_pre`` runs by
+default) the kernel also forms sub-layer l+1's layer input ``y = Σ_j h_pre[j]·x_{l+1}[j]``: h_pre is
+known only after the epilogue, so each program then reads its tokens' x_{l+1} back, last-written
+channels first, from L2 where the copy is still there, and writes y ``[T, C]``. The transition then
+moves (2n + 2)·C a token forward (reads x_l and f, writes x_{l+1} and y) instead of (3n + 2)·C with
+the pre-mix kernel reading x_{l+1} from memory, in one launch instead of two; y is the pre-mix
+kernel's bit for bit (``pre_mix_op.mix_stream``: the same fused multiply-adds in the same order).
+Not measured yet: how much of the read-back hits L2 (see the launcher) and what it costs the pass.
+
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
