@@ -277,16 +277,14 @@ def _post_res_coef_fwd_kernel(
         mix_rows = out_ptr + toks[:, None] * K + tl.arange(0, BCM)[None, :]
         y_rows = y_ptr + toks[:, None] * C + tl.arange(0, BCM)[None, :]
         # last-written channels first: the shortest time from each store to its load back. This is
-        # the tile's last read in the step: marked first to leave L2, it does not push out the
-        # tiles still to come
+        # the tile's last read in the kernel: marked first to leave L2, it does not push out the
+        # tiles still to come (no ".cg" beside it: PTX's ld takes a cache operator or eviction
+        # priorities, not both)
         for k in range(C // BCM):
             c0 = C - BCM - k * BCM
             y = tl.zeros([BT, BCM], dtype=tl.float32)
             for j in tl.static_range(N):
-                xj = tl.load(
-                    mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, cache_modifier=".cg",
-                    eviction_policy="evict_first",
-                )  # fmt: skip
+                xj = tl.load(mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
                 y = mix_stream(y, h_pre[j], xj)  # pre_mix_op's order: bit-identical y
             tl.store(y_rows + c0, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
 
