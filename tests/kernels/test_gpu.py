@@ -143,16 +143,16 @@ def test_gpu_post_pre_matches_reference_and_is_deterministic(t, n, c):
 @pytest.mark.parametrize("t, n, c", [(8192, 4, 2048), (8192, 4, 1280), *SHAPES])
 def test_gpu_post_res_coefficients_pre_mix_equals_two_kernels(t, n, c, dtype):
     # the fused kernel's pre-mix re-walk (read back through L2) against the fused kernel without it
-    # followed by the pre-mix kernel: every output bit-identical, at the launcher's defaults and
-    # at other token tiles (footprint in L2) and mix steps
+    # followed by the pre-mix kernel: every output bit-identical, at the launcher's defaults, and at
+    # C = 2048 (more written than the H100's L2 holds) at other token tiles and mix steps too
     from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
     from torchmhc.kernels.pre_mix_op import pre_mix_fwd
 
     args = (*_post_res_inputs(t, n, c, dtype), *mhc_params(n, c), 20, 1e-6, 1e-6, 2.0)
-    x_next, *coefficients = post_res_coefficients_fwd(*args)
-    y = pre_mix_fwd(x_next, coefficients[0])
-    for config in ({}, {"block_t": 16, "block_c_mix": 64}, {"block_c_mix": 256}):
-        fused = post_res_coefficients_pre_mix_fwd(*args, **config)
-        assert torch.equal(fused[1], pre_mix_fwd(fused[0], fused[2])), config  # y from its own x_next, h_pre
+    for block_t, block_c_mix in ((None, None), (16, 64), (None, 256))[: 3 if c == 2048 else 1]:
+        # the same token tile on both sides: the coefficients' fp32 sums are laid out by it
+        x_next, *coefficients = post_res_coefficients_fwd(*args, block_t=block_t)
+        y = pre_mix_fwd(x_next, coefficients[0])
+        fused = post_res_coefficients_pre_mix_fwd(*args, block_t=block_t, block_c_mix=block_c_mix)
         for i, (a, b) in enumerate(zip(fused, (x_next, y, *coefficients))):
-            assert torch.equal(a, b), f"{config}: output {i}"
+            assert torch.equal(a, b), f"block_t={block_t}, block_c_mix={block_c_mix}: output {i}"
