@@ -185,7 +185,8 @@ def mhc_traffic_bytes(
     gradient of x and writes dx (3nC + C); post-res reads dout, x, f, writes dx, df (3nC + 2C).
     ``fused``: the share of sub-layers whose post-res is fused with the next sub-layer's
     coefficients and pre-mix (``model.fuse_transitions``: all but the last). Each such pair
-    reads x_{l+1} once less forward (nC); its backward runs the same passes. fp32 coefficient traffic,
+    reads x_{l+1} twice less forward (2nC: the coefficient pass and the pre-mix read it in the kernel
+    that writes it, the pre-mix from L2, counted as free); its backward runs the same passes. fp32 coefficient traffic,
     (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
     the connections once more in the backward (block recomputation replays coefficients, pre-mix
     and post-res, unfused). ``residual``: the plain residual's own add (read 2C, write C), which
@@ -194,7 +195,7 @@ def mhc_traffic_bytes(
     n, c, e = num_streams, dim, elem_bytes
     small = (3 * n * n + 4 * n + 40) * 4
     out = {
-        "forward": round(((4 * n + 2) - fused * n) * c * e) + small,
+        "forward": round(((4 * n + 2) - 2 * fused * n) * c * e) + small,
         "backward": (7 * n + 4) * c * e + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
     }

@@ -20,7 +20,10 @@ from collections.abc import Callable
 
 import torch
 
-KERNELS = ("coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd", "post_res_coef_fwd")
+KERNELS = (
+    "coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd",
+    "post_res_coef_fwd", "post_res_coef_mix_fwd",
+)  # fmt: skip
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
 GRIDS: dict[str, dict[str, tuple]] = {
@@ -44,6 +47,10 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "post_res_fwd": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8, 16)},
     "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
     "post_res_coef_fwd": {"block_t": (32, 64), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+    # the same kernel with the next pre-mix (the transition as the models run it): the token tile sets
+    # how much x_{l+1} the resident programs have written before reading it back from L2
+    # (18 configurations, a short sweep: the stages stay the launcher's)
+    "post_res_coef_mix_fwd": {"block_t": (16, 32, 64), "block_c_mix": (64, 128, 256), "num_warps": (4, 8)},
 }
 
 
@@ -60,7 +67,7 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
         coefficients_bwd_x,
         coefficients_fwd,
     )
-    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 
     torch.manual_seed(0)
@@ -91,10 +98,11 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     h_res = torch.rand(t, n, n, device=dev)
     if kernel == "post_res_fwd":
         return (lambda **kw: post_res_fwd(x, f_out, h_post, h_res, **kw)), 2 * stream_bytes + channel_bytes
+    transition = (x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0)
     if kernel == "post_res_coef_fwd":
-        return (
-            lambda **kw: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0, **kw)
-        ), 2 * stream_bytes + channel_bytes + small
+        return (lambda **kw: post_res_coefficients_fwd(*transition, **kw)), 2 * stream_bytes + channel_bytes + small
+    if kernel == "post_res_coef_mix_fwd":
+        return (lambda **kw: post_res_coefficients_pre_mix_fwd(*transition, **kw)), 2 * stream_bytes + 2 * channel_bytes + small
     g = torch.randn_like(x)
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
 

@@ -52,9 +52,11 @@ def test_traffic_follows_spec_and_kernel_counts():
     assert plain["residual"] == 3 * c * e
     again = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, recompute=True)
     assert again["total"] == plain["total"] + plain["forward"]
-    # every transition fused: x_{l+1} read once less forward; the backward runs the same passes
+    # every transition fused: x_{l+1} read twice less forward (coefficients and pre-mix in the pass
+    # that writes it: (2n + 2)C); the backward runs the same passes
     fused = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, fused=1.0)
-    assert plain["forward"] - fused["forward"] == n * c * e
+    assert plain["forward"] - fused["forward"] == 2 * n * c * e
+    assert fused["forward"] - small == (2 * n + 2) * c * e
     assert fused["backward"] == plain["backward"]
 
 

@@ -30,7 +30,7 @@ from torchmhc import functional as ref
 from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
 from torchmhc.kernels.hc_coefficients_op import WIDTH, hc_coefficients_bwd, hc_coefficients_fwd
-from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd
+from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_dh, pre_mix_fwd
 
@@ -241,10 +241,20 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         ("  coefficients bwd: dx+dfn step", 2 * tok, lambda: coefficients_bwd_x(x, fn, *steps[:2])),
     ]
     # cross-sub-layer fusion: post-res of sub-layer l + coefficients of l+1 (same parameters here)
-    ops.append((
-        "post_res + next coefficients fwd (fused)", 2 * tok + ch + small,
-        lambda: post_res_coefficients_fwd(x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0),
-    ))  # fmt: skip
+    transition = (x, f_out, h_post, h_res, fn, scale, base, 20, 1e-6, 1e-6, 2.0)
+
+    def transition_then_pre_mix():
+        x_next, h_pre2, *_ = post_res_coefficients_fwd(*transition)
+        return pre_mix_fwd(x_next, h_pre2)
+
+    ops += [
+        ("post_res + next coefficients fwd (fused)", 2 * tok + ch + small, lambda: post_res_coefficients_fwd(*transition)),
+        # the transition as mhc_post_pre runs it: with the next pre-mix in the same kernel (reading
+        # back x_{l+1} from L2), and the previous form, the fused pass then the pre-mix kernel
+        ("post_res + next coefficients + pre-mix fwd (fused)", 2 * tok + 2 * ch + small,
+         lambda: post_res_coefficients_pre_mix_fwd(*transition)),
+        ("post_res + next coefficients fwd (fused), then pre_mix fwd", 3 * tok + 2 * ch + small, transition_then_pre_mix),
+    ]  # fmt: skip
     for name, nbytes, fn_ in ops:
         rows.append(Row(name, shape, "torchmhc triton", bench(fn_, label=name), nbytes))
 
@@ -289,15 +299,16 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     time_sublayers(rows, "sub-layer fwd+bwd", shape, impls, _Reference, (x, fn, scale, base), g_nc, sub_bytes, compile_ref)
 
     # two sub-layers (identity branches): the first one's post-res fused with the second one's
-    # coefficients and pre-mix (mhc_post_pre, opt-in) against the two one by one
-    def two_sublayers(fused: bool) -> Callable[[], None]:
+    # coefficients and pre-mix (mhc_post_pre, as the models run it; or with the pre-mix as a kernel
+    # of its own) against the two one by one
+    def two_sublayers(fused: bool, fused_pre_mix: bool = True) -> Callable[[], None]:
         params = [p.detach().requires_grad_() for p in (fn, scale, base)]
         xr = x.detach().requires_grad_()
 
         def step():
             u, x_pass, (_, hp, hr) = mhc_pre(xr, *params)
             if fused:
-                u2, x2, (_, hp2, hr2) = mhc_post_pre(x_pass, u, hp, hr, *params)
+                u2, x2, (_, hp2, hr2) = mhc_post_pre(x_pass, u, hp, hr, *params, fused_pre_mix=fused_pre_mix)
             else:
                 u2, x2, (_, hp2, hr2) = mhc_pre(post_res(x_pass, u, hp, hr), *params)
             torch.autograd.grad(post_res(x2, u2, hp2, hr2), [xr, *params], g_nc)
@@ -305,8 +316,12 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
         return step
 
     with use_kernels("triton"):
-        for impl_name, fused in (("torchmhc triton, fused transition", True), ("torchmhc triton", False)):
-            rows.append(Row("two sub-layers fwd+bwd", shape, impl_name, bench(two_sublayers(fused), label=f"{impl_name} two sub-layers"), 2 * sub_bytes))
+        for impl_name, variant in (
+            ("torchmhc triton, fused transition", (True,)),
+            ("torchmhc triton, fused transition, separate pre-mix", (True, False)),
+            ("torchmhc triton", (False,)),
+        ):
+            rows.append(Row("two sub-layers fwd+bwd", shape, impl_name, bench(two_sublayers(*variant), label=f"{impl_name} two sub-layers"), 2 * sub_bytes))
 
 
 def run_hc_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> None:

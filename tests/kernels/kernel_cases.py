@@ -168,7 +168,8 @@ class Launches:
 
     NAMES = (
         "coefficients_fwd", "coefficients_bwd", "pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh",
-        "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd", "hc_coefficients_fwd", "hc_coefficients_bwd",
+        "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd", "post_res_coefficients_pre_mix_fwd",
+        "hc_coefficients_fwd", "hc_coefficients_bwd",
     )  # fmt: skip
 
     def __init__(self):

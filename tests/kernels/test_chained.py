@@ -3,8 +3,9 @@ pre-mix as one autograd node whose pass-through view of x feeds the post-res, so
 gradients are summed inside the kernels' dx passes. Checked against the fp64 reference, bitwise
 against the unchained kernels where the arithmetic is the same (fp32), and through the module.
 The same across sub-layers (``torchmhc.kernels.mhc_post_pre``): sub-layer l's post-res fused with
-l+1's coefficients, then l+1's pre-mix with a pass-through, against the composed reference."""
+l+1's coefficients and pre-mix, x_{l+1} handed on, against the composed reference."""
 
+import functools
 import math
 
 import pytest
@@ -348,8 +349,9 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
         out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
         with RecordOps() as backward, Launches() as backward_launches:
             torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
-    # one pass for post-res + coefficients, not the two unfused ops (a silent fallback fails here)
-    assert forward.calls("post_res_coefficients_fwd") == 1 and forward.calls("pre_mix_fwd") == 1
+    # one pass for post-res + coefficients + pre-mix, not the unfused ops (a silent fallback fails here)
+    assert forward.calls("post_res_coefficients_pre_mix_fwd") == 1
+    assert forward.calls("post_res_coefficients_fwd") == forward.calls("pre_mix_fwd") == 0
     assert forward.calls("post_res_fwd") == forward.calls("coefficients_fwd") == 0
     assert all(made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
     # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
@@ -357,6 +359,21 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     assert backward_launches.calls("pre_mix_dh") == 1 and backward_launches.calls("pre_mix_bwd") == 0
     assert backward_launches.calls("coefficients_bwd") == 1 and backward_launches.calls("post_res_bwd") == 2
     assert backward.stream_adds(x.shape) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_post_pre_separate_pre_mix_gives_the_same_bits(dtype):
+    # fused_pre_mix=False: the fused pass without its pre-mix, then the pre-mix kernel; same
+    # outputs and gradients, bit for bit (same kernels' arithmetic, same backward)
+    inputs = [t.requires_grad_() for t in _post_pre_inputs(3, dtype, (7,), c=192)]
+    separate = two_sublayers(functools.partial(mhc_post_pre, fused_pre_mix=False), post_res)
+    with use_kernels("triton"):
+        with Launches() as launches:
+            expected = _grads(separate, inputs)
+        assert launches.calls("post_res_coefficients_fwd") == launches.calls("pre_mix_fwd") == 1
+        assert launches.calls("post_res_coefficients_pre_mix_fwd") == 0
+        for a, b in zip(_grads(fused_two, inputs), expected):
+            assert torch.equal(a, b)
 
 
 def test_torch_compile_traces_post_pre():
@@ -385,7 +402,7 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
         u_expected, ctx_expected = second.pre(x_next)
         expected = second.post(ctx_expected, g(u_expected))
         expected_grads = torch.autograd.grad(expected.square().sum(), [x, *params, *params2])
-    assert forward.calls("post_res_coefficients_fwd") == 1
+    assert forward.calls("post_res_coefficients_pre_mix_fwd") == 1
     assert [s[0] for s in seen] == [second, second]  # once for post_pre, once for the composition
     torch.testing.assert_close(seen[0][1], x_next, **FP32_TOL)
     for a, b in zip(seen[0][2], seen[1][2]):

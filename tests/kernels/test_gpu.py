@@ -137,3 +137,22 @@ def test_gpu_post_pre_matches_reference_and_is_deterministic(t, n, c):
             runs.append([out, *torch.autograd.grad(out.float().square().sum() + h_pre.sum(), leaves)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t, n, c", [(8192, 4, 2048), (8192, 4, 1280), *SHAPES])
+def test_gpu_post_res_coefficients_pre_mix_equals_two_kernels(t, n, c, dtype):
+    # the fused kernel's pre-mix re-walk (read back through L2) against the fused kernel without it
+    # followed by the pre-mix kernel: every output bit-identical, at the launcher's defaults, and at
+    # C = 2048 (more written than the H100's L2 holds) at other token tiles and mix steps too
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
+    from torchmhc.kernels.pre_mix_op import pre_mix_fwd
+
+    args = (*_post_res_inputs(t, n, c, dtype), *mhc_params(n, c), 20, 1e-6, 1e-6, 2.0)
+    for block_t, block_c_mix in ((None, None), (16, 64), (None, 256))[: 3 if c == 2048 else 1]:
+        # the same token tile on both sides: the coefficients' fp32 sums are laid out by it
+        x_next, *coefficients = post_res_coefficients_fwd(*args, block_t=block_t)
+        y = pre_mix_fwd(x_next, coefficients[0])
+        fused = post_res_coefficients_pre_mix_fwd(*args, block_t=block_t, block_c_mix=block_c_mix)
+        for i, (a, b) in enumerate(zip(fused, (x_next, y, *coefficients))):
+            assert torch.equal(a, b), f"block_t={block_t}, block_c_mix={block_c_mix}: output {i}"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_cases import DEVICE, check_fwd_bwd, mhc_params, streams
+from kernel_cases import DEVICE, FP32_TOL, check_fwd_bwd, mhc_params, streams
 
 from torchmhc import functional as ref
 from torchmhc.kernels import post_res_coefficients, use_kernels
@@ -64,4 +64,45 @@ def test_post_res_coefficients_op_schema_fake_and_autograd():
         post_res_coefficients_op,
         (x, f_out, h_post, h_res, *params, 20, 1e-6, 1e-6, 2.0),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, c, t", [(1, 64, 7), (2, 192, 21), (3, 320, 7), (4, 128, 21), (8, 64, 19)])
+def test_post_res_coefficients_pre_mix_is_the_pre_mix_of_x_next(n, c, t, dtype):
+    # the MIX re-walk: y bit-identical to the pre-mix kernel on the stored x_next, everything else
+    # what the kernel writes without it; 64-channel mix steps walk C = 192 and 320 (64·odd) in
+    # several reversed steps, t = 19, 21 leave a partial second tile of 16 tokens
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
+    from torchmhc.kernels.pre_mix_op import pre_mix_fwd
+
+    x = streams(t, n, c, dtype)
+    f_out = torch.randn(t, c, device=DEVICE).to(dtype)
+    h_post, h_res = 2 * torch.rand(t, n, device=DEVICE), torch.rand(t, n, n, device=DEVICE) / n
+    args = (x, f_out, h_post, h_res, *mhc_params(n, c), 20, 1e-6, 1e-6, 2.0)
+    x_next, y, *coefficients = post_res_coefficients_pre_mix_fwd(*args, block_c_mix=64)
+    plain = post_res_coefficients_fwd(*args)
+    for a, b in zip((x_next, *coefficients), plain):
+        assert torch.equal(a, b)
+    assert y.dtype == dtype and y.shape == (t, c)
+    assert torch.equal(y, pre_mix_fwd(x_next, coefficients[0]))
+    if c > 64:  # the default mix step, larger
+        assert torch.equal(post_res_coefficients_pre_mix_fwd(*args)[1], y)
+    exact = torch.einsum("tj,tjc->tc", coefficients[0].double(), x_next.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), exact, **FP32_TOL)
+    else:
+        torch.testing.assert_close(y, exact.to(dtype))
+
+
+def test_post_res_coefficients_pre_mix_op_schema_and_fake():
+    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_pre_mix_op
+
+    x = streams(5, 2, 64, torch.float32)
+    f_out = torch.randn(5, 64, device=DEVICE)
+    h_post, h_res = torch.rand(5, 2, device=DEVICE), torch.rand(5, 2, 2, device=DEVICE)
+    torch.library.opcheck(
+        post_res_coefficients_pre_mix_op,
+        (x, f_out, h_post, h_res, *mhc_params(2, 64), 20, 1e-6, 1e-6, 2.0),
+        test_utils=("test_schema", "test_faketensor"),
     )

@@ -26,8 +26,9 @@ pass-through. Per sub-layer that is 4 passes over stream-sized tensors (dh: x; d
 post-res gradient, dx; dy, C a token, is read once per stream) instead of 6 with a separate pre-mix
 dx pass, or 10 with autograd's additions.
 
-Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l and the coefficient pass of
-l+1 run as one kernel that writes x_{l+1}; with the pre-mix of l+1 they form one autograd node,
+Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l, the coefficient pass of
+l+1 and its pre-mix run as one kernel that writes x_{l+1} and reads it back for the pre-mix while it
+is still in L2; they form one autograd node,
 whose backward is sub-layer l+1's chained backward above followed by the post-res backward of l.
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
@@ -402,24 +403,37 @@ class _ChainedPre(torch.autograd.Function):
 class _ChainedPostPre(torch.autograd.Function):
     """Sub-layer l's post-res and sub-layer l+1's mHC coefficients and pre-mix as one node.
 
-    Forward: the fused post-res + coefficient op (one pass over the streams, writes x_{l+1}), then
-    the pre-mix of x_{l+1}; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1.
-    Backward: :func:`_chained_pre_backward` for l+1 (its dx pass also adds the gradient x_next got
-    downstream), then the post-res backward of l.
+    Forward: the fused post-res + coefficient op (one pass over the streams, writes x_{l+1}) with
+    the pre-mix of x_{l+1} in the same kernel (``mix``: each program reads back the x_{l+1} it has
+    just written, from L2 where it is still there), or without ``mix`` followed by the pre-mix
+    kernel; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1, the same bits
+    either way. Backward: :func:`_chained_pre_backward` for l+1 (its dx pass also adds the
+    gradient x_next got downstream), then the post-res backward of l.
     """
 
     @staticmethod
     def forward(
         ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor,
-        iters: int, eps: float, rms_eps: float, post_scale: float,
+        iters: int, eps: float, rms_eps: float, post_scale: float, mix: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_op
+        from torchmhc.kernels.post_res_coefficients_op import (
+            post_res_coefficients_fwd,
+            post_res_coefficients_op,
+            post_res_coefficients_pre_mix_fwd,
+            post_res_coefficients_pre_mix_op,
+        )
         from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
-        x_next, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(post_res_coefficients_op, post_res_coefficients_fwd, x)(
-            x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale
-        )
-        y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x_next, h_pre2)
+        args = (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
+        if mix:
+            x_next, y, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(
+                post_res_coefficients_pre_mix_op, post_res_coefficients_pre_mix_fwd, x
+            )(*args)
+        else:
+            x_next, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(
+                post_res_coefficients_op, post_res_coefficients_fwd, x
+            )(*args)
+            y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x_next, h_pre2)
         ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
         ctx.config = (iters, eps, rms_eps, post_scale)
         ctx.set_materialize_grads(False)
@@ -438,8 +452,8 @@ class _ChainedPostPre(torch.autograd.Function):
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
             dx, df, dh_post, dh_res = eager_or_compiled(post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
-        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
-        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None
+        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, mix)
+        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None, None
 
 
 def _cpu_pre(pre: Callable[..., tuple], x: Tensor, *args: object) -> tuple[Tensor, Tensor, ref.Coefficients]:
@@ -519,6 +533,7 @@ def mhc_post_pre(
     rms_eps: float = 1e-6,
     post_scale: float = 2.0,
     manifold: ref.ResidualProjection | None = None,
+    fused_pre_mix: bool = True,
 ) -> tuple[Tensor, Tensor, ref.Coefficients]:
     """Sub-layer l's post-res and sub-layer l+1's first half (:func:`mhc_pre`) in one call.
 
@@ -526,7 +541,9 @@ def mhc_post_pre(
     ``layer_input, x_for_post, c = mhc_pre(x_next, fn, scale, base, ...)``. Where the post-res
     kernel and the coefficient kernels (for sub-layer l+1's ``manifold``, as in
     :func:`mhc_coefficients`) both apply, all of it is one autograd node (``_ChainedPostPre``): the
-    post-res and the coefficient pass read the streams of l once, and in backward the three
+    post-res and the coefficient pass read the streams of l once, the pre-mix reads back the
+    x_{l+1} that the same kernel has just written (from L2 where it is still there; see
+    ``post_res_coefficients_op.py``), and in backward the three
     gradients of x_{l+1} are summed in the coefficient backward's one pass over them (see the
     module docstring). Elsewhere: exactly the two calls above.
 
@@ -535,6 +552,9 @@ def mhc_post_pre(
             ``[..., C]``; h_post ``[..., n]``, h_res ``[..., n, n]``: its coefficients (fp32).
         fn, scale, base, iters, eps, rms_eps, post_scale, manifold: sub-layer l+1's, as in
             :func:`mhc_coefficients`.
+        fused_pre_mix: False runs sub-layer l+1's pre-mix as a kernel of its own after the fused
+            pass (which then writes x_{l+1} only), reading x_{l+1} from memory once more: the
+            previous form, kept for benchmarks. Same results, bit for bit.
 
     Returns:
         ``(layer_input [..., C], x_next [..., n, C], both in x.dtype, Coefficients(h_pre [..., n],
@@ -553,6 +573,7 @@ def mhc_post_pre(
     y, x_next, h_pre2, h_post2, h_res2 = _ChainedPostPre.apply(
         flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
         fn.contiguous(), scale.contiguous(), base.contiguous(), kernel_iters, float(eps), float(rms_eps), float(post_scale),
+        bool(fused_pre_mix),
     )  # fmt: skip
     lead = x.shape[:-2]
     coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)

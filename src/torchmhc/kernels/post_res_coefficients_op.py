@@ -28,6 +28,15 @@ T = 16384, C = 4096, n = 4 (85% of a copy; the [BT, NP·BC]-operand form took 51
 moves no stream data, and one program of 4 warps holds a multiprocessor (its staged tiles fill the
 shared memory).
 
+With ``MIX`` (:func:`post_res_coefficients_pre_mix_fwd`, what ``dispatch.mhc_post_pre`` runs by
+default) the kernel also forms sub-layer l+1's layer input ``y = Σ_j h_pre[j]·x_{l+1}[j]``: h_pre is
+known only after the epilogue, so each program then reads its tokens' x_{l+1} back, last-written
+channels first, from L2 where the copy is still there, and writes y ``[T, C]``. The transition then
+moves (2n + 2)·C a token forward (reads x_l and f, writes x_{l+1} and y) instead of (3n + 2)·C with
+the pre-mix kernel reading x_{l+1} from memory, in one launch instead of two; y is the pre-mix
+kernel's bit for bit (``pre_mix_op.mix_stream``: the same fused multiply-adds in the same order).
+Not measured yet: how much of the read-back hits L2 (see the launcher) and what it costs the pass.
+
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
@@ -53,11 +62,14 @@ from torchmhc.kernels.coefficients_op import (
     merged_row_of,
 )
 from torchmhc.kernels.post_res_op import post_res_bwd
+from torchmhc.kernels.pre_mix_op import mix_stream
 
 __all__ = [
     "pack_fn",
     "post_res_coefficients_fwd",
+    "post_res_coefficients_pre_mix_fwd",
     "post_res_coefficients_op",
+    "post_res_coefficients_pre_mix_op",
     "post_res_coefficients_backward",
     "PostResCoefficients",
     "post_res_coefficients_backward_op",
@@ -197,6 +209,7 @@ def _post_res_coef_fwd_kernel(
     mpp_ptr,  # saved for the backward, as in coefficients_op
     mres_ptr,
     rinv_ptr,
+    y_ptr,  # [T, C] out (MIX; else unused): sub-layer l+1's layer input Σ_j h_pre[j]·x_{l+1}[j]
     T,
     eps,
     rms_eps,
@@ -209,9 +222,12 @@ def _post_res_coef_fwd_kernel(
     ITERS: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    BCM: tl.constexpr,
     MODE: tl.constexpr,
+    MIX: tl.constexpr,
 ):
-    # grid (cdiv(T, BT),): BT tokens per program, C in BC-channel steps
+    # grid (cdiv(T, BT),): BT tokens per program, C in BC-channel steps; with MIX, the tokens'
+    # x_{l+1} once more, in BCM-channel steps, for the pre-mix of sub-layer l+1
     K: tl.constexpr = N * C
     t0 = tl.program_id(0) * BT
     toks = t0 + tl.arange(0, BT)
@@ -250,6 +266,59 @@ def _post_res_coef_fwd_kernel(
         acc_pp, acc_res, tl.sum(sumsq, axis=1), toks, tmask, scale_ptr, base_ptr, hpre2_ptr, hpost2_ptr,
         hres2_ptr, mpp_ptr, mres_ptr, rinv_ptr, eps, rms_eps, post_scale, K, N, NP, ITERS, BT, 1,  # RELOAD: 1
     )  # fmt: skip
+    if MIX:
+        # the pre-mix from the x_{l+1} this program has just stored (from L2 where it is still
+        # there, see the launcher) and the h_pre its epilogue has just stored: the barrier makes
+        # every thread's stores visible to all of the program's threads, which read other elements
+        tl.debug_barrier()
+        h_pre = ()
+        for j in tl.static_range(N):
+            h_pre = h_pre + (tl.load(hpre2_ptr + toks * N + j, mask=tmask, other=0.0, cache_modifier=".cg")[:, None],)
+        mix_rows = out_ptr + toks[:, None] * K + tl.arange(0, BCM)[None, :]
+        y_rows = y_ptr + toks[:, None] * C + tl.arange(0, BCM)[None, :]
+        # last-written channels first: the shortest time from each store to its load back. This is
+        # the tile's last read in the kernel: marked first to leave L2, it does not push out the
+        # tiles still to come (no ".cg" beside it: PTX's ld takes a cache operator or eviction
+        # priorities, not both)
+        for k in range(C // BCM):
+            c0 = C - BCM - k * BCM
+            y = tl.zeros([BT, BCM], dtype=tl.float32)
+            for j in tl.static_range(N):
+                xj = tl.load(mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
+                y = mix_stream(y, h_pre[j], xj)  # pre_mix_op's order: bit-identical y
+            tl.store(y_rows + c0, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
+
+
+def _launch(
+    x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int,
+    eps: float, rms_eps: float, post_scale: float, mix: bool, block_t: int | None, block_c: int | None,
+    block_c_mix: int | None, num_warps: int | None, num_stages: int | None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Both launchers: ``(x_next, y or None (without ``mix``), *coefficient outputs)``."""
+    t, n, c = x.shape
+    x_next = torch.empty_like(x)
+    y = torch.empty((t, c), dtype=x.dtype, device=x.device) if mix else None
+    outs = empty_coefficient_outputs(x)
+    if t == 0:
+        return (x_next, y, *outs)
+    ns, m = next_pow2(n), packed_rows(n)
+    narrow = x.dtype != torch.float32
+    bt = token_block(block_t or 32)
+    block_c = channel_block(c, block_c or (64 if n <= 4 else 16))
+    if n <= 4:
+        num_warps, num_stages = num_warps or (4 if narrow else 8), num_stages or (4 if narrow else 3)
+    else:
+        num_warps, num_stages = num_warps or 8, num_stages or (3 if narrow else 2)
+    mode = precision_mode(x)
+    fnp = pack_fn(fn, n, c, block_c, split=mode != MODE_FMA)
+    _post_res_coef_fwd_kernel[(cdiv(t, bt),)](
+        tile_descriptor(x, [bt, ns, block_c]), tile_descriptor(f_out, [bt, block_c]), h_post, h_res, x_next,
+        tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, x_next if y is None else y, t, eps, rms_eps,
+        post_scale, C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c,
+        BCM=channel_block(c, block_c_mix or 128) if mix else 64, MODE=mode, MIX=mix,  # BCM: unused without MIX
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return (x_next, y, *outs)
 
 
 def post_res_coefficients_fwd(
@@ -279,28 +348,49 @@ def post_res_coefficients_fwd(
     64 channels (128-byte rows of 16-bit streams), 4 warps, 4 stages (481 µs; fp32 streams 8 warps,
     3 stages: 900 µs); for n > 4, 16 channels, 8 warps, 3 stages (2 for fp32 streams, whose staged
     tiles would not fit): 1399 µs against 2138 with 4 warps and 2 stages."""
-    t, n, c = x.shape
-    x_next = torch.empty_like(x)
-    outs = empty_coefficient_outputs(x)
-    if t == 0:
-        return (x_next, *outs)
-    ns, m = next_pow2(n), packed_rows(n)
-    narrow = x.dtype != torch.float32
-    bt = token_block(block_t or 32)
-    block_c = channel_block(c, block_c or (64 if n <= 4 else 16))
-    if n <= 4:
-        num_warps, num_stages = num_warps or (4 if narrow else 8), num_stages or (4 if narrow else 3)
-    else:
-        num_warps, num_stages = num_warps or 8, num_stages or (3 if narrow else 2)
-    mode = precision_mode(x)
-    fnp = pack_fn(fn, n, c, block_c, split=mode != MODE_FMA)
-    _post_res_coef_fwd_kernel[(cdiv(t, bt),)](
-        tile_descriptor(x, [bt, ns, block_c]), tile_descriptor(f_out, [bt, block_c]), h_post, h_res, x_next,
-        tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, t, eps, rms_eps, post_scale,
-        C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c, MODE=mode,
-        num_warps=num_warps, num_stages=num_stages,
+    x_next, _, *outs = _launch(
+        x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, False, block_t, block_c, None,
+        num_warps, num_stages,
     )  # fmt: skip
     return (x_next, *outs)
+
+
+def post_res_coefficients_pre_mix_fwd(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    iters: int,
+    eps: float,
+    rms_eps: float,
+    post_scale: float,
+    *,
+    block_t: int | None = None,
+    block_c: int | None = None,
+    block_c_mix: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launcher of the same kernel with sub-layer l+1's pre-mix: inputs as in
+    :func:`post_res_coefficients_fwd` -> ``(x_next [T, n, C], y [T, C], both x.dtype, h_pre, h_post,
+    h_res, m_pp, m_res, rinv)``, ``y = Σ_j h_pre[j]·x_next[j]`` bit-identical to
+    ``pre_mix_op.pre_mix_fwd(x_next, h_pre)``.
+
+    Each program, after its epilogue, reads its tokens' x_next back in ``block_c_mix``-channel steps
+    (default 128), the channels it wrote last first. Those reads come from L2 as long as what all
+    resident programs (one a multiprocessor) have written since is still there: about
+    ``block_t``·n·C·(bytes of x) a program, 132 programs on an H100 (50 MB of L2): at n = 4, bf16,
+    ``block_t`` = 32, 43 MB at C = 1280 and 69 MB at C = 2048 (each program's own reads of x_l and
+    f pass through L2 too), so at C = 2048 only the last-written part is expected to hit; ``block_t``
+    = 16 halves the footprint. The other tile options and defaults are those of
+    :func:`post_res_coefficients_fwd`."""
+    return _launch(
+        x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
+        block_c_mix, num_warps, num_stages,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +442,16 @@ post_res_coefficients_op = define_op(
     " float eps, float rms_eps, float post_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     post_res_coefficients_fwd,
     lambda x, *_: (torch.empty_like(x), *empty_coefficient_outputs(x)),
+)
+#: See :func:`post_res_coefficients_pre_mix_fwd`; no autograd of its own: ``dispatch._ChainedPostPre``
+#: runs it in its forward and has the backward.
+post_res_coefficients_pre_mix_op = define_op(
+    "post_res_coefficients_pre_mix",
+    "(Tensor x, Tensor f_out, Tensor h_post, Tensor h_res, Tensor fn, Tensor scale, Tensor base, int iters,"
+    " float eps, float rms_eps, float post_scale)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    post_res_coefficients_pre_mix_fwd,
+    lambda x, *_: (torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2])), *empty_coefficient_outputs(x)),
 )
 #: :func:`post_res_coefficients_backward`.
 post_res_coefficients_backward_op = define_op(

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmhc.kernels._common import channel_block, define_op, eager_or_compiled, next_pow2
 
 __all__ = [
+    "mix_stream",
     "pre_mix_fwd",
     "pre_mix_bwd",
     "pre_mix_dh",
@@ -30,6 +31,15 @@ __all__ = [
 
 
 @triton.jit
+def mix_stream(y, h, x):
+    """One term of ``y = Σ_j h[j]·x[j]``: ``y + h·x`` in fp32 as one fused multiply-add (``h`` a
+    scalar or a column broadcast over y's shape; ``x`` in the stream dtype). Every kernel that forms a
+    layer input adds the streams with it in the order j = 0, 1, ... from y = 0, so their outputs are
+    bit-identical (the fused transition's re-walk, ``post_res_coefficients_op``, is one)."""
+    return tl.fma(tl.broadcast_to(h, y.shape), x.to(tl.float32), y)
+
+
+@triton.jit
 def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid (T,): one token per program. Streams are read as separate rows and accumulated
     # elementwise: a cross-warp reduction over the stream axis ran 10x slower at C = 1280.
@@ -38,7 +48,7 @@ def _pre_mix_fwd_kernel(x_ptr, h_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr,
         cols = c0 + tl.arange(0, BLOCK_C)
         y = tl.zeros([BLOCK_C], dtype=tl.float32)
         for j in tl.static_range(N):
-            y += tl.load(h_ptr + t * N + j) * tl.load(x_ptr + (t * N + j) * C + cols).to(tl.float32)
+            y = mix_stream(y, tl.load(h_ptr + t * N + j), tl.load(x_ptr + (t * N + j) * C + cols))
         tl.store(out_ptr + t * C + cols, y.to(out_ptr.dtype.element_ty))
 
 
