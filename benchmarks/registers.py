@@ -48,9 +48,13 @@ def compile_stats(
             signature[name] = f"*{element}"
         else:
             constants[name] = None
+    # as Triton's launcher specializes them for 16-byte aligned tensors and token counts: without
+    # these hints the per-thread loads and stores would not be vectorized
+    aligned = {(_coef_bwd_x_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
     kernel = triton.compile(
-        ASTSource(_coef_bwd_x_kernel, signature, constants),
+        ASTSource(_coef_bwd_x_kernel, signature, constants, aligned),
         target=GPUTarget("cuda", 90, 32),
         options=dict(num_warps=num_warps, num_stages=num_stages),
     )

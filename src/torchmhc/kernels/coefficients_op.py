@@ -414,9 +414,8 @@ def _coef_bwd_x_kernel(
     # The tiles that feed tensor-core products (x, dm) and the dx tile move by the copy engine (TMA
     # descriptors; rows past T read as zeros and are not written): against per-thread loads,
     # 434 -> 387 µs at T = 16384, C = 4096 (H100, torchmhc bench), with 167 registers instead of
-    # 255, so 3 pipeline stages fit without spilling (offline sm_90a compile, Triton 3.6,
-    # benchmarks/registers.py). With MIX + ADD at the default 64 tokens and 4 warps the kernel
-    # still spills 364 bytes a thread (255 registers); 8 warps or 32-token tiles do not. The others stay
+    # 255 (243 with MIX + ADD; offline sm_90a compile with Triton 3.6, benchmarks/registers.py), so
+    # 3 pipeline stages fit without spilling. The others stay
     # per-thread loads: Triton pipelines only the former, and a TMA load it does not pipeline is
     # issued and then waited for at once (Nsight Compute: half the stalls of the MIX + ADD loop;
     # per-thread loads there took the chained step from 682 to 659 µs)
@@ -597,8 +596,7 @@ def coefficients_bwd_x(
     blocks than multiprocessors. Other gradients of x summed into dx in the same
     pass: ``add [T, n, C]`` (x.dtype, contiguous) and, for a pre-mix ``y = Σ_j h_pre[j]·x[j]`` of
     the same streams, ``mix = (dy [T, C], h_pre [T, n] fp32)``, contiguous: ``h_pre ⊗ dy``.
-    ``num_stages`` defaults to 3 (with the tiles moved by TMA the plain pass does not spill; with
-    ``add`` and ``mix`` the default tiles spill 364 bytes a thread: ``benchmarks/registers.py``).
+    ``num_stages`` defaults to 3 (with the tiles moved by TMA, also with ``mix``: no spills).
 
     ``per_stream`` (the original HC, ``hc_coefficients_op.py``): each stream has its own RMS and
     its own projection by a shared ``fn [n + 2, C]``; ``dm [T·n, 16]`` (column p is fn row p) and
