@@ -516,3 +516,48 @@ def test_one_data_parallel_rank_keeps_the_model_as_on_one_device(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("residual", ["residual", "mhc"])
+def test_fsdp_mixed_precision_casts_the_matrices_and_keeps_norms_and_connections_whole_in_fp32(monkeypatch, residual):
+    # one device runs the norms and connections with fp32 parameters under bf16 autocast: FSDP's
+    # param_dtype must leave them so (they are kept whole, out of the units), and cast the rest
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchmhc.distributed.fsdp import shard_block, shard_root
+    from torchmhc.distributed.mesh import free_port
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo")
+    try:
+        cfg = load_config(None, ["model.num_layers=1", "model.dim=64", "model.num_heads=2", f"model.residual={residual}"])
+        model = build_model(cfg.model)
+        mesh = init_device_mesh("cpu", (1,))
+        shard_block(model.blocks[0], mesh, param_dtype=torch.bfloat16, reshard_after_forward=True, recompute=False)
+        kept = shard_root(model, mesh, param_dtype=torch.bfloat16)
+        block = model.blocks[0]
+        norms = [block.attn_norm.weight, block.ffn_norm.weight, model.norm.weight]
+        connections = [*block.attn_hc.parameters(), *block.ffn_hc.parameters(),
+                       *(model.stream_head.parameters() if model.stream_head is not None else ())]  # fmt: skip
+        assert {id(p) for p in kept} == {id(p) for p in norms + connections}
+        assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in kept)  # whole, not sharded
+        seen = {}
+
+        def record(name):
+            def hook(module, args):  # the dtype of the module's parameters as its forward sees them
+                seen.setdefault(name, next(module.parameters()).dtype)
+
+            return hook
+
+        for name in ("attn_norm", "ffn_norm", "attn"):
+            getattr(block, name).register_forward_pre_hook(record(name))
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens).float().sum().backward()
+        assert seen["attn_norm"] == seen["ffn_norm"] == torch.float32
+        assert seen["attn"] == torch.bfloat16  # mixed precision is on: the matrices are cast
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in norms)
+    finally:
+        dist.destroy_process_group()

@@ -1,8 +1,8 @@
 """Gradient clipping by the global norm over every shard and every pipeline stage.
 
 With FSDP each rank holds a shard of each block's gradient (a DTensor): the norm of the shards
-is reduced over the data-parallel mesh (``DTensor.full_tensor``); the connections' parameters,
-which every rank holds whole, count once. With pipelining each rank holds
+is reduced over the data-parallel mesh (``DTensor.full_tensor``); the parameters every rank
+holds whole (the connections' and the norms') count once. With pipelining each rank holds
 the gradients of its stages only: the squared norms are summed over the pipeline group. Every
 rank ends with the same norm, the one a single process would compute over all gradients, and
 scales its own gradients by the same factor.

@@ -3,17 +3,22 @@
 Units, bottom-up (each unit all-gathers its parameters before use and reduce-scatters their
 gradients after the backward):
 
-- every transformer block (attention, FFN or MoE, norms): one unit in the compute dtype;
-- the root (embedding, final norm, LM head) — the model, or a pipeline stage.
+- every transformer block (attention, FFN or MoE): one unit in the compute dtype;
+- the root (embedding, LM head) — the model, or a pipeline stage.
 
-The hyper-connections' and stream heads' parameters (``fn``, ``base``, ``scale``) are left out of
-the units (``ignored_params``): every rank keeps them whole, in fp32 (the mHC coefficients are
-computed in fp32), and :func:`average_replicated_gradients` averages their gradients over the
-data-parallel ranks in one all-reduce after the backward. They are small (for gpu-dense-1b 38 MB,
-0.7% of the model) and used by many calls per block (``pre``, ``post_pre``, ``post``, recomputation):
-as units of their own they cost FSDP's hooks at every such call (with them, FSDP over one rank left
-an H100 30 ms idle per gpu-dense-1b step; on a hook-bound CPU probe they were a third of FSDP's
-cost), and they needed their methods registered as forward methods to be gathered.
+The hyper-connections' and stream heads' parameters (``fn``, ``base``, ``scale``) and the RMSNorm
+weights are left out of the units (``ignored_params``): every rank keeps them whole, in fp32, and
+:func:`average_replicated_gradients` averages their gradients over the data-parallel ranks in one
+all-reduce after the backward. They are small (for gpu-dense-1b 38 MB, 0.7% of the model; the
+norms add C values a sub-layer).
+
+- The connections' parameters are used by many calls per block (``pre``, ``post_pre``, ``post``,
+  recomputation): as units of their own they cost FSDP's hooks at every such call (with them,
+  FSDP over one rank left an H100 30 ms idle per gpu-dense-1b step; on a hook-bound CPU probe they
+  were a third of FSDP's cost), and they needed their methods registered as forward methods to be
+  gathered. They stay in fp32 because the mHC coefficients are computed in fp32.
+- The norms stay out so that they scale by their fp32 weights, as on one device: autocast leaves
+  parameters as they are, while FSDP's ``param_dtype`` would round them to bf16 first.
 
 Mixed precision: bf16 parameters for the compute and fp32 gradient reduction (FSDP keeps fp32
 sharded parameters for the optimizer); ``param_dtype=None`` computes and reduces in the
@@ -52,7 +57,8 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
 def shard_block(
     block: Block, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool, recompute: bool
 ) -> None:
-    """``fully_shard`` one transformer block in place, its hyper-connections' parameters left out.
+    """``fully_shard`` one transformer block in place, its hyper-connections' parameters and norm
+    weights left out.
 
     Call it on every block before :func:`shard_root` shards the root above them (bottom-up); a
     laid-out build calls it as each block is built, so the block's whole copy is freed at once.
@@ -80,7 +86,7 @@ def shard_root(root: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | 
     backward needs them at once). Its blocks must be sharded already (:func:`shard_block`).
 
     Returns:
-        The parameters left whole on every rank (hyper-connections, stream heads), whose gradients
+        The parameters left whole on every rank (hyper-connections, stream heads, norms), whose gradients
         :func:`average_replicated_gradients` must average after each backward.
     """
     kept = _replicated(root)
@@ -89,10 +95,10 @@ def shard_root(root: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | 
 
 
 def _replicated(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the hyper-connections and stream heads in ``module``, in module order, each once."""
-    return list(dict.fromkeys(
-        p for m in module.modules() if isinstance(m, (HyperConnection, StreamHead)) for p in m.parameters()
-    ))  # fmt: skip
+    """The parameters of the hyper-connections, stream heads and RMSNorms in ``module``, in module
+    order, each once."""
+    kept = (HyperConnection, StreamHead, nn.RMSNorm)
+    return list(dict.fromkeys(p for m in module.modules() if isinstance(m, kept) for p in m.parameters()))
 
 
 def _policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:

@@ -69,7 +69,7 @@ class ParallelModel:
         tied_group: with tied embeddings, the two ranks whose first and last stages hold the two
             copies of the embedding matrix (``pipeline.sync_tied_gradients``); None where one rank
             holds both, or nothing is tied.
-        replicated: parameters FSDP leaves whole on every rank (the connections'), whose
+        replicated: parameters FSDP leaves whole on every rank (connections', norms'), whose
             gradients ``fsdp.average_replicated_gradients`` averages; empty without FSDP.
     """
 

@@ -101,7 +101,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(pm, x, y)
-    average_replicated_gradients(pm.replicated, pm.mesh)  # the connections' (FSDP leaves them whole)
+    average_replicated_gradients(pm.replicated, pm.mesh)  # connections' and norms' (FSDP leaves them whole)
     duplicates = []
     if pm.schedule is not None:  # a pipelined tied embedding: both copies get the summed gradient
         sync_tied_gradients(pm.part, pm.tied_group)
