@@ -22,7 +22,7 @@ import torch
 
 KERNELS = (
     "coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd",
-    "post_res_coef_fwd", "post_res_coef_mix_fwd",
+    "post_res_coef_fwd", "post_res_coef_mix_fwd", "pre_mix_dh",
 )  # fmt: skip
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
@@ -51,6 +51,9 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # how much x_{l+1} the resident programs have written before reading it back from L2
     # (18 configurations, a short sweep: the stages stay the launcher's)
     "post_res_coef_mix_fwd": {"block_t": (16, 32, 64), "block_c_mix": (64, 128, 256), "num_warps": (4, 8)},
+    # the chained backward's dh_pre (one token a program): blocks past C are masked, so one step of
+    # 2048 can stand in for five of 256 at C = 1280
+    "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
 }
 
 
@@ -69,6 +72,7 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     )
     from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -91,6 +95,8 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     if kernel == "coef_bwd_x":
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, **kw)), 2 * stream_bytes + small
     f_out = torch.randn(t, c, device=dev, dtype=dt)
+    if kernel == "pre_mix_dh":  # f_out stands in for the layer input's gradient
+        return (lambda **kw: pre_mix_dh(f_out, x, **kw)), stream_bytes + channel_bytes + t * n * 4
     if kernel == "coef_bwd_x_chained":
         add, mix = torch.randn_like(x), (f_out, torch.rand(t, n, device=dev))
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, add=add, mix=mix, **kw)), 3 * stream_bytes + channel_bytes + small

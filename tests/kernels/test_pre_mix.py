@@ -43,3 +43,21 @@ def test_pre_mix_dh_is_the_backward_without_dx(n, c, dtype):
     assert torch.equal(dh, pre_mix_bwd(grad, x, torch.rand(7, n, device=DEVICE))[1])
     torch.testing.assert_close(dh.double(), torch.einsum("tc,tjc->tj", grad.double(), x.double()), **FP32_TOL)
     torch.library.opcheck(pre_mix_dh_op, (grad, x), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("block_c", [16, 128, 512])
+def test_pre_mix_dh_blocks_that_do_not_divide_c_are_masked(block_c):
+    # C = 320 = 5·64: a block of 128 or 512 runs past C, whose tail must read as zeros
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh
+
+    x = streams(5, 3, 320, torch.bfloat16)
+    grad = torch.randn(5, 320, device=DEVICE).to(torch.bfloat16)
+    dh = pre_mix_dh(grad, x, block_c=block_c, num_warps=2)
+    torch.testing.assert_close(dh.double(), torch.einsum("tc,tjc->tj", grad.double(), x.double()), **FP32_TOL)
+
+
+def test_pre_mix_dh_rejects_a_block_that_is_not_a_power_of_two():
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh
+
+    with pytest.raises(ValueError, match="block_c must be a power of two"):
+        pre_mix_dh(torch.randn(2, 64, device=DEVICE), streams(2, 2, 64, torch.float32), block_c=96)

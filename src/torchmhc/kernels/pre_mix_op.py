@@ -67,7 +67,9 @@ def _pre_mix_bwd_kernel(
 ):
     # grid (T,): one token per program, looping over C so that dh_pre is reduced in registers.
     # C is a compile-time constant: loop bounds from runtime scalars break the CPU interpreter
-    # (triton 3.6 with numpy >= 2.4) and C is fixed for a model anyway.
+    # (triton 3.6 with numpy >= 2.4) and C is fixed for a model anyway. BLOCK_C need not divide
+    # C: a block past C is masked (one masked step can replace a loop of small ones, e.g. 2048 for
+    # C = 1280 instead of five steps of 256).
     t = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, NP)
     rmask = rows < N
@@ -77,13 +79,15 @@ def _pre_mix_bwd_kernel(
     acc = tl.zeros([NP, BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        mask = rmask[:, None] & cmask[None, :]
         offs = (t * N + rows[:, None]) * C + cols[None, :]
-        g = tl.load(g_ptr + t * C + cols).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + t * C + cols, mask=cmask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc += x * g[None, :]
         if DX:
             dx = h[:, None] * g[None, :]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dh_ptr + t * N + rows, tl.sum(acc, axis=1), mask=rmask)
 
 
@@ -99,8 +103,11 @@ def pre_mix_fwd(x: Tensor, h_pre: Tensor) -> Tensor:
     return out
 
 
-def _launch_bwd(grad: Tensor, x: Tensor, h_pre: Tensor | None) -> tuple[Tensor, Tensor]:
-    """dx (only when ``h_pre`` is given; else x stands in) and dh_pre."""
+def _launch_bwd(
+    grad: Tensor, x: Tensor, h_pre: Tensor | None, block_c: int | None = None, num_warps: int = 4
+) -> tuple[Tensor, Tensor]:
+    """dx (only when ``h_pre`` is given; else x stands in) and dh_pre. ``block_c``: channels a step,
+    a power of two; by default the largest dividing C up to 4096 / n (at least 64)."""
     with_dx = h_pre is not None
     t, n, c = x.shape
     dx = torch.empty_like(x) if with_dx else x
@@ -108,9 +115,13 @@ def _launch_bwd(grad: Tensor, x: Tensor, h_pre: Tensor | None) -> tuple[Tensor, 
     if t == 0:
         return dx, dh
     np_ = next_pow2(n)
-    block_c = channel_block(c, max(64, 4096 // np_))
+    if block_c is None:
+        block_c = channel_block(c, max(64, 4096 // np_))
+    elif block_c < 16 or block_c & (block_c - 1):
+        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}.")
     _pre_mix_bwd_kernel[(t,)](
-        grad, x, x if h_pre is None else h_pre, dx, dh, C=c, N=n, NP=np_, BLOCK_C=block_c, DX=with_dx, num_warps=4,
+        grad, x, x if h_pre is None else h_pre, dx, dh, C=c, N=n, NP=np_, BLOCK_C=block_c, DX=with_dx,
+        num_warps=num_warps,
     )  # fmt: skip
     return dx, dh
 
@@ -121,11 +132,12 @@ def pre_mix_bwd(grad: Tensor, x: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]
     return _launch_bwd(grad, x, h_pre)
 
 
-def pre_mix_dh(grad: Tensor, x: Tensor) -> Tensor:
+def pre_mix_dh(grad: Tensor, x: Tensor, *, block_c: int | None = None, num_warps: int = 4) -> Tensor:
     """Launcher of the backward without dx: ``grad [T, C]``, ``x [T, n, C]`` contiguous
     -> ``dh_pre [T, n]`` fp32, ``dh_pre[j] = Σ_c grad[c]·x[j, c]`` (reads x once, writes nothing
-    stream-sized)."""
-    return _launch_bwd(grad, x, None)[1]
+    stream-sized). ``block_c`` (channels a step, a power of two that need not divide C) and
+    ``num_warps`` are launch options (``benchmarks/tune.py``)."""
+    return _launch_bwd(grad, x, None, block_c, num_warps)[1]
 
 
 # ----------------------------------------------------------------------------------------------
