@@ -392,8 +392,13 @@ def post_res_coefficients_pre_mix_fwd(
     ``block_t``·n·C·(bytes of x) a program, 132 programs on an H100 (50 MB of L2): at n = 4, bf16,
     ``block_t`` = 32, 43 MB at C = 1280 and 69 MB at C = 2048 (each program's own reads of x_l and
     f pass through L2 too), so at C = 2048 only the last-written part is expected to hit; ``block_t``
-    = 16 halves the footprint. The other tile options and defaults are those of
-    :func:`post_res_coefficients_fwd`."""
+    = 16 halves the footprint but was slower in the H100 sweep (``benchmarks/tune.py``,
+    ``post_res_coef_mix_fwd``). x_next is stored with L2's evict-last hint, so that it stays there
+    ahead of the x_l and f streaming through: 181.6 -> 179.9 µs at C = 2048, 118.5 -> 116.8 at
+    C = 1280 (H100, ``torchmhc bench``, 2026-12-07). The other tile options and defaults are those
+    of :func:`post_res_coefficients_fwd`, so that both give the same coefficients bit for bit; 8
+    warps would be 1-2% faster here (116.5 against 118.6 µs at C = 1280, ``benchmarks/tune.py``)
+    but lays out the projection's sums differently."""
     return _launch(
         x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
         block_c_mix, num_warps, num_stages,
