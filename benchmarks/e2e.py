@@ -589,8 +589,9 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "## Floor: the overhead that the mHC operations' memory traffic explains",
         "",
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
-        "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves nC forward, and the "
-        "models fuse all 2L - 1; with recomputation the forward once more) "
+        "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves 2nC forward (the "
+        "next coefficients and pre-mix read x_{l+1} in the kernel that writes it), and the models fuse all "
+        "2L - 1; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",
