@@ -48,9 +48,10 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "post_res_bwd": {"block_c": (32, 64, 128, 256), "num_warps": (1, 2, 4, 8), "num_stages": (2, 3, 4)},
     "post_res_coef_fwd": {"block_t": (32, 64), "block_c": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
     # the same kernel with the next pre-mix (the transition as the models run it): the token tile sets
-    # how much x_{l+1} the resident programs have written before reading it back from L2
-    # (18 configurations, a short sweep: the stages stay the launcher's)
-    "post_res_coef_mix_fwd": {"block_t": (16, 32, 64), "block_c_mix": (64, 128, 256), "num_warps": (4, 8)},
+    # how much x_{l+1} the resident programs have written before reading it back from L2; fewer
+    # stages let two programs share a multiprocessor, one streaming while the other runs its
+    # epilogue (64 tokens do not fit in shared memory at 4 stages)
+    "post_res_coef_mix_fwd": {"block_t": (16, 32), "block_c_mix": (128, 256), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
     # the chained backward's dh_pre (one token a program): blocks past C are masked, so one step of
     # 2048 can stand in for five of 256 at C = 1280
     "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
