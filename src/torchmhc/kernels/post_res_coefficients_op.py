@@ -258,10 +258,8 @@ def _post_res_coef_fwd_kernel(
                 for j in tl.static_range(N):
                     y = tl.fma(h_res[i * N + j], xs[j].to(tl.float32), y)
                 y = y.to(out_ptr.dtype.element_ty)  # what is stored is what the next pass sees
-                if MIX:  # read back below: kept in L2 ahead of the streamed-through x_l and f
-                    tl.store(out_rows + (i * C + c0), y, mask=tmask[:, None], eviction_policy="evict_last")
-                else:
-                    tl.store(out_rows + (i * C + c0), y, mask=tmask[:, None])
+                # with MIX read back below: kept in L2 ahead of the streamed-through x_l and f
+                tl.store(out_rows + (i * C + c0), y, mask=tmask[:, None], eviction_policy="evict_last" if MIX else "")
                 yf = y.to(tl.float32)
                 sumsq += yf * yf
                 ys = ys + (y,)
