@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/overlap.py                      # the two e2e presets' shapes
     PYTHONPATH=src python3 benchmarks/overlap.py --shapes 8192x2048x5504 --out overlap.md
+    PYTHONPATH=src python3 benchmarks/overlap.py --carveouts 8,16,32   # GEMMs leave that many SMs free
 
 The GEMMs of a transformer's branches leave most of the HBM bandwidth idle, and mHC's kernels
 leave the tensor cores idle; run side by side on two streams they could share the GPU instead of
@@ -19,6 +20,11 @@ Each arrangement is captured in one CUDA graph and replayed (no host launch cost
 ``triton.testing.do_bench``): GEMMs alone, mHC alone, both on one stream, both on two streams, and
 both on two streams with the mHC stream at high priority. "hidden" is the share of the mHC time
 that the two-stream arrangement saves against one stream.
+
+A GEMM's tiles fill every multiprocessor, so the other stream's kernels can only run between them.
+``--carveouts K,...`` also partitions the GPU: cuBLAS is told to leave K multiprocessors free
+(``torch._C._set_sm_carveout_experimental``, set while the arrangement is captured), the mHC
+kernels take those, and the row reports the GEMMs alone on the rest and both on two streams.
 """
 
 from __future__ import annotations
@@ -81,39 +87,68 @@ def side_by_side(first: Callable[[], None], second: Callable[[], None], priority
     return run
 
 
-def measure(t: int, c: int, f: int) -> dict[str, float]:
+def carved(fn: Callable[[], None], sms: int) -> Callable[[], None]:
+    """``fn`` with cuBLAS leaving ``sms`` multiprocessors free (read when a GEMM is launched or captured)."""
+
+    def run() -> None:
+        torch._C._set_sm_carveout_experimental(sms)
+        try:
+            fn()
+        finally:
+            torch._C._set_sm_carveout_experimental(None)
+
+    return run
+
+
+def measure(t: int, c: int, f: int, carveouts: list[int]) -> dict[str, float]:
     gemms, mhc = workloads(t, c, f)
     high = torch.cuda.Stream.priority_range()[1]  # numerically lowest = highest priority
-    return {
+    times = {
         "gemms": bench(gemms, label="gemms"),
         "mhc": bench(mhc, label="mhc"),
         "one stream": bench(lambda: (gemms(), mhc()), label="one stream"),
         "two streams": bench(side_by_side(gemms, mhc, 0), label="two streams"),
         "two streams, mHC high priority": bench(side_by_side(gemms, mhc, high), label="priority"),
     }
+    for k in carveouts:
+        times[f"gemms, {k} SMs free"] = bench(carved(gemms, k), label=f"gemms carveout {k}")
+        times[f"two streams, {k} SMs free"] = bench(side_by_side(carved(gemms, k), mhc, 0), label=f"carveout {k}")
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{t}x{c}x{f}" for t, c, f in SHAPES.values()),
                         help="comma-separated TxCxF (tokens x stream width x SwiGLU hidden)")  # fmt: skip
+    parser.add_argument("--carveouts", default="", help="comma-separated numbers of SMs the GEMMs leave free")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
+    carveouts = [int(k) for k in args.carveouts.split(",") if k]
     lines = [
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, n = {N}, bf16; median µs of CUDA-graph replays",
         "",
         "| T x C x F | GEMMs | mHC | one stream | two streams | hidden | mHC high priority | hidden |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    carve = ["| T x C x F | K | GEMMs | two streams | hidden |", "| --- | ---: | ---: | ---: | ---: |"]
     for spec in args.shapes.split(","):
         t, c, f = (int(v) for v in spec.split("x"))
-        r = {k: v * 1e3 for k, v in measure(t, c, f).items()}
+        r = {k: v * 1e3 for k, v in measure(t, c, f, carveouts).items()}
         hidden = [(r["one stream"] - r[k]) / r["mhc"] for k in ("two streams", "two streams, mHC high priority")]
         lines.append(
             f"| {spec} | {r['gemms']:.0f} | {r['mhc']:.0f} | {r['one stream']:.0f} | {r['two streams']:.0f} | "
             f"{hidden[0]:.0%} | {r['two streams, mHC high priority']:.0f} | {hidden[1]:.0%} |"
         )
         print(lines[-1], flush=True)
+        for k in carveouts:
+            carve.append(
+                f"| {spec} | {k} | {r[f'gemms, {k} SMs free']:.0f} ({r[f'gemms, {k} SMs free'] / r['gemms'] - 1:+.0%}) | "
+                f"{r[f'two streams, {k} SMs free']:.0f} | {(r['one stream'] - r[f'two streams, {k} SMs free']) / r['mhc']:.0%} |"
+            )
+            print(carve[-1], flush=True)
+    if carveouts:
+        lines += ["", "With the GEMMs leaving K multiprocessors to the mHC stream (hidden: against one stream, no carveout):", ""]
+        lines += carve
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
