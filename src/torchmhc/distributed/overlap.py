@@ -164,6 +164,11 @@ def prioritize_post_res(modules: Iterable[nn.Module], *, device: torch.device | 
 
 
 def _on_stream(method, stream: torch.cuda.Stream):
+    # Outside torch.compile: a compiled block calls this wrapper, and dynamo can trace neither the
+    # stream hand-off (a graph break) nor record_stream (functionalization rejects it). The
+    # wrapped post-res is a custom op of Triton kernels either way, so the compiled block loses
+    # only a graph split here.
+    @torch.compiler.disable
     def on_stream(*args):
         current = torch.cuda.current_stream(stream.device)
         stream.wait_stream(current)
