@@ -42,6 +42,11 @@ the same run, so that a slow baseline shows):
   per-kernel counts of torchmhc bench), divided by a device-to-device copy rate measured in
   the same run: the overhead that memory traffic alone explains, next to the measured overhead.
 
+For a mixture-of-experts model the step table also gives the routing balance of one step after
+the timed ones (the busiest expert's tokens over the mean, averaged over the MoE layers): routing
+follows each variant's own hidden states, and the busiest expert sets a grouped GEMM's time, so
+two variants' step times compare fairly only at similar balance.
+
 ``--profile K`` also records K more steps of each variant with ``torch.profiler`` and reports the
 GPU time per step by kernel (the largest first) and how busy the GPU was: where an overhead goes.
 
@@ -70,6 +75,7 @@ from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.kernels import kernel_mode, use_kernels
 from torchmhc.memory import NewStorages
 from torchmhc.models import build_model
+from torchmhc.models.moe import MoE
 from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
@@ -285,6 +291,8 @@ class Result:
     # --profile: (kernel name, calls per step, GPU ms per step), largest first; GPU busy ms per step
     kernels: list[tuple[str, float, float]] | None = None
     gpu_busy_ms: float | None = None
+    # MoE models: tokens of the busiest expert over the mean, averaged over the MoE layers
+    expert_load: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -322,6 +330,30 @@ def memory_step(model, optimizer, batch, cfg: RunConfig, device: torch.device, a
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return activations, peak
+
+
+def expert_load_balance(model: torch.nn.Module, step) -> float | None:
+    """Runs ``step()`` once -> its routed tokens per expert, busiest over mean (1.0: perfectly
+    balanced), averaged over the model's MoE layers; None without MoE layers.
+
+    The busiest expert's rows set how long a grouped GEMM takes, and routing follows the hidden
+    states, which differ between variants (even last-bit differences change some top-k choices):
+    two variants of one MoE model compare fairly only at similar balance. Read in the balancing
+    step, which sees each layer's loads just before it resets them."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    ratios: list[torch.Tensor] = []
+    for moe in layers:
+        def record(moe: MoE = moe, update=moe.update_router_bias) -> None:
+            ratios.append(moe.expert_load.max() / moe.expert_load.mean())
+            update()
+
+        moe.update_router_bias = record  # an instance attribute: shadows the method until deleted
+    try:
+        step()
+    finally:
+        for moe in layers:
+            del moe.update_router_bias
+    return torch.stack(ratios).mean().item() if ratios else None
 
 
 def kernel_profile(step, steps: int, device: torch.device) -> tuple[list[tuple[str, float, float]], float]:
@@ -434,6 +466,7 @@ def run_variant(
                 print(f"  {variant.spec}: first step {dt:.1f} s" + (" (compiling)" if cfg.train.compile else ""), flush=True)
             if i >= warmup:
                 times.append(dt)
+        result.expert_load = expert_load_balance(model, lambda: step(warmup + steps))
         if profile_steps:
             result.kernels, result.gpu_busy_ms = kernel_profile(step, profile_steps, device)
         if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES:
@@ -516,20 +549,23 @@ def _kernel_tables(ok: dict[str, Result], top: int) -> list[str]:
 
 
 def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops: float | None) -> list[str]:
+    moe = any(r.expert_load is not None for r in results.values())
     lines = [
         "",
-        "| variant | ms/step | tokens/s | overhead vs residual | first step (s) | params | model TFLOP/s | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | ms/step | tokens/s | overhead vs residual | first step (s) | params | model TFLOP/s | MFU |"
+        + (" expert load, busiest / mean |" if moe else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if moe else ""),
     ]
     for spec, r in results.items():
         if r.error:
-            lines.append(f"| {spec} | {r.error} | | | | | | |")
+            lines.append(f"| {spec} | {r.error} | | | | | | |" + (" |" if moe else ""))
             continue
         overhead = _pct(r.ms_per_step / base_ms - 1) if base_ms and spec != "residual" else "–"
         tflops = r.tokens_per_s * r.flops_per_token / 1e12
         mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "–"
+        load = (" –" if r.expert_load is None else f" {r.expert_load:.2f}") + " |" if moe else ""
         lines.append(f"| {spec} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | {overhead} | {r.first_step_s:.1f} | "
-                     f"{r.num_params / 1e6:.1f} M | {tflops:.0f} | {mfu} |")
+                     f"{r.num_params / 1e6:.1f} M | {tflops:.0f} | {mfu} |{load}")
     return lines
 
 

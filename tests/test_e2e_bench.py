@@ -11,6 +11,8 @@ import torch
 from benchmark_scripts import load_benchmark
 from torchmhc.config import load_config
 from torchmhc.kernels import use_kernels
+from torchmhc.models import build_model
+from torchmhc.models.moe import MoE
 
 e2e = load_benchmark("e2e")
 
@@ -102,6 +104,30 @@ def _measure(spec, overrides=(), *, seq_len=8):
     base = load_config("tiny", ["model.dim=64", "model.num_layers=2", "model.num_heads=2", f"data.seq_len={seq_len}",
                                 "data.batch_size=1", "train.num_threads=1", *overrides])
     return base, e2e.run_variant(e2e.Variant.parse(spec), base, torch.device("cpu"), steps=1, warmup=1)
+
+
+def test_moe_routing_balance_is_measured_and_reported():
+    moe = ["model.arch=moe", "model.num_experts=8", "model.num_shared_experts=1", "model.top_k=2",
+           "model.expert_hidden=32"]  # fmt: skip
+    base, routed = _measure("residual", moe, seq_len=16)
+    _, dense = _measure("residual", seq_len=16)
+    assert dense.expert_load is None
+    # busiest expert over the mean: 1 when balanced, at most E / k (one expert in every top-k)
+    assert 1.0 <= routed.expert_load <= 8 / 2
+    args = SimpleNamespace(preset="tiny", steps=1, warmup=1)
+    text = e2e.report(args, base, torch.device("cpu"), "cpu", {}, {"residual": routed})
+    assert "expert load, busiest / mean" in text and f"| {routed.expert_load:.2f} |" in text
+    # the balancing step still runs (it resets the loads) and is the model's own again afterwards
+    model = build_model(base.model)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def step() -> None:
+        model(torch.randint(0, base.model.vocab_size, (2, 16)))
+        assert all(m.expert_load.sum() == 2 * 16 * 2 for m in layers)  # k = 2 choices a token
+        model.update_router_bias()
+
+    assert e2e.expert_load_balance(model, step) >= 1.0
+    assert all(m.expert_load.sum() == 0 and "update_router_bias" not in vars(m) for m in layers)
 
 
 @INTERPRETER
