@@ -48,7 +48,8 @@ follows each variant's own hidden states, and the busiest expert sets a grouped 
 two variants' step times compare fairly only at similar balance.
 
 ``--profile K`` also records K more steps of each variant with ``torch.profiler`` and reports the
-GPU time per step by kernel (the largest first) and how busy the GPU was: where an overhead goes.
+GPU time per step by kernel (the largest first), split into torchmhc's own kernels, the others
+(inductor's, cuBLAS's, attention's) and the time no kernel runs: where an overhead goes.
 
 Prints progress as it goes; ``--out FILE`` gets the markdown report (rewritten after every
 variant, so a run cut short keeps what it measured). Results belong in
@@ -526,15 +527,29 @@ def report(args, base: RunConfig, device: torch.device, name: str, rates: dict, 
     return "\n".join(lines) + "\n"
 
 
+#: Name prefixes of torchmhc's own Triton kernels (``torchmhc.kernels``); inductor names its kernels
+#: ``triton_*``. A test checks that every kernel of the package matches one.
+TORCHMHC_KERNEL_PREFIXES = ("_coef_", "_hc_", "_post_res_", "_pre_mix_", "_pack_fn_", "_split_bf16_")
+
+
+def is_torchmhc_kernel(name: str) -> bool:
+    return name.startswith(TORCHMHC_KERNEL_PREFIXES)
+
+
 def _kernel_tables(ok: dict[str, Result], top: int) -> list[str]:
     lines = []
     for spec, r in ok.items():
         if not r.kernels:
             continue
+        ours = [(calls, ms) for name, calls, ms in r.kernels if is_torchmhc_kernel(name)]
+        ours_ms = sum(ms for _, ms in ours)
         lines += [
             "",
             f"#### GPU time by kernel: {spec} ({r.gpu_busy_ms:.1f} ms of kernels per step, "
             f"{r.gpu_busy_ms / r.ms_per_step:.0%} of the {r.ms_per_step:.1f} ms step)",
+            "",
+            f"torchmhc's kernels {ours_ms:.2f} ms ({sum(c for c, _ in ours):.0f} launches), other kernels "
+            f"{r.gpu_busy_ms - ours_ms:.2f} ms, no kernel running {r.ms_per_step - r.gpu_busy_ms:.2f} ms a step.",
             "",
             "| kernel | calls/step | ms/step | share of kernel time |",
             "|---|---:|---:|---:|",

@@ -106,6 +106,32 @@ def _measure(spec, overrides=(), *, seq_len=8):
     return base, e2e.run_variant(e2e.Variant.parse(spec), base, torch.device("cpu"), steps=1, warmup=1)
 
 
+def test_profile_report_splits_torchmhc_kernels_from_the_rest():
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import torchmhc.kernels
+
+    ours = [
+        name
+        for info in pkgutil.iter_modules(torchmhc.kernels.__path__)
+        for name, obj in vars(importlib.import_module(f"torchmhc.kernels.{info.name}")).items()
+        if isinstance(obj, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")
+    ]
+    assert len(ours) >= 10 and all(e2e.is_torchmhc_kernel(name) for name in ours), ours
+    others = ["triton_poi_fused_add_mul_0", "triton_red_fused__to_copy_sum_3", "nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT",
+              "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >"]  # fmt: skip
+    assert not any(e2e.is_torchmhc_kernel(name) for name in others)
+
+    kernels = [(others[2], 10, 5.0), ("_coef_bwd_x_kernel", 24, 1.5), (others[0], 50, 1.0), ("_post_res_fwd_kernel", 24, 0.75)]
+    r = e2e.Result("mhc", 1e9, 1e10, 1.0, 10.0, 10.0, 1000.0, kernels=kernels, gpu_busy_ms=8.25)
+    text = "\n".join(e2e._kernel_tables({"mhc": r}, top=3))
+    assert "torchmhc's kernels 2.25 ms (48 launches), other kernels 6.00 ms, no kernel running 1.75 ms" in text
+    assert "| 1 others | | 0.75 | 9.1% |" in text
+
+
 def test_moe_routing_balance_is_measured_and_reported():
     moe = ["model.arch=moe", "model.num_experts=8", "model.num_shared_experts=1", "model.top_k=2",
            "model.expert_hidden=32"]  # fmt: skip
