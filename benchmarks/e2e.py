@@ -578,7 +578,8 @@ def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops:
         overhead = _pct(r.ms_per_step / base_ms - 1) if base_ms and spec != "residual" else "–"
         tflops = r.tokens_per_s * r.flops_per_token / 1e12
         mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "–"
-        load = (" –" if r.expert_load is None else f" {r.expert_load:.2f}") + " |" if moe else ""
+        balance = "–" if r.expert_load is None else f"{r.expert_load:.2f}"
+        load = f" {balance} |" if moe else ""
         lines.append(f"| {spec} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | {overhead} | {r.first_step_s:.1f} | "
                      f"{r.num_params / 1e6:.1f} M | {tflops:.0f} | {mfu} |{load}")
     return lines
