@@ -340,12 +340,13 @@ def test_post_pre_unused_outputs(use):
         check_fwd_bwd(run(mhc_post_pre), run(ref_post_pre), inputs)
 
 
-def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_post_pre_runs_the_fused_op_and_chains_the_gradients(one_pass):
     inputs = [t.requires_grad_() for t in _post_pre_inputs(4, torch.float32, (5,))]
     x = inputs[0]
     with use_kernels("triton"):
         with Launches() as forward:
-            layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7])
+            layer_input, x_next, coefficients = mhc_post_pre(*inputs[:7], one_pass_backward=one_pass)
         out = post_res(x_next, branch(layer_input, inputs[7]), coefficients.h_post, coefficients.h_res)
         with RecordOps() as backward, Launches() as backward_launches:
             torch.autograd.grad([out, coefficients.h_pre], x, [torch.ones_like(out), torch.ones_like(coefficients.h_pre)])
@@ -354,10 +355,14 @@ def test_post_pre_runs_the_fused_op_and_chains_the_gradients():
     assert forward.calls("post_res_coefficients_fwd") == forward.calls("pre_mix_fwd") == 0
     assert forward.calls("post_res_fwd") == forward.calls("coefficients_fwd") == 0
     assert all(made_by(t, "ChainedPostPre") for t in (layer_input, x_next, *coefficients))
-    # backward: dh_pre alone from the pre-mix, x_{l+1}'s three gradients summed in the coefficient
-    # backward's dx pass (none by autograd, no pre-mix dx pass), then the post-res backward of l
+    # backward: dh_pre alone from the pre-mix (no pre-mix dx pass, no sums by autograd); then either
+    # one pass that forms x_{l+1}'s gradient and runs the post-res backward of l from it, or the
+    # coefficient backward's dx pass, which sums x_{l+1}'s three gradients, then the post-res
+    # backward of l (the other post-res backward is sub-layer l+1's own)
     assert backward_launches.calls("pre_mix_dh") == 1 and backward_launches.calls("pre_mix_bwd") == 0
-    assert backward_launches.calls("coefficients_bwd") == 1 and backward_launches.calls("post_res_bwd") == 2
+    assert backward_launches.calls("transition_bwd_streams") == int(one_pass)
+    assert backward_launches.calls("coefficients_bwd") == int(not one_pass)
+    assert backward_launches.calls("post_res_bwd") == 2 - int(one_pass)
     assert backward.stream_adds(x.shape) == 0
 
 
@@ -413,14 +418,16 @@ def test_hyper_connection_post_pre_uses_the_fused_op():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096)])
-def test_gpu_post_pre(t, n, c):
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("t, n, c", [(4096, 4, 1024), (1000, 8, 1280), (777, 2, 4096), (555, 3, 320)])
+def test_gpu_post_pre(t, n, c, one_pass):
     # bf16 streams at real shapes: every output and gradient as close to fp64 as the unfused kernels'
     # (the parameter gradients are sums over T tokens that cancel: the fused path's dscale was 1.5e-2
     # off fp64 at T = 4096 on an H100, so a fixed bound would not do; the unfused path is the yardstick)
     inputs = [t_.requires_grad_() for t_ in _post_pre_inputs(n, torch.bfloat16, (t,), c)]
+    post_pre = functools.partial(mhc_post_pre, one_pass_backward=one_pass)
     with use_kernels("triton"):
-        fused, unfused = _grads(fused_two, inputs), _grads(unfused_two, inputs)
+        fused, unfused = _grads(two_sublayers(post_pre, post_res), inputs), _grads(unfused_two, inputs)
     exact = _grads(reference_two_fp64, inputs)
 
     def err(a, b):

@@ -4,7 +4,8 @@ One fused operation per file: ``coefficients_op.py`` (projection + RMS + σ + Si
 ``hc_coefficients_op.py`` (the original HC's coefficients: per-stream RMS + projection + tanh),
 ``pre_mix_op.py`` (F_pre), ``post_res_op.py`` (F_post,res), and the cross-sub-layer fusion
 ``post_res_coefficients_op.py`` (post-res of sub-layer l + coefficients of l+1 in one pass over the
-streams). ``dispatch.py`` picks kernels on CUDA, the CPU path (``cpu.py``: the same ops in a few
+streams) with its backward ``transition_backward_op.py`` (x_{l+1}'s gradient formed and used in one
+pass). ``dispatch.py`` picks kernels on CUDA, the CPU path (``cpu.py``: the same ops in a few
 large PyTorch ops) for fp32 CPU tensors, and the reference (``torchmhc.functional``) elsewhere;
 ``TORCHMHC_KERNELS=auto|triton|reference`` or :func:`use_kernels` forces a choice. :func:`mhc_pre` runs a sub-layer's coefficients and pre-mix with
 chained x-gradients (what ``HyperConnection`` uses); :func:`mhc_post_pre` runs one sub-layer's

@@ -28,8 +28,12 @@ dx pass, or 10 with autograd's additions.
 
 Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l, the coefficient pass of
 l+1 and its pre-mix run as one kernel that writes x_{l+1} and reads it back for the pre-mix while it
-is still in L2; they form one autograd node,
-whose backward is sub-layer l+1's chained backward above followed by the post-res backward of l.
+is still in L2; they form one autograd node. Its backward, for n <= 4, runs the pre-mix's dh_pre
+and the per-token σ/Sinkhorn step, then one pass over the streams that forms x_{l+1}'s total
+gradient on-chip (x_{l+1} recomputed from x_l and f) and runs the post-res backward of l from it
+(``transition_backward_op.py``: (4n + 4)·C a token instead of (7n + 4)·C); otherwise, or with
+``one_pass_backward=False``, sub-layer l+1's chained backward above followed by the post-res
+backward of l.
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
@@ -313,6 +317,12 @@ def _coefficients_forward(
     return eager_or_compiled(hc_coefficients_op, hc_coefficients_fwd, x)(x, fn, scale, base, *config)
 
 
+def _grad_or_zeros(g: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A coefficient gradient for a backward kernel: ``g`` contiguous, or zeros of ``shape`` (like's
+    dtype and device) where autograd passed None."""
+    return like.new_zeros(shape) if g is None else g.contiguous()
+
+
 def _chained_pre_backward(
     kind: CoefficientKind,
     x: Tensor,
@@ -344,11 +354,8 @@ def _chained_pre_backward(
     if d_pre is None and d_post is None and d_res is None:  # neither the coefficients nor y were used
         return d_pass, None, None, None
 
-    def grad(g: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-        return h_pre.new_zeros(shape) if g is None else g.contiguous()
-
     t, n = h_pre.shape
-    grads = (grad(d_pre, (t, n)), grad(d_post, (t, n)), grad(d_res, (t, n, n)))
+    grads = (_grad_or_zeros(d_pre, (t, n), h_pre), _grad_or_zeros(d_post, (t, n), h_pre), _grad_or_zeros(d_res, (t, n, n), h_pre))
     mix_h = None if dy is None else h_pre
     if kind == "mhc":
         from torchmhc.kernels.coefficients_op import coefficients_backward_op, coefficients_backward
@@ -362,6 +369,23 @@ def _chained_pre_backward(
     return eager_or_compiled(hc_coefficients_backward_op, hc_coefficients_backward, x)(
         x, fn, scale, *saved, *grads, d_pass, dy, mix_h
     )
+
+
+#: The transition backward (:func:`mhc_post_pre`) when its ``one_pass_backward`` is None: ``one_pass``
+#: or ``two_pass``, read at each call (under torch.compile, when the backward is traced).
+TRANSITION_BACKWARD_ENV_VAR = "TORCHMHC_TRANSITION_BACKWARD"
+#: Streams the one-pass transition backward handles: its tiles of all n streams spill registers
+#: beyond (n = 8: 16 tokens x 16 channels, 8 warps, spill; offline sm_90a compile).
+ONE_PASS_MAX_STREAMS = 4
+
+
+def _one_pass_backward(choice: bool | None) -> bool:
+    if choice is not None:
+        return bool(choice)
+    value = os.environ.get(TRANSITION_BACKWARD_ENV_VAR, "one_pass").strip().lower() or "one_pass"
+    if value not in ("one_pass", "two_pass"):
+        raise ValueError(f"{TRANSITION_BACKWARD_ENV_VAR} must be one_pass or two_pass; got {value!r}")
+    return value == "one_pass"
 
 
 class _ChainedPre(torch.autograd.Function):
@@ -407,14 +431,15 @@ class _ChainedPostPre(torch.autograd.Function):
     the pre-mix of x_{l+1} in the same kernel (``mix``: each program reads back the x_{l+1} it has
     just written, from L2 where it is still there), or without ``mix`` followed by the pre-mix
     kernel; returns ``(y [T, C], x_next [T, n, C], h_pre, h_post, h_res)`` of l+1, the same bits
-    either way. Backward: :func:`_chained_pre_backward` for l+1 (its dx pass also adds the
-    gradient x_next got downstream), then the post-res backward of l.
+    either way. Backward: with ``one_pass`` (and n <= 4, and gradients for both y and x_next),
+    ``transition_backward_op.transition_backward``; otherwise :func:`_chained_pre_backward` for l+1
+    (its dx pass also adds the gradient x_next got downstream), then the post-res backward of l.
     """
 
     @staticmethod
     def forward(
         ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor,
-        iters: int, eps: float, rms_eps: float, post_scale: float, mix: bool,
+        iters: int, eps: float, rms_eps: float, post_scale: float, mix: bool, one_pass: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         from torchmhc.kernels.post_res_coefficients_op import (
             post_res_coefficients_fwd,
@@ -436,6 +461,7 @@ class _ChainedPostPre(torch.autograd.Function):
             y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x_next, h_pre2)
         ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
         ctx.config = (iters, eps, rms_eps, post_scale)
+        ctx.one_pass = one_pass and x.shape[1] <= ONE_PASS_MAX_STREAMS
         ctx.set_materialize_grads(False)
         return y, x_next, h_pre2, h_post2, h_res2
 
@@ -446,14 +472,26 @@ class _ChainedPostPre(torch.autograd.Function):
         from torchmhc.kernels.post_res_op import post_res_backward_op, post_res_bwd
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
+        if ctx.one_pass and dy is not None and d_next is not None:
+            from torchmhc.kernels.transition_backward_op import transition_backward, transition_backward_op
+
+            t, n = h_pre.shape
+            iters, eps, _rms_eps, post_scale = ctx.config
+            grads = eager_or_compiled(transition_backward_op, transition_backward, x)(
+                dy.contiguous(), d_next.contiguous(), _grad_or_zeros(d_pre, (t, n), h_pre),
+                _grad_or_zeros(d_post, (t, n), h_pre), _grad_or_zeros(d_res, (t, n, n), h_pre), x, f_out, h_post,
+                h_res, x_next, fn, scale, base, h_pre, *saved, iters, eps, post_scale,
+            )  # fmt: skip
+            return *grads, None, None, None, None, None, None
         d_next, dfn, dscale, dbase = _chained_pre_backward(
             "mhc", x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
             dx, df, dh_post, dh_res = eager_or_compiled(post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
-        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, mix)
-        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None, None
+        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, mix,
+        # one_pass)
+        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None, None, None
 
 
 def _cpu_pre(pre: Callable[..., tuple], x: Tensor, *args: object) -> tuple[Tensor, Tensor, ref.Coefficients]:
@@ -534,6 +572,7 @@ def mhc_post_pre(
     post_scale: float = 2.0,
     manifold: ref.ResidualProjection | None = None,
     fused_pre_mix: bool = True,
+    one_pass_backward: bool | None = None,
 ) -> tuple[Tensor, Tensor, ref.Coefficients]:
     """Sub-layer l's post-res and sub-layer l+1's first half (:func:`mhc_pre`) in one call.
 
@@ -555,6 +594,10 @@ def mhc_post_pre(
         fused_pre_mix: False runs sub-layer l+1's pre-mix as a kernel of its own after the fused
             pass (which then writes x_{l+1} only), reading x_{l+1} from memory once more: the
             previous form, kept for benchmarks. Same results, bit for bit.
+        one_pass_backward: the backward's stream work in one pass (``transition_backward_op.py``:
+            x_{l+1}'s gradient kept in registers, x_{l+1} recomputed; n <= 4) or in two (the coefficient dx pass, then the post-res backward). None: ``$TORCHMHC_TRANSITION_BACKWARD``
+            (``one_pass`` or ``two_pass``), else one pass. Results agree to rounding (the two
+            passes round x_{l+1}'s gradient to the stream dtype in between).
 
     Returns:
         ``(layer_input [..., C], x_next [..., n, C], both in x.dtype, Coefficients(h_pre [..., n],
@@ -573,7 +616,7 @@ def mhc_post_pre(
     y, x_next, h_pre2, h_post2, h_res2 = _ChainedPostPre.apply(
         flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
         fn.contiguous(), scale.contiguous(), base.contiguous(), kernel_iters, float(eps), float(rms_eps), float(post_scale),
-        bool(fused_pre_mix),
+        bool(fused_pre_mix), _one_pass_backward(one_pass_backward),
     )  # fmt: skip
     lead = x.shape[:-2]
     coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)

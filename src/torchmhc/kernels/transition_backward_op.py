@@ -1,0 +1,279 @@
+"""The transition's backward in one pass over the streams: the coefficient dx/dfn pass of sub-layer
+l+1 and the F_post,res backward of sub-layer l, fused.
+
+The transition's forward (``post_res_coefficients_op``) computes ``x_{l+1} = h_res·x_l + h_post·f``
+and, from x_{l+1}, the coefficients and the pre-mix of sub-layer l+1. Its backward in two passes
+writes the total gradient of x_{l+1},
+
+    d[i] = dm @ fn[:, i] + c_x·x_{l+1}[i] + h_pre[i]·dy + d_next[i]     (coefficients, pre-mix, downstream)
+
+and reads it back for the post-res backward of l:
+
+    dx_l[j] = Σ_i h_res[i, j]·d[i],   df = Σ_i h_post[i]·d[i],
+    dh_res[i, j] = Σ_c d[i, c]·x_l[j, c],   dh_post[i] = Σ_c d[i, c]·f[c].
+
+That pass reads x_{l+1}, d_next and dy and writes d ((3n + 1)·C a token); the post-res backward
+reads d, x_l and f and writes dx_l and df ((3n + 2)·C). Here one program keeps d in registers and
+recomputes x_{l+1} from x_l and f, which it reads anyway (the forward's fused multiply-adds in the
+forward's order: the same bits as the stored x_{l+1}), so a token moves (3n + 3)·C: reads x_l, f,
+d_next, dy and writes dx_l, df. The pre-mix's ``dh_pre = Σ_c dy·x_{l+1}`` must be known before dm is
+(it feeds the Sinkhorn/σ backward of every token), so it stays a pass of its own (``pre_mix_dh``,
+(n + 1)·C): (4n + 4)·C a token for the whole transition backward instead of (7n + 4)·C.
+
+Layout: a program owns BC channels of all n streams and a run of TILES token tiles of BT tokens.
+fn's columns for those channels and the dfn sums stay on-chip for the whole run (dfn needs no
+atomics), as in ``coefficients_op``'s dx pass; the per-token sums over C that the post-res backward
+makes (dh_res, dh_post) are therefore partial, one ``[T, n + n²]`` block per channel block, summed
+over channel blocks in a fixed order afterwards (deterministic). At n = 4, C = 2048 and 32
+channels a block those partials are (2·80·64 bytes) / (15·2·2048 bytes) = 17% more traffic.
+
+Precision: as ``coefficients_op`` (dm @ fn and dfn on tensor cores with fp32 operands split into bf16
+parts, see ``_precision.py``); d stays fp32 (the two passes round it to the stream dtype in
+between), the stream mixes are fp32 fused multiply-adds.
+
+Legend: T tokens, n streams, NS = n padded to a power of two, NP = max(4, NS), C channels,
+K = n·C, W = the merged gradient width of ``coefficients_op``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, num_sms, tile_descriptor, token_block
+from torchmhc.kernels._precision import dot_bf16_f32, precision_mode, split2
+from torchmhc.kernels.coefficients_op import _dot_dm_fn, _gradient_rows, _np
+from torchmhc.kernels.post_res_coefficients_op import _join_streams, _split_streams
+
+__all__ = ["transition_bwd_streams", "transition_backward", "transition_backward_op"]
+
+
+@triton.jit
+def _transition_bwd_kernel(
+    x_desc,  # [T, n, C] streams x_l, tiles [BT, NS, BC]
+    f_desc,  # [T, C] branch output f of sub-layer l, tiles [BT, BC]
+    hpost_ptr,  # [T, n] fp32, sub-layer l
+    hres_ptr,  # [T, n, n] fp32, sub-layer l (paper orientation)
+    fn_ptr,  # [n²+2n, K] fp32, sub-layer l+1
+    dm_desc,  # [T, W] fp32, tiles [BT, W]: sub-layer l+1's logit gradients (coefficients_bwd_tokens)
+    cx_ptr,  # [T] fp32: their 1/r coefficient
+    dnext_desc,  # [T, n, C] stream dtype, tiles [BT, NS, BC]: the gradient x_{l+1} got downstream
+    dy_desc,  # [T, C] tiles [BT, BC] (MIX; else unused): sub-layer l+1's layer-input gradient
+    hpre_ptr,  # [T, n] fp32 (MIX; else unused): sub-layer l+1's h_pre
+    dx_ptr,  # [T, n, C] out: gradient of x_l
+    df_ptr,  # [T, C] out: gradient of f
+    dfn_ptr,  # [groups, ROWS, K] fp32 out: dfn partial sums per token group
+    part_ptr,  # [C / BC, T, n + n²] fp32 out: dh_post | dh_res (i·n + j) partial sums per channel block
+    T,
+    C: tl.constexpr,
+    N: tl.constexpr,
+    NS: tl.constexpr,
+    NP: tl.constexpr,
+    W: tl.constexpr,
+    ROWS: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    TILES: tl.constexpr,
+    MODE: tl.constexpr,
+    MIX: tl.constexpr,
+):
+    # grid (C // BC, groups): the program owns channels [cb·BC, +BC) of every stream for TILES·BT
+    # consecutive tokens
+    K: tl.constexpr = N * C
+    NH: tl.constexpr = N + N * N
+    cb = tl.program_id(0)
+    c0 = cb * BC
+    chans = c0 + tl.arange(0, BC)
+    group = tl.program_id(1)
+    rows, valid = _gradient_rows(N, NP, W, ROWS, True)
+    # the channel block of every stream as one operand of NS·BC columns, stream-major (column
+    # i·BC + c is stream i's channel c0 + c; zero for padding streams): one product a step for d and
+    # one for dfn, as the one-stream tiles of coefficients_op's dx pass (per-stream products kept
+    # a thread's registers above 255 and spilled; offline sm_90a compile, benchmarks/registers.py)
+    jk = tl.arange(0, NS * BC)
+    jcols = (jk // BC) * C + c0 + jk % BC
+    jvalid = jk // BC < N
+    # fnᵀ tile [W, NS·BC], resident for the whole token run (bf16 parts split once)
+    w = tl.load(fn_ptr + rows[:, None] * K + jcols[None, :], mask=valid[:, None] & jvalid[None, :], other=0.0)
+    if MODE != 0:
+        w, w_lo = split2(w)
+    else:
+        w_lo = w
+    dfn_t = tl.zeros([NS * BC, W], dtype=tl.float32)  # dfnᵀ = x_{l+1}ᵀ·dm (M = NS·BC for the tensor cores)
+    for it in range(TILES):
+        t0 = (group * TILES + it) * BT
+        toks = t0 + tl.arange(0, BT)
+        tmask = toks < T
+        toks = toks.to(tl.int64)
+        xs = _split_streams(x_desc.load([t0, 0, c0]), BT, NS, BC)
+        dns = _split_streams(dnext_desc.load([t0, 0, c0]), BT, NS, BC)
+        f = f_desc.load([t0, c0]).to(tl.float32)
+        dm = tl.where(valid[None, :], dm_desc.load([t0, 0]), 0.0)  # padding columns are never written
+        cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)[:, None]
+        if MIX:
+            dy = dy_desc.load([t0, c0]).to(tl.float32)
+        h_post = ()
+        h_res = ()
+        for i in tl.static_range(N):
+            h_post = h_post + (tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0)[:, None],)
+            for j in tl.static_range(N):
+                h_res = h_res + (tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0)[:, None],)
+        xns = ()
+        rests = ()  # d less its dm @ fn share: c_x·x_{l+1} + h_pre·dy + d_next
+        for i in tl.static_range(NS):
+            if i < N:
+                # x_{l+1}[i] as the forward made it (post_res_op's fused multiply-adds, in its
+                # order), rounded to the stream dtype as stored
+                xn = h_post[i] * f
+                for j in tl.static_range(N):
+                    xn = tl.fma(h_res[i * N + j], xs[j].to(tl.float32), xn)
+                xn = xn.to(xs[0].dtype)
+                rest = cx * xn.to(tl.float32) + dns[i].to(tl.float32)
+                if MIX:
+                    rest += tl.load(hpre_ptr + toks * N + i, mask=tmask, other=0.0)[:, None] * dy
+                xns = xns + (xn,)
+                rests = rests + (rest,)
+            else:  # padding stream: zero operand columns
+                xns = xns + (tl.zeros([BT, BC], dtype=xs[0].dtype),)
+                rests = rests + (tl.zeros([BT, BC], dtype=tl.float32),)
+        x_next = _join_streams(xns, BT, NS, BC)
+        d = _dot_dm_fn(dm, w, w_lo, _join_streams(rests, BT, NS, BC), MODE)
+        dfn_t = dot_bf16_f32(tl.trans(x_next), dm, dfn_t, MODE)
+        ds = _split_streams(tl.reshape(d, (BT, NS, BC)), BT, NS, BC)
+        # the post-res backward of sub-layer l from d in registers
+        out_rows = toks[:, None] * K + chans[None, :]
+        part_rows = part_ptr + (cb * T + toks) * NH
+        df = h_post[0] * ds[0]
+        for i in tl.static_range(1, N):
+            df = tl.fma(h_post[i], ds[i], df)
+        tl.store(df_ptr + toks[:, None] * C + chans[None, :], df.to(df_ptr.dtype.element_ty), mask=tmask[:, None])
+        for i in tl.static_range(N):
+            tl.store(part_rows + i, tl.sum(ds[i] * f, axis=1), mask=tmask)
+        for j in tl.static_range(N):
+            xj = xs[j].to(tl.float32)
+            dxj = h_res[j] * ds[0]  # h_res[0, j]
+            for i in tl.static_range(1, N):
+                dxj = tl.fma(h_res[i * N + j], ds[i], dxj)
+            tl.store(dx_ptr + out_rows + j * C, dxj.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
+            for i in tl.static_range(N):
+                tl.store(part_rows + N + i * N + j, tl.sum(ds[i] * xj, axis=1), mask=tmask)
+    ptrs = dfn_ptr + group * ROWS * K + rows[None, :] * K + jcols[:, None]
+    tl.store(ptrs, dfn_t, mask=valid[None, :] & jvalid[:, None])
+
+
+def transition_bwd_streams(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    fn: Tensor,
+    dm: Tensor,
+    cx: Tensor,
+    d_next: Tensor,
+    mix: tuple[Tensor, Tensor] | None = None,
+    *,
+    block_t: int | None = None,
+    block_c: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 2,
+    waves: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launcher of the one-pass stream step. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32),
+    ``f_out [T, C]`` (x.dtype), ``h_post [T, n]``, ``h_res [T, n, n]`` fp32; sub-layer l+1: ``fn
+    [n²+2n, n·C]`` fp32 and ``coefficients_bwd_tokens``'s ``dm [T, W]``, ``cx [T]``; ``d_next
+    [T, n, C]`` (x.dtype), the gradient of x_{l+1} from downstream; ``mix = (dy [T, C], h_pre [T, n])``
+    when sub-layer l+1's pre-mix was fused in (its ``h_pre ⊗ dy`` joins d); all contiguous
+    -> ``(dx [T, n, C], df [T, C], dh_post [T, n], dh_res [T, n, n], dfn [n²+2n, n·C])``, the last
+    three fp32. Tiles: ``block_t`` tokens (default 32) by ``block_c`` channels of every stream
+    (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16,
+    the largest tiles that compile for sm_90a without spilling (182 registers a thread; 4 warps
+    spill, ``benchmarks/registers.py --kernel transition``); ``waves`` programs a multiprocessor to
+    aim for (default 2, or 4 when there are fewer channel blocks than multiprocessors)."""
+    t, n, c = x.shape
+    ns = next_pow2(n)
+    dx = torch.empty_like(x)
+    df = torch.empty_like(f_out)
+    bt = token_block(block_t or 32)
+    bc = channel_block(c, block_c or 32)
+    c_blocks = c // bc
+    t_blocks = cdiv(t, bt)
+    # token runs as in coefficients_op.coefficients_bwd_x: enough programs for `waves` waves, the
+    # run length rounded to an eighth of its power of two (few distinct compilations)
+    waves = waves or (4 if c_blocks < num_sms(x.device) else 2)
+    tiles = cdiv(t_blocks, max(1, (waves * num_sms(x.device)) // c_blocks))
+    quantum = max(1, next_pow2(tiles) // 8)
+    tiles = cdiv(tiles, quantum) * quantum
+    groups = cdiv(t_blocks, tiles)
+    dfn_part = torch.empty((groups, *fn.shape), dtype=torch.float32, device=x.device)
+    part = torch.empty((c_blocks, t, n + n * n), dtype=torch.float32, device=x.device)
+    w = dm.shape[1]
+    dy, h_pre = (None, None) if mix is None else mix
+    _transition_bwd_kernel[(c_blocks, groups)](
+        tile_descriptor(x, [bt, ns, bc]), tile_descriptor(f_out, [bt, bc]), h_post, h_res, fn,
+        tile_descriptor(dm, [bt, w]), cx, tile_descriptor(d_next, [bt, ns, bc]),
+        None if dy is None else tile_descriptor(dy, [bt, bc]), h_pre, dx, df, dfn_part, part, t,
+        C=c, N=n, NS=ns, NP=_np(n), W=w, ROWS=fn.shape[0], BT=bt, BC=bc, TILES=tiles, MODE=precision_mode(x),
+        MIX=mix is not None, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    sums = part[0] if c_blocks == 1 else part.sum(0)
+    dh_post, dh_res = sums[:, :n], sums[:, n:].view(t, n, n)
+    return dx, df, dh_post.contiguous(), dh_res.contiguous(), dfn_part[0] if groups == 1 else dfn_part.sum(0)
+
+
+def transition_backward(
+    dy: Tensor,
+    d_next: Tensor,
+    d_pre: Tensor,
+    d_post: Tensor,
+    d_res: Tensor,
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    x_next: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    h_pre2: Tensor,
+    m_pp: Tensor,
+    m_res: Tensor,
+    rinv: Tensor,
+    iters: int,
+    eps: float,
+    post_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of the transition with sub-layer l+1's pre-mix (``dispatch._ChainedPostPre``) from
+    the gradients of its outputs (``dy [T, C]`` of the layer input, ``d_next [T, n, C]`` of x_{l+1},
+    fp32 ``d_pre``, ``d_post [T, n]``, ``d_res [T, n, n]`` of l+1's coefficients; all contiguous) and
+    its saved tensors (sub-layer l's ``x, f_out, h_post, h_res``; ``x_next``; sub-layer l+1's
+    parameters, ``h_pre2`` and ``m_pp, m_res, rinv``) -> ``(dx, df, dh_post, dh_res, dfn, dscale,
+    dbase)``. Three launches and two small sums: the pre-mix's dh_pre (reads x_{l+1} and dy), the
+    per-token σ/Sinkhorn backward, then :func:`transition_bwd_streams`."""
+    from torchmhc.kernels.coefficients_op import coefficients_bwd_tokens
+    from torchmhc.kernels.pre_mix_op import pre_mix_dh
+
+    t, n, c = x.shape
+    if t == 0:
+        zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
+        return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res), *zeros
+    d_pre = d_pre + pre_mix_dh(dy, x_next)
+    dm, cx, dscale, dbase = coefficients_bwd_tokens(
+        m_pp, m_res, rinv, scale, base, d_pre, d_post, d_res, n * c, iters, eps, post_scale
+    )
+    dx, df, dh_post, dh_res, dfn = transition_bwd_streams(x, f_out, h_post, h_res, fn, dm, cx, d_next, (dy, h_pre2))
+    return dx, df, dh_post, dh_res, dfn, dscale, dbase
+
+
+#: :func:`transition_backward`; no autograd of its own (it is one).
+transition_backward_op = define_op(
+    "transition_backward",
+    "(Tensor dy, Tensor d_next, Tensor d_pre, Tensor d_post, Tensor d_res, Tensor x, Tensor f_out, Tensor h_post,"
+    " Tensor h_res, Tensor x_next, Tensor fn, Tensor scale, Tensor base, Tensor h_pre2, Tensor m_pp, Tensor m_res,"
+    " Tensor rinv, int iters, float eps, float post_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    transition_backward,
+    lambda dy, d_next, d_pre, d_post, d_res, x, f_out, h_post, h_res, x_next, fn, scale, base, *_: tuple(
+        torch.empty_like(t) for t in (x, f_out, h_post, h_res, fn, scale, base)
+    ),
+)
