@@ -9,7 +9,8 @@ A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
 ``mhc:unfused`` runs each sub-layer's post-res and the next one's pre as two ops (``model.fuse_transitions =
-false``; the default fuses them, inside blocks and across); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
+false``; the default fuses them, inside blocks and across); ``mhc:twopass`` runs the fused transitions'
+backward in two passes over the streams instead of one (``TORCHMHC_TRANSITION_BACKWARD=two_pass``); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
 size 1, as ``torchrun --nproc-per-node 1`` runs it (the distributed path's cost against ``mhc``);
 ``mhc:fsdp`` does too, with FSDP2 forced over the one rank (which ``torchmhc.distributed`` applies
 only to several data-parallel ranks: FSDP's own cost; not with CUDA graphs). Every
@@ -63,9 +64,11 @@ import contextlib
 import gc
 import json
 import math
+import os
 import statistics
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,6 +77,8 @@ import torch
 from torchmhc.config import CUDA_GRAPH_MODES, RunConfig, load_config
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.kernels import kernel_mode, use_kernels
+from torchmhc.kernels._common import channel_block
+from torchmhc.kernels.dispatch import ONE_PASS_MAX_STREAMS, TRANSITION_BACKWARD_ENV_VAR
 from torchmhc.memory import NewStorages
 from torchmhc.models import build_model
 from torchmhc.models.moe import MoE
@@ -81,7 +86,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference", "unfused", "distributed", "fsdp")
+MODIFIERS = ("recompute", "reference", "unfused", "twopass", "distributed", "fsdp")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -181,7 +186,7 @@ def connection_memory(
 
 
 def mhc_traffic_bytes(
-    *, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False, fused: float = 0.0
+    *, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False, fused: float = 0.0, one_pass: float = 0.0
 ) -> dict[str, int]:
     """Bytes the mHC operations of one sub-layer must move per token, by pass (the per-kernel counts
     of torchmhc bench: every input read once, every output written once).
@@ -193,7 +198,11 @@ def mhc_traffic_bytes(
     ``fused``: the share of sub-layers whose post-res is fused with the next sub-layer's
     coefficients and pre-mix (``model.fuse_transitions``: all but the last). Each such pair
     reads x_{l+1} twice less forward (2nC: the coefficient pass and the pre-mix read it in the kernel
-    that writes it, the pre-mix from L2, counted as free); its backward runs the same passes. fp32 coefficient traffic,
+    that writes it, the pre-mix from L2, counted as free). ``one_pass``: the share of sub-layers
+    (at most ``fused``) whose transition backward runs its stream work in one pass
+    (``transition_backward_op``: reads x_l, f, dy and x_{l+1}'s gradient, writes dx and df, (3n + 3)C,
+    after the pre-mix dh's (n + 1)C, plus its fp32 partial sums of dh_post and dh_res, written and
+    read once: 2·(C / 32)·(n + n²)·4 bytes) instead of the dx pass and the post-res backward. fp32 coefficient traffic,
     (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
     the connections once more in the backward (block recomputation replays coefficients, pre-mix
     and post-res, unfused). ``residual``: the plain residual's own add (read 2C, write C), which
@@ -201,9 +210,10 @@ def mhc_traffic_bytes(
     """
     n, c, e = num_streams, dim, elem_bytes
     small = (3 * n * n + 4 * n + 40) * 4
+    partials = 2 * (c // channel_block(c, 32)) * (n + n * n) * 4
     out = {
         "forward": round(((4 * n + 2) - 2 * fused * n) * c * e) + small,
-        "backward": (7 * n + 4) * c * e + small,
+        "backward": round((1 - one_pass) * (7 * n + 4) * c * e + one_pass * ((4 * n + 4) * c * e + partials)) + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
     }
     out["total"] = sum(out.values())
@@ -224,15 +234,18 @@ class Floor:
         return self.net_bytes_per_step / (self.copy_tbps * 1e12) * 1e3
 
 
-def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int) -> Floor:
+def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, one_pass: bool = True) -> Floor:
     """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block; ``model.recompute``
-    replays the connections, ``model.fuse_transitions`` fuses every transition: 2L - 1 of them)."""
+    replays the connections, ``model.fuse_transitions`` fuses every transition: 2L - 1 of them,
+    whose backward runs in one pass where ``one_pass`` and n <= 4, as the dispatch's default)."""
     m = cfg.model
     sublayers = 2 * m.num_layers
     fused = (sublayers - 1) / sublayers if m.fuse_transitions and not m.recompute else 0.0
+    one_pass_share = fused if one_pass and m.num_streams <= ONE_PASS_MAX_STREAMS else 0.0
     per = mhc_traffic_bytes(
-        num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused
-    )
+        num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused,
+        one_pass=one_pass_share,
+    )  # fmt: skip
     units = 2 * m.num_layers * cfg.data.batch_size * cfg.data.seq_len  # sub-layer-tokens
     return Floor(per["total"] * units, (per["total"] - per["residual"]) * units, copy_tbps)
 
@@ -257,6 +270,7 @@ class Variant:
     recompute: bool = False
     reference: bool = False
     unfused: bool = False
+    twopass: bool = False
     distributed: bool = False
     fsdp: bool = False
 
@@ -266,7 +280,7 @@ class Variant:
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
             raise ValueError(
-                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:distributed][:fsdp], got modifiers {bad}"
+                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:twopass][:distributed][:fsdp], got modifiers {bad}"
             )
         flags = {m: m in mods for m in MODIFIERS}
         return cls(spec.strip(), residual, **flags)
@@ -423,6 +437,20 @@ def _build_distributed(cfg: RunConfig, device: torch.device, compile_mode: str, 
     return pm.part, build_optimizer(pm.part, cfg.optim), pm
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def run_variant(
     variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int, profile_steps: int = 0
 ) -> Result:
@@ -442,7 +470,11 @@ def run_variant(
     shape = (cfg.data.batch_size, cfg.data.seq_len)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     batch = tuple(torch.randint(0, cfg.model.vocab_size, shape, device=device, generator=gen) for _ in range(2))
-    kernels = use_kernels("reference") if variant.reference else contextlib.nullcontext()
+    kernels = contextlib.ExitStack()
+    if variant.reference:
+        kernels.enter_context(use_kernels("reference"))
+    if variant.twopass:  # read when each compiled block's backward is traced
+        kernels.enter_context(_environment(TRANSITION_BACKWARD_ENV_VAR, "two_pass"))
 
     def step(i: int) -> None:
         if pm is not None:  # the distributed path: its train_step autocasts itself
@@ -529,7 +561,7 @@ def report(args, base: RunConfig, device: torch.device, name: str, rates: dict, 
 
 #: Name prefixes of torchmhc's own Triton kernels (``torchmhc.kernels``); inductor names its kernels
 #: ``triton_*``. A test checks that every kernel of the package matches one.
-TORCHMHC_KERNEL_PREFIXES = ("_coef_", "_hc_", "_post_res_", "_pre_mix_", "_pack_fn_", "_split_bf16_")
+TORCHMHC_KERNEL_PREFIXES = ("_coef_", "_hc_", "_post_res_", "_pre_mix_", "_pack_fn_", "_split_bf16_", "_transition_")
 
 
 def is_torchmhc_kernel(name: str) -> bool:
@@ -642,7 +674,8 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "",
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
         "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves 2nC forward (the "
-        "next coefficients and pre-mix read x_{l+1} in the kernel that writes it), and the models fuse all "
+        "next coefficients and pre-mix read x_{l+1} in the kernel that writes it) and, with its backward in "
+        "one pass (n <= 4, not `:twopass`), 3nC backward less fp32 partial sums; the models fuse all "
         "2L - 1; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
@@ -653,7 +686,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         variant = Variant.parse(spec)
         if variant.residual in ("residual", "hc"):
             continue
-        floor = mhc_floor(variant.config(base), copy_tbps=copy, elem_bytes=elem)
+        floor = mhc_floor(variant.config(base), copy_tbps=copy, elem_bytes=elem, one_pass=not variant.twopass)
         overhead_ms = r.ms_per_step - base_ms
         share = f"{100 * floor.ms / overhead_ms:.0f}%" if overhead_ms > 0 else "–"
         lines.append(f"| {spec} | {floor.net_bytes_per_step / 1e9:.1f} | {floor.ms:.1f} | {_pct(floor.ms / base_ms)} | "

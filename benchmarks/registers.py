@@ -1,12 +1,18 @@
-"""Registers and spills of the coefficient backward's dx + dfn kernel, compiled offline (no GPU).
+"""Registers and spills of the backward's stream kernels, compiled offline (no GPU).
 
-Triton compiles the kernel for sm_90a (H100) on the CPU; the ptxas bundled with it reports the
-registers a thread uses and the bytes it spills to local memory. The tile and launch options are
-``coefficients_bwd_x``'s keywords (``benchmarks/tune.py`` times them on a GPU). One line per
-configuration: the pass (plain: dx alone; chained: dx plus an added gradient and the pre-mix's
-h_pre ⊗ dy, as the chained sub-layer runs it), tokens and channels per tile, warps and stages.
+Triton compiles a kernel for sm_90a (H100) on the CPU; the ptxas bundled with it reports the
+registers a thread uses and the bytes it spills to local memory. Two kernels:
 
-    PYTHONPATH=src python benchmarks/registers.py [--streams 4] [--channels 2048] [--dtype bf16]
+- ``--kernel dx`` (default): the coefficient backward's dx + dfn pass, with the tile and launch
+  options of ``coefficients_bwd_x``. One line per configuration: the pass (plain: dx alone;
+  chained: dx plus an added gradient and the pre-mix's h_pre ⊗ dy, as the chained sub-layer runs
+  it), tokens and columns per tile, warps and stages.
+- ``--kernel transition``: the transition backward's one stream pass
+  (``transition_backward_op.transition_bwd_streams``), tokens by channels of every stream.
+
+``benchmarks/tune.py`` times the same options on a GPU.
+
+    PYTHONPATH=src python benchmarks/registers.py [--kernel dx|transition] [--streams 4] [--channels 2048] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from torchmhc.kernels._common import next_pow2
 from torchmhc.kernels.coefficients_op import _coef_bwd_x_kernel, _np, merged_width
+from torchmhc.kernels.transition_backward_op import _transition_bwd_kernel
 
 #: The other gradients each pass sums into dx (what the launcher's ``add`` and ``mix`` switch on).
 PASSES = {"plain": (), "chained": ("add", "mix")}
@@ -48,13 +56,37 @@ def compile_stats(
             signature[name] = f"*{element}"
         else:
             constants[name] = None
+    return _compile(_coef_bwd_x_kernel, signature, constants, num_warps, num_stages)
+
+
+def transition_stats(
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int
+) -> tuple[int, int]:
+    """:func:`compile_stats` of the transition backward's stream pass, with the pre-mix's h_pre ⊗ dy."""
+    w, ns = merged_width(n), next_pow2(n)
+    streams, channels = f"tensordesc<{dtype}[{block_t}, {ns}, {block_c}]>", f"tensordesc<{dtype}[{block_t}, {block_c}]>"
+    signature = {
+        "x_desc": streams, "f_desc": channels, "hpost_ptr": "*fp32", "hres_ptr": "*fp32", "fn_ptr": "*fp32",
+        "dm_desc": f"tensordesc<fp32[{block_t}, {w}]>", "cx_ptr": "*fp32", "dnext_desc": streams,
+        "dy_desc": channels, "hpre_ptr": "*fp32", "dx_ptr": f"*{dtype}", "df_ptr": f"*{dtype}", "dfn_ptr": "*fp32",
+        "part_ptr": "*fp32", "T": "i32",
+    }  # fmt: skip
+    constants: dict[str, object] = dict(
+        C=c, N=n, NS=ns, NP=_np(n), W=w, ROWS=n * n + 2 * n, BT=block_t, BC=block_c, TILES=8,
+        MODE=1 if dtype == "bf16" else 2, MIX=True,
+    )  # fmt: skip
+    return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)
+
+
+def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
+    """Compiles ``fn`` for sm_90a and reads ptxas's report: ``(registers a thread, bytes spilled)``."""
     # as Triton's launcher specializes them for 16-byte aligned tensors and token counts: without
     # these hints the per-thread loads and stores would not be vectorized
-    aligned = {(_coef_bwd_x_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}  # fmt: skip
-    signature.update({name: "constexpr" for name in constants})
+    signature = {**signature, **{name: "constexpr" for name in constants}}
     kernel = triton.compile(
-        ASTSource(_coef_bwd_x_kernel, signature, constants, aligned),
+        ASTSource(fn, signature, constants, aligned),
         target=GPUTarget("cuda", 90, 32),
         options=dict(num_warps=num_warps, num_stages=num_stages),
     )
@@ -71,11 +103,19 @@ def compile_stats(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", default="dx", choices=("dx", "transition"))
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--channels", type=int, default=2048, help="C")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="stream dtype")
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     args = parser.parse_args()
+    if args.kernel == "transition":
+        # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
+        print(f"n={args.streams} C={args.channels} {args.dtype}: registers a thread, bytes spilled")
+        for bt, bc, warps in ((32, 32, 8), (32, 32, 4), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8)):
+            regs, spilled = transition_stats(args.streams, args.channels, args.dtype, bt, bc, warps, 2)
+            print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps}: {regs:3d} registers, {spilled:5d} bytes spilled", flush=True)
+        return
     # the launcher's defaults first (coefficients_bwd_x), then the alternatives tune.py sweeps
     block_k = 128 if args.dtype == "bf16" and args.streams <= 4 else 64
     block_t = 64 if args.streams <= 4 else 32

@@ -22,7 +22,7 @@ import torch
 
 KERNELS = (
     "coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd",
-    "post_res_coef_fwd", "post_res_coef_mix_fwd", "pre_mix_dh",
+    "post_res_coef_fwd", "post_res_coef_mix_fwd", "pre_mix_dh", "transition_bwd",
 )  # fmt: skip
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
@@ -55,6 +55,15 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # the chained backward's dh_pre (one token a program): blocks past C are masked, so one step of
     # 2048 can stand in for five of 256 at C = 1280
     "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
+    # the transition backward's one stream pass (with the pre-mix's h_pre ⊗ dy); tiles of all n
+    # streams: 64 x 64 at 4 warps spills registers (benchmarks/registers.py)
+    "transition_bwd": {
+        "block_t": (16, 32, 64),
+        "block_c": (16, 32, 64),
+        "num_warps": (4, 8),
+        "num_stages": (2, 3),
+        "waves": (2, 4),
+    },
 }
 
 
@@ -74,6 +83,7 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
     from torchmhc.kernels.pre_mix_op import pre_mix_dh
+    from torchmhc.kernels.transition_backward_op import transition_bwd_streams
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -111,6 +121,11 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     if kernel == "post_res_coef_mix_fwd":
         return (lambda **kw: post_res_coefficients_pre_mix_fwd(*transition, **kw)), 2 * stream_bytes + 2 * channel_bytes + small
     g = torch.randn_like(x)
+    if kernel == "transition_bwd":  # x stands in for both x_l and x_{l+1}; g for x_{l+1}'s gradient
+        mix = (f_out, torch.rand(t, n, device=dev))
+        return (lambda **kw: transition_bwd_streams(x, f_out, h_post, h_res, fn, *dm, g, mix, **kw)), (
+            2 * stream_bytes + 3 * channel_bytes + stream_bytes + small
+        )
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes
 
 

@@ -60,18 +60,27 @@ def test_traffic_follows_spec_and_kernel_counts():
     assert plain["forward"] - fused["forward"] == 2 * n * c * e
     assert fused["forward"] - small == (2 * n + 2) * c * e
     assert fused["backward"] == plain["backward"]
+    # ... unless its backward runs in one pass: (n + 1)C for the pre-mix dh, then (3n + 3)C, and the
+    # fp32 partial sums of dh_post and dh_res per 32-channel block, written and read back
+    one_pass = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, fused=1.0, one_pass=1.0)
+    assert one_pass["backward"] - small == (4 * n + 4) * c * e + 2 * (c // 32) * (n + n * n) * 4
+    assert one_pass["forward"] == fused["forward"]
 
 
 def test_floor_of_a_preset():
     cfg = load_config("gpu-moe-3b")
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
     assert cfg.model.fuse_transitions  # the models fuse every transition: 2L - 1 of 2L sub-layers
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
+    # ... and runs their backward in one pass (n = 4), unless told otherwise (a :twopass variant)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units
     assert floor.ms == pytest.approx(floor.net_bytes_per_step / 3e12 * 1e3)
-    assert 5 < floor.ms < 15  # about 25 GB at 3 TB/s
+    assert 5 < floor.ms < 15  # about 20 GB at 3 TB/s
+    two_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=False)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
+    assert two_pass.bytes_per_step == per["total"] * units > floor.bytes_per_step
 
 
 def test_variant_syntax():
@@ -199,3 +208,16 @@ def test_the_distributed_variants_build_the_single_device_model(monkeypatch):
     assert all(r.error is None and math.isfinite(r.ms_per_step) for r in results.values()), results
     assert results["mhc:distributed"].num_params == results["mhc"].num_params
     assert results["mhc:distributed"].activation_bytes == results["mhc"].activation_bytes
+
+
+def test_twopass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
+    monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD", raising=False)
+    v = e2e.Variant.parse("mhc:twopass")
+    assert v.twopass and not v.unfused
+    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "two_pass"):
+        assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"
+    assert "TORCHMHC_TRANSITION_BACKWARD" not in os.environ  # restored: it was unset
+    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "one_pass")
+    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "two_pass"):
+        pass
+    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "one_pass"

@@ -28,11 +28,13 @@ from torch import Tensor
 
 from torchmhc import functional as ref
 from torchmhc.kernels import hc_coefficients, hc_pre, mhc_coefficients, mhc_post_pre, mhc_pre, post_res, pre_mix, use_kernels
+from torchmhc.kernels._common import channel_block
 from torchmhc.kernels.coefficients_op import coefficients_bwd, coefficients_bwd_tokens, coefficients_bwd_x, coefficients_fwd
 from torchmhc.kernels.hc_coefficients_op import WIDTH, hc_coefficients_bwd, hc_coefficients_fwd
 from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
 from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
 from torchmhc.kernels.pre_mix_op import pre_mix_bwd, pre_mix_dh, pre_mix_fwd
+from torchmhc.kernels.transition_backward_op import transition_bwd_streams
 
 DEFAULT_SHAPES = ["16384x4096", "8192x7168", "65536x1280"]
 
@@ -255,6 +257,22 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
          lambda: post_res_coefficients_pre_mix_fwd(*transition)),
         ("post_res + next coefficients fwd (fused), then pre_mix fwd", 3 * tok + 2 * ch + small, transition_then_pre_mix),
     ]  # fmt: skip
+    # the transition backward's stream work after the steps both forms share (the pre-mix's dh and the
+    # σ/Sinkhorn step): the coefficient dx pass (x_{l+1}'s gradient written) and then the post-res
+    # backward, or one pass (transition_backward_op: that gradient kept on-chip, x_{l+1} recomputed;
+    # its per-channel-block partial sums of dh_post and dh_res counted as traffic). x stands in for
+    # both x_l and x_{l+1}
+    partials = 2 * (c // channel_block(c, 32)) * t * (n + n * n) * 4
+
+    def transition_bwd_two_passes():
+        d_total, _ = coefficients_bwd_x(x, fn, *steps[:2], add=g_nc, mix=(g_c, h_pre))
+        return post_res_bwd(d_total, x, f_out, h_post, h_res)
+
+    ops += [
+        ("transition bwd streams: dx pass, then post_res bwd", 6 * tok + 3 * ch + small, transition_bwd_two_passes),
+        ("transition bwd streams: one pass", 3 * tok + 3 * ch + small + partials,
+         lambda: transition_bwd_streams(x, f_out, h_post, h_res, fn, *steps[:2], g_nc, (g_c, h_pre))),
+    ]  # fmt: skip
     for name, nbytes, fn_ in ops:
         rows.append(Row(name, shape, "torchmhc triton", bench(fn_, label=name), nbytes))
 
@@ -301,14 +319,16 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     # two sub-layers (identity branches): the first one's post-res fused with the second one's
     # coefficients and pre-mix (mhc_post_pre, as the models run it; or with the pre-mix as a kernel
     # of its own) against the two one by one
-    def two_sublayers(fused: bool, fused_pre_mix: bool = True) -> Callable[[], None]:
+    def two_sublayers(fused: bool, fused_pre_mix: bool = True, one_pass: bool = True) -> Callable[[], None]:
         params = [p.detach().requires_grad_() for p in (fn, scale, base)]
         xr = x.detach().requires_grad_()
 
         def step():
             u, x_pass, (_, hp, hr) = mhc_pre(xr, *params)
             if fused:
-                u2, x2, (_, hp2, hr2) = mhc_post_pre(x_pass, u, hp, hr, *params, fused_pre_mix=fused_pre_mix)
+                u2, x2, (_, hp2, hr2) = mhc_post_pre(
+                    x_pass, u, hp, hr, *params, fused_pre_mix=fused_pre_mix, one_pass_backward=one_pass
+                )
             else:
                 u2, x2, (_, hp2, hr2) = mhc_pre(post_res(x_pass, u, hp, hr), *params)
             torch.autograd.grad(post_res(x2, u2, hp2, hr2), [xr, *params], g_nc)
@@ -318,6 +338,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     with use_kernels("triton"):
         for impl_name, variant in (
             ("torchmhc triton, fused transition", (True,)),
+            ("torchmhc triton, fused transition, two-pass backward", (True, True, False)),
             ("torchmhc triton, fused transition, separate pre-mix", (True, False)),
             ("torchmhc triton", (False,)),
         ):
