@@ -71,16 +71,16 @@ def test_floor_of_a_preset():
     cfg = load_config("gpu-moe-3b")
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
     assert cfg.model.fuse_transitions  # the models fuse every transition: 2L - 1 of 2L sub-layers
-    # ... and runs their backward in one pass (n = 4), unless told otherwise (a :twopass variant)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units
     assert floor.ms == pytest.approx(floor.net_bytes_per_step / 3e12 * 1e3)
-    assert 5 < floor.ms < 15  # about 20 GB at 3 TB/s
-    two_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=False)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
-    assert two_pass.bytes_per_step == per["total"] * units > floor.bytes_per_step
+    assert 5 < floor.ms < 15  # about 25 GB at 3 TB/s
+    # a :onepass variant runs the transitions' backward in one pass (n = 4)
+    one_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=True)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
+    assert one_pass.bytes_per_step == per["total"] * units < floor.bytes_per_step
 
 
 def test_variant_syntax():
@@ -210,14 +210,14 @@ def test_the_distributed_variants_build_the_single_device_model(monkeypatch):
     assert results["mhc:distributed"].activation_bytes == results["mhc"].activation_bytes
 
 
-def test_twopass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
+def test_onepass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
     monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD", raising=False)
-    v = e2e.Variant.parse("mhc:twopass")
-    assert v.twopass and not v.unfused
-    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "two_pass"):
-        assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"
+    v = e2e.Variant.parse("mhc:onepass")
+    assert v.onepass and not v.unfused
+    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "one_pass"):
+        assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "one_pass"
     assert "TORCHMHC_TRANSITION_BACKWARD" not in os.environ  # restored: it was unset
-    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "one_pass")
-    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "two_pass"):
+    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "two_pass")
+    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "one_pass"):
         pass
-    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "one_pass"
+    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"

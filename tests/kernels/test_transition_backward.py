@@ -132,7 +132,7 @@ def test_eight_streams_take_two_passes():
     assert launches.calls("transition_bwd_streams") == 0 and launches.calls("coefficients_bwd") == 1
 
 
-@pytest.mark.parametrize("value, one_pass", [("two_pass", False), ("one_pass", True), ("", True)])
+@pytest.mark.parametrize("value, one_pass", [("two_pass", False), ("one_pass", True), ("", False)])
 def test_environment_variable_chooses_the_backward(monkeypatch, value, one_pass):
     from torchmhc.kernels.dispatch import _one_pass_backward
 

@@ -27,6 +27,16 @@ makes (dh_res, dh_post) are therefore partial, one ``[T, n + n²]`` block per ch
 over channel blocks in a fixed order afterwards (deterministic). At n = 4, C = 2048 and 32
 channels a block those partials are (2·80·64 bytes) / (15·2·2048 bytes) = 17% more traffic.
 
+Speed: slower than the two passes it replaces, which is why it is opt-in
+(``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``).
+H100, T = 8192, n = 4, bf16 (``torchmhc bench``, ``benchmarks/results/h100.md``, 2026-12-07): 955 µs
+at C = 2048 (21% of a copy by its own byte count) against 352 µs for the dx pass and the post-res
+backward (87%), 602 against 244 µs at C = 1280; the best of ``benchmarks/tune.py``'s 72
+configurations, 615 µs at C = 2048 (64 tokens by 16 channels, 4 warps, 3 stages). The
+first attempt, per-stream products, spilled registers; this form (one product over all streams'
+columns) does not, yet runs at a fifth of the copy rate. Kept, tested, so that the next attempt
+starts from working code.
+
 Precision: as ``coefficients_op`` (dm @ fn and dfn on tensor cores with fp32 operands split into bf16
 parts, see ``_precision.py``); d stays fp32 (the two passes round it to the stream dtype in
 between), the stream mixes are fp32 fused multiply-adds.
