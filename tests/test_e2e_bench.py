@@ -211,13 +211,23 @@ def test_the_distributed_variants_build_the_single_device_model(monkeypatch):
 
 
 def test_onepass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
-    monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD", raising=False)
-    v = e2e.Variant.parse("mhc:onepass")
-    assert v.onepass and not v.unfused
+    # the setting is read when a compiled block's backward is traced: during the variant's steps
+    seen = []
+    real_step = e2e.train_step
+
+    def recording_step(*args, **kwargs):
+        seen.append(os.environ.get("TORCHMHC_TRANSITION_BACKWARD"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(e2e, "train_step", recording_step)
+    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "two_pass")
+    _, result = _measure("mhc:onepass")
+    assert result.error is None and seen and set(seen) == {"one_pass"}
+    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"  # restored afterwards
+    seen.clear()
+    _measure("mhc")
+    assert seen and set(seen) == {"two_pass"}
+    monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD")
     with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "one_pass"):
         assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "one_pass"
-    assert "TORCHMHC_TRANSITION_BACKWARD" not in os.environ  # restored: it was unset
-    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "two_pass")
-    with e2e._environment("TORCHMHC_TRANSITION_BACKWARD", "one_pass"):
-        pass
-    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"
+    assert "TORCHMHC_TRANSITION_BACKWARD" not in os.environ  # an unset variable stays unset

@@ -70,6 +70,7 @@ from torchmhc.kernels.pre_mix_op import mix_stream
 
 __all__ = [
     "pack_fn",
+    "empty_transition_grads",
     "post_res_coefficients_fwd",
     "post_res_coefficients_pre_mix_fwd",
     "post_res_coefficients_op",
@@ -408,6 +409,15 @@ def post_res_coefficients_pre_mix_fwd(
 # ----------------------------------------------------------------------------------------------
 
 
+def empty_transition_grads(
+    x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A transition backward's ``(dx, df, dh_post, dh_res, dfn, dscale, dbase)`` for zero tokens: no
+    launch; the parameters' gradients are zeros (sums over no tokens)."""
+    zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
+    return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res), *zeros
+
+
 def post_res_coefficients_backward(
     d_next: Tensor,
     d_pre: Tensor,
@@ -434,8 +444,7 @@ def post_res_coefficients_backward(
     ``d_next`` in its dx pass), then the post-res backward of l."""
     t, n, c = x.shape
     if t == 0:
-        zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
-        return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res), *zeros
+        return empty_transition_grads(x, f_out, h_post, h_res, fn, scale, base)
     dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, d_pre, d_post, d_res, n * c, iters, eps, post_scale
     )

@@ -55,7 +55,7 @@ from torch import Tensor
 from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, num_sms, tile_descriptor, token_block
 from torchmhc.kernels._precision import dot_bf16_f32, precision_mode, split2
 from torchmhc.kernels.coefficients_op import _dot_dm_fn, _gradient_rows, _np
-from torchmhc.kernels.post_res_coefficients_op import _join_streams, _split_streams
+from torchmhc.kernels.post_res_coefficients_op import _join_streams, _split_streams, empty_transition_grads
 
 __all__ = ["transition_bwd_streams", "transition_backward", "transition_backward_op"]
 
@@ -266,8 +266,7 @@ def transition_backward(
 
     t, n, c = x.shape
     if t == 0:
-        zeros = [torch.zeros_like(p) for p in (fn, scale, base)]
-        return torch.empty_like(x), torch.empty_like(f_out), torch.empty_like(h_post), torch.empty_like(h_res), *zeros
+        return empty_transition_grads(x, f_out, h_post, h_res, fn, scale, base)
     d_pre = d_pre + pre_mix_dh(dy, x_next)
     dm, cx, dscale, dbase = coefficients_bwd_tokens(
         m_pp, m_res, rinv, scale, base, d_pre, d_post, d_res, n * c, iters, eps, post_scale
