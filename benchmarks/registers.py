@@ -1,7 +1,9 @@
 """Registers and spills of the backward's stream kernels, compiled offline (no GPU).
 
 Triton compiles a kernel for sm_90a (H100) on the CPU; the ptxas bundled with it reports the
-registers a thread uses and the bytes it spills to local memory. Two kernels:
+registers a thread uses and the bytes it spills to local memory, and Triton's GPU IR the operations
+in the kernel's token loop (layout changes, shared-memory buffers, reductions, tensor-core products,
+stores: what a tile costs besides its loads). Two kernels:
 
 - ``--kernel dx`` (default): the coefficient backward's dx + dfn pass, with the tile and launch
   options of ``coefficients_bwd_x``. One line per configuration: the pass (plain: dx alone;
@@ -23,6 +25,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -36,10 +39,48 @@ from torchmhc.kernels.transition_backward_op import _transition_bwd_kernel
 PASSES = {"plain": (), "chained": ("add", "mix")}
 
 
+@dataclass
+class Compiled:
+    """What ptxas and Triton's IR say about one compiled configuration."""
+
+    registers: int  # a thread
+    spilled: int  # bytes of spill stores, as ptxas counts them
+    loop_ops: dict[str, int]  # operations in the body of the kernel's token loop, by kind (LOOP_OPS)
+
+
+#: Operations of Triton's GPU IR counted in the token loop: layout changes (through shared memory
+#: where the two layouts differ in more than registers), shared-memory buffers and their reads,
+#: reductions, tensor-core products, global stores.
+LOOP_OPS = {
+    "layout changes": r"ttg\.convert_layout",
+    "shared-memory buffers": r"ttg\.local_alloc",
+    "shared-memory reads": r"ttg\.local_load",
+    "reductions": r"\"tt\.reduce\"",
+    "products": r"\btt\.dot\b|\bwarp_group_dot\b(?!_)",
+    "stores": r"\btt\.store\b",
+}
+
+
 def compile_stats(
     n: int, c: int, dtype: str, summed: tuple[str, ...], block_t: int, block_k: int, num_warps: int, num_stages: int
 ) -> tuple[int, int]:
-    """``(registers a thread, bytes spilled)`` of one configuration (spill stores, as ptxas counts them)."""
+    """``(registers a thread, bytes spilled)`` of one configuration of the dx + dfn pass."""
+    compiled = dx_kernel(n, c, dtype, summed, block_t, block_k, num_warps, num_stages)
+    return compiled.registers, compiled.spilled
+
+
+def transition_stats(
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int
+) -> tuple[int, int]:
+    """:func:`compile_stats` of the transition backward's stream pass, with the pre-mix's h_pre ⊗ dy."""
+    compiled = transition_kernel(n, c, dtype, block_t, block_c, num_warps, num_stages)
+    return compiled.registers, compiled.spilled
+
+
+def dx_kernel(
+    n: int, c: int, dtype: str, summed: tuple[str, ...], block_t: int, block_k: int, num_warps: int, num_stages: int
+) -> Compiled:
+    """The dx + dfn pass (``coefficients_bwd_x``) compiled in one configuration."""
     w = merged_width(n)
     signature = {
         "x_desc": f"tensordesc<{dtype}[{block_t}, {block_k}]>", "fn_ptr": "*fp32",
@@ -59,10 +100,11 @@ def compile_stats(
     return _compile(_coef_bwd_x_kernel, signature, constants, num_warps, num_stages)
 
 
-def transition_stats(
+def transition_kernel(
     n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int
-) -> tuple[int, int]:
-    """:func:`compile_stats` of the transition backward's stream pass, with the pre-mix's h_pre ⊗ dy."""
+) -> Compiled:
+    """The transition backward's stream pass (``transition_bwd_streams``, with the pre-mix's
+    h_pre ⊗ dy) compiled in one configuration."""
     w, ns = merged_width(n), next_pow2(n)
     streams, channels = f"tensordesc<{dtype}[{block_t}, {ns}, {block_c}]>", f"tensordesc<{dtype}[{block_t}, {block_c}]>"
     signature = {
@@ -78,8 +120,8 @@ def transition_stats(
     return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)
 
 
-def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_stages: int) -> tuple[int, int]:
-    """Compiles ``fn`` for sm_90a and reads ptxas's report: ``(registers a thread, bytes spilled)``."""
+def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_stages: int) -> Compiled:
+    """Compiles ``fn`` for sm_90a, reads ptxas's report and counts the token loop's operations."""
     # as Triton's launcher specializes them for 16-byte aligned tensors and token counts: without
     # these hints the per-thread loads and stores would not be vectorized
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
@@ -98,7 +140,13 @@ def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_s
                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return registers, spilled
+    ir = kernel.asm["ttgir"]
+    loop = ir[ir.index("scf.for") :]  # the kernels' one loop runs to the end of the function
+    return Compiled(registers, spilled, {kind: len(re.findall(op, loop)) for kind, op in LOOP_OPS.items()})
+
+
+def _ops(compiled: Compiled) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in compiled.loop_ops.items())
 
 
 def main() -> None:
@@ -113,16 +161,18 @@ def main() -> None:
         # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
         print(f"n={args.streams} C={args.channels} {args.dtype}: registers a thread, bytes spilled")
         for bt, bc, warps in ((32, 32, 8), (32, 32, 4), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8)):
-            regs, spilled = transition_stats(args.streams, args.channels, args.dtype, bt, bc, warps, 2)
-            print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps}: {regs:3d} registers, {spilled:5d} bytes spilled", flush=True)
+            k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2)
+            print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps}: {k.registers:3d} registers, "
+                  f"{k.spilled:5d} bytes spilled; token loop: {_ops(k)}", flush=True)  # fmt: skip
         return
     # the launcher's defaults first (coefficients_bwd_x), then the alternatives tune.py sweeps
     block_k = 128 if args.dtype == "bf16" and args.streams <= 4 else 64
     block_t = 64 if args.streams <= 4 else 32
     print(f"n={args.streams} C={args.channels} {args.dtype}, block_k={block_k}: registers a thread, bytes spilled")
     for name, (bt, warps) in itertools.product(args.passes, ((block_t, 4), (block_t, 8), (block_t // 2, 4))):
-        regs, spilled = compile_stats(args.streams, args.channels, args.dtype, PASSES[name], bt, block_k, warps, 3)
-        print(f"  {name:8s} block_t={bt:3d} num_warps={warps}: {regs:3d} registers, {spilled:5d} bytes spilled", flush=True)
+        k = dx_kernel(args.streams, args.channels, args.dtype, PASSES[name], bt, block_k, warps, 3)
+        print(f"  {name:8s} block_t={bt:3d} num_warps={warps}: {k.registers:3d} registers, {k.spilled:5d} bytes spilled; "
+              f"token loop: {_ops(k)}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,3 +37,15 @@ def test_offline_compile_of_the_transition_pass_at_its_default_tiles_spills_noth
     for regs, spilled in stats.values():
         assert 0 < regs <= 255 and spilled == 0
     assert stats["4"][0] > stats["2"][0]
+
+
+def test_the_token_loop_operations_are_counted_from_the_ir():
+    # one reduction over the channels per partial sum (dh_post: n, dh_res: n²); the two products
+    # for d (dm @ fn, split into 3 bf16 products) and dfn (2); the dx pass reduces nothing
+    ops = _offline_stats(
+        '{"transition": registers.transition_kernel(4, 256, "bf16", 32, 32, 8, 2).loop_ops,'
+        ' "dx": registers.dx_kernel(4, 256, "bf16", ("add", "mix"), 64, 128, 4, 3).loop_ops}'
+    )
+    assert ops["transition"]["reductions"] == 4 + 4 * 4 and ops["dx"]["reductions"] == 0
+    assert ops["transition"]["products"] == ops["dx"]["products"] == 5
+    assert ops["transition"]["layout changes"] > ops["dx"]["layout changes"] > 0

@@ -34,8 +34,11 @@ at C = 2048 (21% of a copy by its own byte count) against 352 µs for the dx pas
 backward (87%), 602 against 244 µs at C = 1280; the best of ``benchmarks/tune.py``'s 72
 configurations, 615 µs at C = 2048 (64 tokens by 16 channels, 4 warps, 3 stages). The
 first attempt, per-stream products, spilled registers; this form (one product over all streams'
-columns) does not, yet runs at a fifth of the copy rate. Kept, tested, so that the next attempt
-starts from working code.
+columns) does not, yet runs at a fifth of the copy rate. What a tile costs besides its loads
+(``benchmarks/registers.py --kernel transition``, Triton's IR at the default tiles): 26 layout
+changes, 31 shared-memory reads and 20 reductions a token tile, against 2, 4 and 0 in the dx pass
+it replaces; the stream split and join around the products and the per-token sums are where a
+faster form must save. Kept, tested, so that the next attempt starts from working code.
 
 Precision: as ``coefficients_op`` (dm @ fn and dfn on tensor cores with fp32 operands split into bf16
 parts, see ``_precision.py``); d stays fp32 (the two passes round it to the stream dtype in
