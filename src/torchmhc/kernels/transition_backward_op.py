@@ -32,8 +32,8 @@ Speed: slower than the two passes it replaces, which is why it is opt-in
 H100, T = 8192, n = 4, bf16 (``torchmhc bench``, ``benchmarks/results/h100.md``, 2026-12-07): 955 µs
 at C = 2048 (21% of a copy by its own byte count) against 352 µs for the dx pass and the post-res
 backward (87%), 602 against 244 µs at C = 1280; the best of ``benchmarks/tune.py``'s 72
-configurations, 615 µs at C = 2048 (64 tokens by 16 channels, 4 warps, 3 stages). The
-first attempt, per-stream products, spilled registers; this form (one product over all streams'
+configurations, 615 µs at C = 2048 (64 tokens by 16 channels, 4 warps, 3 stages). A form with
+one product a stream spilled registers (offline compile); this one (one product over all streams'
 columns) does not, yet runs at a fifth of the copy rate. What a tile costs besides its loads
 (``benchmarks/registers.py --kernel transition``, Triton's IR at the default tiles): 26 layout
 changes, 31 shared-memory reads and 20 reductions a token tile, against 2, 4 and 0 in the dx pass
