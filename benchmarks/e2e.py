@@ -68,9 +68,9 @@ import os
 import statistics
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -437,20 +437,6 @@ def _build_distributed(cfg: RunConfig, device: torch.device, compile_mode: str, 
     return pm.part, build_optimizer(pm.part, cfg.optim), pm
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """``os.environ[name] = value`` inside the block."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
 def run_variant(
     variant: Variant, base: RunConfig, device: torch.device, *, steps: int, warmup: int, profile_steps: int = 0
 ) -> Result:
@@ -474,7 +460,7 @@ def run_variant(
     if variant.reference:
         kernels.enter_context(use_kernels("reference"))
     if variant.onepass:  # read when each compiled block's backward is traced
-        kernels.enter_context(_environment(TRANSITION_BACKWARD_ENV_VAR, "one_pass"))
+        kernels.enter_context(mock.patch.dict(os.environ, {TRANSITION_BACKWARD_ENV_VAR: "one_pass"}))
 
     def step(i: int) -> None:
         if pm is not None:  # the distributed path: its train_step autocasts itself

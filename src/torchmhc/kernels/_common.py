@@ -55,6 +55,21 @@ def token_block(default: int) -> int:
     return 16 if interpreting() else default
 
 
+def token_runs(t_blocks: int, column_blocks: int, device: torch.device, waves: int | None) -> tuple[int, int]:
+    """``(tiles, groups)`` for a kernel whose programs each own one column block for a run of
+    ``tiles`` consecutive token tiles (so their weight-gradient sums need no atomics): enough
+    programs for ``waves`` waves (default 2, or 4 when there are fewer column blocks than
+    multiprocessors). ``tiles`` is a compile-time constant: rounding it up to a multiple of an
+    eighth of its power of two keeps the distinct values (compilations) few while the last wave
+    stays at most 1/8 short (a power of two left whole waves idle at C = 1280). H100 sweeps of the
+    coefficient dx pass: 2 waves at C = 4096 (128 column blocks); 4 at C = 1280 (40), 3% faster."""
+    waves = waves or (4 if column_blocks < num_sms(device) else 2)
+    tiles = cdiv(t_blocks, max(1, (waves * num_sms(device)) // column_blocks))
+    quantum = max(1, next_pow2(tiles) // 8)
+    tiles = cdiv(tiles, quantum) * quantum
+    return tiles, cdiv(t_blocks, tiles)
+
+
 @functools.cache  # asked on every launch: keep the host path short
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count (a small stand-in under the interpreter, to keep CPU tests fast)."""

@@ -32,7 +32,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import cdiv, channel_block, define_op, eager_or_compiled, grad_or_zeros, next_pow2, num_sms, tile_descriptor, token_block
+from torchmhc.kernels._common import (
+    cdiv,
+    channel_block,
+    define_op,
+    eager_or_compiled,
+    grad_or_zeros,
+    next_pow2,
+    num_sms,
+    tile_descriptor,
+    token_block,
+    token_runs,
+)
 from torchmhc.kernels._precision import MODE_FMA, dot_bf16_f32, dot_stream_fn, precision_mode, split2, split_bf16
 
 __all__ = [
@@ -618,16 +629,7 @@ def coefficients_bwd_x(
     block_k = channel_block(c, block_k or (128 if x.dtype != torch.float32 and n <= 4 else 64))
     k_blocks = k // block_k
     t_blocks = cdiv(t, bt)
-    # enough programs for `waves` waves. TILES is a compile-time constant: rounding it up to a
-    # multiple of an eighth of its power of two keeps the distinct values (compilations) few while
-    # the last wave stays at most 1/8 short (a power of two left whole waves idle at C = 1280)
-    # H100 sweeps: 2 waves at C = 4096 (128 column blocks); 4 at C = 1280 (40), 3% faster
-    waves = waves or (4 if k_blocks < num_sms(x.device) else 2)
-    groups_wanted = max(1, (waves * num_sms(x.device)) // k_blocks)
-    tiles = cdiv(t_blocks, groups_wanted)
-    quantum = max(1, next_pow2(tiles) // 8)
-    tiles = cdiv(tiles, quantum) * quantum
-    groups = cdiv(t_blocks, tiles)
+    tiles, groups = token_runs(t_blocks, k_blocks, x.device, waves)
     dfn_part = torch.empty((groups, *fn.shape), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
     dy, h_pre = (None, None) if mix is None else mix  # unused inputs: None (compile-time constants)

@@ -354,7 +354,11 @@ def _chained_pre_backward(
         return d_pass, None, None, None
 
     t, n = h_pre.shape
-    grads = (_grad_or_zeros(d_pre, (t, n), h_pre), _grad_or_zeros(d_post, (t, n), h_pre), _grad_or_zeros(d_res, (t, n, n), h_pre))
+    grads = (
+        _grad_or_zeros(d_pre, (t, n), h_pre),
+        _grad_or_zeros(d_post, (t, n), h_pre),
+        _grad_or_zeros(d_res, (t, n, n), h_pre),
+    )
     mix_h = None if dy is None else h_pre
     if kind == "mhc":
         from torchmhc.kernels.coefficients_op import coefficients_backward_op, coefficients_backward

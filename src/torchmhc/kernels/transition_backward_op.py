@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, num_sms, tile_descriptor, token_block
+from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, tile_descriptor, token_block, token_runs
 from torchmhc.kernels._precision import dot_bf16_f32, precision_mode, split2
 from torchmhc.kernels.coefficients_op import _dot_dm_fn, _gradient_rows, _np
 from torchmhc.kernels.post_res_coefficients_op import _join_streams, _split_streams, empty_transition_grads
@@ -201,9 +201,9 @@ def transition_bwd_streams(
     -> ``(dx [T, n, C], df [T, C], dh_post [T, n], dh_res [T, n, n], dfn [n²+2n, n·C])``, the last
     three fp32. Tiles: ``block_t`` tokens (default 32) by ``block_c`` channels of every stream
     (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16,
-    the largest tiles that compile for sm_90a without spilling (182 registers a thread; 4 warps
-    spill, ``benchmarks/registers.py --kernel transition``); ``waves`` programs a multiprocessor to
-    aim for (default 2, or 4 when there are fewer channel blocks than multiprocessors)."""
+    a tile that compiles for sm_90a without spilling (182 registers a thread; at 4 warps it spills,
+    ``benchmarks/registers.py --kernel transition``; ``benchmarks/tune.py`` found 64 x 16 at 4 warps
+    faster on an H100, see the module docstring); ``waves`` as in ``_common.token_runs``."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
@@ -212,13 +212,7 @@ def transition_bwd_streams(
     bc = channel_block(c, block_c or 32)
     c_blocks = c // bc
     t_blocks = cdiv(t, bt)
-    # token runs as in coefficients_op.coefficients_bwd_x: enough programs for `waves` waves, the
-    # run length rounded to an eighth of its power of two (few distinct compilations)
-    waves = waves or (4 if c_blocks < num_sms(x.device) else 2)
-    tiles = cdiv(t_blocks, max(1, (waves * num_sms(x.device)) // c_blocks))
-    quantum = max(1, next_pow2(tiles) // 8)
-    tiles = cdiv(tiles, quantum) * quantum
-    groups = cdiv(t_blocks, tiles)
+    tiles, groups = token_runs(t_blocks, c_blocks, x.device, waves)
     dfn_part = torch.empty((groups, *fn.shape), dtype=torch.float32, device=x.device)
     part = torch.empty((c_blocks, t, n + n * n), dtype=torch.float32, device=x.device)
     w = dm.shape[1]
