@@ -50,7 +50,9 @@ two variants' step times compare fairly only at similar balance.
 
 ``--profile K`` also records K more steps of each variant with ``torch.profiler`` and reports the
 GPU time per step by kernel (the largest first), split into torchmhc's own kernels, the others
-(inductor's, cuBLAS's, attention's) and the time no kernel runs: where an overhead goes.
+(inductor's, cuBLAS's, attention's) and the time no kernel runs: where an overhead goes. The time no
+kernel runs is then broken down by the kernels on either side of each idle gap, the largest first:
+where the GPU waits (for the host, at a CUDA graph's boundary, for a synchronization).
 
 Prints progress as it goes; ``--out FILE`` gets the markdown report (rewritten after every
 variant, so a run cut short keeps what it measured). Results belong in
@@ -306,6 +308,8 @@ class Result:
     # --profile: (kernel name, calls per step, GPU ms per step), largest first; GPU busy ms per step
     kernels: list[tuple[str, float, float]] | None = None
     gpu_busy_ms: float | None = None
+    # --profile: (kernel before, kernel after, gaps per step, idle ms per step), largest first
+    gaps: list[tuple[str, str, float, float]] | None = None
     # MoE models: tokens of the busiest expert over the mean, averaged over the MoE layers
     expert_load: float | None = None
 
@@ -371,9 +375,14 @@ def expert_load_balance(model: torch.nn.Module, step) -> float | None:
     return torch.stack(ratios).mean().item() if ratios else None
 
 
-def kernel_profile(step, steps: int, device: torch.device) -> tuple[list[tuple[str, float, float]], float]:
+def kernel_profile(
+    step, steps: int, device: torch.device
+) -> tuple[list[tuple[str, float, float]], float, list[tuple[str, str, float, float]]]:
     """Runs ``step(i)`` ``steps`` times under ``torch.profiler`` -> ([(kernel, calls per step, GPU ms
-    per step)], largest first; the GPU's summed kernel time per step in ms)."""
+    per step)], largest first; the GPU's summed kernel time per step in ms; :func:`idle_gaps` of
+    the GPU's work in the profiled steps)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -391,7 +400,39 @@ def kernel_profile(step, steps: int, device: torch.device) -> tuple[list[tuple[s
         and not getattr(e, "is_user_annotation", False)
     ]
     rows.sort(key=lambda r: -r[2])
-    return rows, sum(r[2] for r in rows)
+    with tempfile.TemporaryDirectory() as tmp:  # the trace has each kernel's start and end
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    spans = [
+        (e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in GPU_WORK_CATEGORIES
+    ]
+    return rows, sum(r[2] for r in rows), idle_gaps(spans, steps)
+
+
+#: Chrome-trace categories of the GPU's own work (kernels, copies, fills) in torch.profiler's export.
+GPU_WORK_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def idle_gaps(spans: list[tuple[str, float, float]], steps: int) -> list[tuple[str, str, float, float]]:
+    """Where the GPU is idle: ``spans`` of its work ``(name, start µs, end µs)`` in any order, over
+    ``steps`` steps -> ``[(kernel before, kernel after, gaps per step, idle ms per step)]``, largest
+    idle time first. A gap is a time no span covers between the first start and the last end
+    (spans may overlap, on several CUDA streams); it is put down to the span that ended last before
+    it and the one that starts after it."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    last_name, last_end = None, -math.inf
+    for name, start, end in sorted(spans, key=lambda s: (s[1], s[2])):
+        if last_name is not None and start > last_end:
+            entry = totals.setdefault((last_name, name), [0, 0.0])
+            entry[0] += 1
+            entry[1] += start - last_end
+        if end >= last_end:
+            last_name, last_end = name, end
+    rows = [(before, after, count / steps, us / steps / 1e3) for (before, after), (count, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r[3])
 
 
 def _build(cfg: RunConfig, device: torch.device, compile_mode: str):
@@ -487,7 +528,7 @@ def run_variant(
                 times.append(dt)
         result.expert_load = expert_load_balance(model, lambda: step(warmup + steps))
         if profile_steps:
-            result.kernels, result.gpu_busy_ms = kernel_profile(step, profile_steps, device)
+            result.kernels, result.gpu_busy_ms, result.gaps = kernel_profile(step, profile_steps, device)
         if cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES:
             # CUDA graphs keep activations in a memory pool that is allocated when a graph is
             # recorded: the allocator then sees no new bytes in a forward. Memory is measured on
@@ -573,12 +614,26 @@ def _kernel_tables(ok: dict[str, Result], top: int) -> list[str]:
             "|---|---:|---:|---:|",
         ]
         for name, calls, ms in r.kernels[:top]:
-            short = name if len(name) <= 90 else name[:87] + "..."
-            lines.append(f"| `{short}` | {calls:.0f} | {ms:.2f} | {ms / r.gpu_busy_ms:.1%} |")
+            lines.append(f"| `{_short(name, 90)}` | {calls:.0f} | {ms:.2f} | {ms / r.gpu_busy_ms:.1%} |")
         rest = sum(ms for _, _, ms in r.kernels[top:])
         if rest:
             lines.append(f"| {len(r.kernels) - top} others | | {rest:.2f} | {rest / r.gpu_busy_ms:.1%} |")
+        if r.gaps:
+            idle = sum(ms for *_, ms in r.gaps)
+            lines += [
+                "",
+                f"Idle between the first and the last kernel of a step, {idle:.2f} ms a step, by the kernels "
+                "on either side:",
+                "",
+                "| kernel before | kernel after | gaps/step | idle ms/step |",
+                "|---|---|---:|---:|",
+            ]
+            lines += [f"| `{_short(a, 60)}` | `{_short(b, 60)}` | {n:.0f} | {ms:.3f} |" for a, b, n, ms in r.gaps[:top]]
     return lines
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops: float | None) -> list[str]:
@@ -725,8 +780,8 @@ def main() -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        r = results[variant.spec]
-        print(f"  {variant.spec} ({time.perf_counter() - t0:.0f} s): {json.dumps(vars(r))}", flush=True)
+        scalars = {k: v for k, v in vars(results[variant.spec]).items() if k not in ("kernels", "gaps")}  # in the tables
+        print(f"  {variant.spec} ({time.perf_counter() - t0:.0f} s): {json.dumps(scalars)}", flush=True)
         table = report(args, base, device, name, rates, results)
         if args.out:
             Path(args.out).write_text(table)

@@ -7,6 +7,12 @@ the timing pass in this process only loads compiled kernels. Prints, per kernel,
 the fastest configurations with µs and % of a device-to-device copy measured in the same run.
 
     PYTHONPATH=src python benchmarks/tune.py [--shape 16384x4096] [--streams 4] [--dtype bf16] [--kernels ...]
+
+``--ncu`` runs no sweep: each kernel's launcher defaults run once to compile, then once more between
+``cudaProfilerStart``/``Stop``, for Nsight Compute to profile exactly those launches:
+
+    ncu --profile-from-start off --clock-control none --set full -o REPORT \
+        python benchmarks/tune.py --ncu --shape 8192x2048 --kernels transition_bwd coef_bwd_x_chained post_res_bwd
 """
 
 from __future__ import annotations
@@ -188,6 +194,19 @@ def sweep(kernel: str, t: int, c: int, n: int, dtype: str, copy_tbps: float) -> 
         print(line("", ms, cfg, err) + ("  <-- MISMATCH" if err > 2e-2 else ""), flush=True)
 
 
+def profile_once(kernels: list[str], t: int, c: int, n: int, dtype: str) -> None:
+    """One launch of each kernel's defaults inside the CUDA profiler's range (``--ncu``)."""
+    runs = [make_case(kernel, t, c, n, dtype)[0] for kernel in kernels]
+    for run in runs:  # compile and warm up outside the range
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for run in runs:
+        run()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="16384x4096", help="TxC")
@@ -195,12 +214,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="stream dtype")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--ncu", action="store_true", help="no sweep: the defaults once, for Nsight Compute")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune.py needs a CUDA device")
+    t, c = (int(v) for v in args.shape.lower().split("x"))
+    if args.ncu:
+        profile_once(args.kernels, t, c, args.streams, args.dtype)
+        return
     from torchmhc.bench import copy_rate
 
-    t, c = (int(v) for v in args.shape.lower().split("x"))
     copy_tbps = copy_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbps:.2f} TB/s", flush=True)
     for kernel in args.kernels:

@@ -141,6 +141,28 @@ def test_profile_report_splits_torchmhc_kernels_from_the_rest():
     assert "| 1 others | | 0.75 | 9.1% |" in text
 
 
+def test_idle_gaps_are_put_down_to_the_kernels_on_either_side():
+    # two steps; "b" overlaps "a" on another stream (no gap between them), "c" starts 3 µs after "b"
+    # ends although "a" ended earlier; copies count as work
+    spans = [("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 17.0), ("copy", 25.0, 26.0), ("a", 125.0, 130.0),
+             ("c", 131.0, 132.0), ("b", 30.0, 40.0), ("c", 44.0, 45.0)]  # fmt: skip
+    gaps = e2e.idle_gaps(spans, steps=2)
+    # c -> a: 80 µs; b -> c: 3 + 4 µs; copy -> b: 4; a -> c: 1 (per step: halved)
+    assert gaps == [("c", "a", 0.5, 0.04), ("b", "c", 1.0, 0.0035), ("copy", "b", 0.5, 0.002), ("a", "c", 0.5, 0.0005)]
+    assert e2e.idle_gaps([], steps=1) == []
+    r = e2e.Result("mhc", 1e9, 1e10, 1.0, 10.0, 10.0, 1000.0, kernels=[("a", 1, 1.0)], gpu_busy_ms=1.0, gaps=gaps)
+    text = "\n".join(e2e._kernel_tables({"mhc": r}, top=2))
+    assert "0.05 ms a step" in text and "| `c` | `a` | 0 | 0.040 |" in text and "| `b` | `c` | 1 | 0.004 |" in text
+    assert "`copy` | `b`" not in text  # past top
+
+
+def test_kernel_profile_reads_the_gpu_work_of_the_profiled_steps():
+    # on the CPU the trace holds no GPU work: no kernels, no gaps, but the steps ran under the profiler
+    ran = []
+    rows, busy, gaps = e2e.kernel_profile(lambda i: ran.append(torch.ones(8).sum()), 2, torch.device("cpu"))
+    assert len(ran) == 2 and rows == [] and busy == 0 and gaps == []
+
+
 def test_moe_routing_balance_is_measured_and_reported():
     moe = ["model.arch=moe", "model.num_experts=8", "model.num_shared_experts=1", "model.top_k=2",
            "model.expert_hidden=32"]  # fmt: skip
