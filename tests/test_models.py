@@ -266,6 +266,26 @@ def test_fused_transitions_give_the_same_losses_and_gradients(residual, mode, mo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_transitions_run_every_connection_inside_a_block(monkeypatch):
+    # torch.compile compiles blocks: a connection op run between blocks (the chain's first pre, say)
+    # would run eager, its launches from Python leaving the GPU idle
+    import torchmhc.layers
+
+    inside, calls = [], []
+    for name in ("pre", "post", "post_pre"):
+        op = getattr(torchmhc.layers.HyperConnection, name)
+        monkeypatch.setattr(torchmhc.layers.HyperConnection, name,
+                            lambda self, *a, op=op, name=name, **k: calls.append((name, bool(inside))) or op(self, *a, **k))  # fmt: skip
+    cfg = ModelConfig(residual="mhc", dim=64, num_layers=3, num_heads=2, max_seq_len=16, fuse_transitions=True)
+    model = build_model(cfg)
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda *_: inside.append(1) or None)
+        block.register_forward_hook(lambda *_: inside.pop() and None)
+    model(torch.randint(0, 256, (2, 8))).sum().backward()
+    # 3 blocks: one pre, 5 fused transitions, one post
+    assert sorted(calls) == sorted([("pre", True), *[("post_pre", True)] * 5, ("post", True)]), calls
+
+
 def test_attention_rotates_q_and_k_as_two_separate_rope_calls_would():
     # q and k are rotated in one pass over the fused projection: the values of rotating each head
     from torchmhc.models.gpt import Attention, apply_rope

@@ -141,21 +141,22 @@ class Block(nn.Module):
     ) -> Tensor | tuple[Tensor, HyperConnectionContext]:
         """Streams ``x [B, T, n, C]`` -> streams ``[B, T, n, C]``.
 
-        Chained (``run_blocks`` with ``model.fuse_transitions``): ``x`` is the attention's layer
-        input ``[B, T, C]`` and ``ctx`` its connection's context, made by the previous block's last
-        transition; the FFN's post-res then runs fused with ``next_hc``'s coefficients and pre-mix
-        (the next block's attention connection), and the block returns that layer input and
-        context, or the streams if there is no next block.
+        With ``model.fuse_transitions`` the attention's post-res runs fused with the FFN's
+        coefficients and pre-mix. Chained (``run_blocks``): ``x`` is the attention's layer input
+        ``[B, T, C]`` and ``ctx`` its connection's context, made by the previous block's last
+        transition, or, in the chain's first block, ``x`` is the streams and ``ctx`` None (the
+        attention's pre then runs here, inside the block and its compiled graph); the FFN's
+        post-res runs fused with ``next_hc``'s coefficients and pre-mix (the next block's attention
+        connection), and the block returns that layer input and context, or the streams if there
+        is no next block.
         """
-        if ctx is not None:  # chained across blocks
+        if self.fuse_transition or ctx is not None or next_hc is not None:
+            if ctx is None:  # x: the streams
+                x, ctx = self.attn_hc.pre(x)  # [B, T, C]
             u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(x), self.ffn_hc)
             if next_hc is None:
                 return self.ffn_hc.post(ctx, self.ffn_branch(u))  # [B, T, n, C]
             return self.ffn_hc.post_pre(ctx, self.ffn_branch(u), next_hc)  # ([B, T, C], context)
-        if self.fuse_transition:  # the attention's post and the FFN's pre in one pass over the streams
-            u, ctx = self.attn_hc.pre(x)  # [B, T, C]
-            u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(u), self.ffn_hc)
-            return self.ffn_hc.post(ctx, self.ffn_branch(u))  # [B, T, n, C]
         x = self.attn_hc(x, self.attn_branch)  # [B, T, n, C]
         x = self.ffn_hc(x, self.ffn_branch)  # [B, T, n, C]
         return x
@@ -187,14 +188,17 @@ def run_blocks(blocks: Iterable[Block], x: Tensor, cfg: ModelConfig) -> Tensor:
     if cfg.recompute:  # same values and gradients, fewer saved streams (torchmhc.recompute)
         return run_sublayers(x, sublayers_of(blocks), block_length=cfg.recompute_block_length or None)
     blocks = list(blocks)
-    if not cfg.fuse_transitions or not blocks:
+    if not cfg.fuse_transitions or len(blocks) < 2:
         for block in blocks:
             x = block(x)  # [B, T, n, C]
         return x
     # Every transition fused, across blocks too: each block ends with its FFN's post-res fused
-    # with the next block's attention coefficients and pre-mix (Block.forward, chained)
-    u, ctx = blocks[0].attn_hc.pre(x)  # [B, T, C]
-    for block, following in zip(blocks[:-1], blocks[1:]):
+    # with the next block's attention coefficients and pre-mix (Block.forward, chained). The first
+    # block also runs the chain's first pre, inside its compiled graph: run eager before it, the
+    # pre's launches from Python left the GPU idle (gpu-moe-3b on an H100, e2e.py --profile: gaps
+    # of 0.7 ms a step around them and the first block's graph)
+    u, ctx = blocks[0](x, None, blocks[1].attn_hc)  # [B, T, C]
+    for block, following in zip(blocks[1:-1], blocks[2:]):
         u, ctx = block(u, ctx, following.attn_hc)
     return blocks[-1](u, ctx)  # [B, T, n, C]
 
