@@ -106,15 +106,11 @@ def transition_kernel(
     """The transition backward's stream pass (``transition_bwd_streams``, with the pre-mix's
     h_pre ⊗ dy) compiled in one configuration."""
     w, ns = merged_width(n), next_pow2(n)
-    streams, channels = f"tensordesc<{dtype}[{block_t}, {ns}, {block_c}]>", f"tensordesc<{dtype}[{block_t}, {block_c}]>"
-    signature = {
-        "x_desc": streams, "f_desc": channels, "hpost_ptr": "*fp32", "hres_ptr": "*fp32", "fn_ptr": "*fp32",
-        "dm_desc": f"tensordesc<fp32[{block_t}, {w}]>", "cx_ptr": "*fp32", "dnext_desc": streams,
-        "dy_desc": channels, "hpre_ptr": "*fp32", "dx_ptr": f"*{dtype}", "df_ptr": f"*{dtype}", "dfn_ptr": "*fp32",
-        "part_ptr": "*fp32", "T": "i32",
-    }  # fmt: skip
+    streams = ("x_ptr", "f_ptr", "dnext_ptr", "dy_ptr", "dx_ptr", "df_ptr")
+    pointers = _transition_bwd_kernel.arg_names[: _transition_bwd_kernel.arg_names.index("T")]
+    signature = {**{name: f"*{dtype}" if name in streams else "*fp32" for name in pointers}, "T": "i32"}
     constants: dict[str, object] = dict(
-        C=c, N=n, NS=ns, NP=_np(n), W=w, ROWS=n * n + 2 * n, BT=block_t, BC=block_c, TILES=8,
+        C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=n * n + 2 * n, BT=block_t, BC=block_c, TILES=8,
         MODE=1 if dtype == "bf16" else 2, MIX=True,
     )  # fmt: skip
     return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)

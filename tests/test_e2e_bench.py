@@ -143,8 +143,8 @@ def test_profile_report_splits_torchmhc_kernels_from_the_rest():
 
 def test_idle_gaps_are_put_down_to_the_kernels_on_either_side():
     # two steps; "b" overlaps "a" on another stream (no gap between them), "c" starts 3 µs after "b"
-    # ends although "a" ended earlier; copies count as work
-    spans = [("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 17.0), ("copy", 25.0, 26.0), ("a", 125.0, 130.0),
+    # ends although "a" and "inner" (within "b") ended earlier; copies count as work
+    spans = [("c", 20.0, 25.0), ("a", 0.0, 10.0), ("b", 5.0, 17.0), ("inner", 11.0, 12.0), ("copy", 25.0, 26.0), ("a", 125.0, 130.0),
              ("c", 131.0, 132.0), ("b", 30.0, 40.0), ("c", 44.0, 45.0)]  # fmt: skip
     gaps = e2e.idle_gaps(spans, steps=2)
     # c -> a: 80 µs; b -> c: 3 + 4 µs; copy -> b: 4; a -> c: 1 (per step: halved)

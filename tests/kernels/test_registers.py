@@ -31,8 +31,8 @@ def test_offline_compile_at_the_default_tiles_spills_nothing_and_the_chained_pas
 
 def test_offline_compile_of_the_transition_pass_at_its_default_tiles_spills_nothing():
     # transition_bwd_streams' defaults (32 tokens, 32 channels of every stream, 8 warps, 2 stages),
-    # which its docstring says fit without spilling; all n streams' tiles at once: n = 4 needs more
-    # registers than n = 2
+    # which its docstring says fit without spilling, although the loads of the next tile are held
+    # in registers too; all n streams' tiles at once: n = 4 needs more registers than n = 2
     stats = _offline_stats('{n: registers.transition_stats(n, 256, "bf16", 32, 32, 8, 2) for n in (2, 4)}')
     for regs, spilled in stats.values():
         assert 0 < regs <= 255 and spilled == 0
@@ -48,4 +48,8 @@ def test_the_token_loop_operations_are_counted_from_the_ir():
     )
     assert ops["transition"]["reductions"] == 4 + 4 * 4 and ops["dx"]["reductions"] == 0
     assert ops["transition"]["products"] == ops["dx"]["products"] == 5
-    assert ops["transition"]["layout changes"] > ops["dx"]["layout changes"] > 0
+    # the transition pass stores df, n dx tiles and its n + n² sums a token in one store a tile
+    # (then dfn, after the loop); the stream tiles are split and joined around the products only:
+    # the few layout changes its docstring counts
+    assert ops["transition"]["stores"] == 1 + 4 + 1 + 1
+    assert 0 < ops["dx"]["layout changes"] <= ops["transition"]["layout changes"] <= 4

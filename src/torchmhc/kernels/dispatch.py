@@ -32,7 +32,7 @@ is still in L2; they form one autograd node, whose backward is sub-layer l+1's c
 above followed by the post-res backward of l. An opt-in backward (``one_pass_backward=True``, n <= 4)
 replaces those two stream passes with one that forms x_{l+1}'s total gradient on-chip (x_{l+1}
 recomputed from x_l and f) and runs the post-res backward of l from it (``transition_backward_op.py``:
-(4n + 4)·C a token instead of (7n + 4)·C); it moves fewer bytes but runs slower (see that file).
+(4n + 4)·C a token instead of (7n + 4)·C); it moves fewer bytes in about the same time (see that file).
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
@@ -378,7 +378,8 @@ def _chained_pre_backward(
 #: (the default) or ``one_pass``, read at each call (under torch.compile, when the backward is traced).
 TRANSITION_BACKWARD_ENV_VAR = "TORCHMHC_TRANSITION_BACKWARD"
 #: Streams the one-pass transition backward handles: its tiles of all n streams spill registers
-#: beyond (n = 8: 16 tokens x 16 channels, 8 warps, spill; offline sm_90a compile).
+#: beyond (n = 8: 668 bytes a thread at 16 tokens x 16 channels, 8 warps; offline sm_90a compile,
+#: benchmarks/registers.py).
 ONE_PASS_MAX_STREAMS = 4
 
 
@@ -600,9 +601,10 @@ def mhc_post_pre(
         one_pass_backward: the backward's stream work in one pass (``transition_backward_op.py``:
             x_{l+1}'s gradient kept on-chip, x_{l+1} recomputed; n <= 4) or in two (the coefficient
             dx pass, then the post-res backward). None: ``$TORCHMHC_TRANSITION_BACKWARD``
-            (``one_pass`` or ``two_pass``), else two passes, which are faster although they move
-            more bytes (H100: 352 against 955 µs at T = 8192, C = 2048). Results agree to rounding
-            (the two passes round x_{l+1}'s gradient to the stream dtype in between).
+            (``one_pass`` or ``two_pass``), else two passes, which move more bytes in about the
+            same time (H100: 357 against 365 µs at T = 8192, C = 2048; 245 against 241 at
+            C = 1280). Results agree to rounding (the two passes round x_{l+1}'s gradient to the
+            stream dtype in between).
 
     Returns:
         ``(layer_input [..., C], x_next [..., n, C], both in x.dtype, Coefficients(h_pre [..., n],

@@ -23,22 +23,31 @@ d_next, dy and writes dx_l, df. The pre-mix's ``dh_pre = Σ_c dy·x_{l+1}`` must
 Layout: a program owns BC channels of all n streams and a run of TILES token tiles of BT tokens.
 fn's columns for those channels and the dfn sums stay on-chip for the whole run (dfn needs no
 atomics), as in ``coefficients_op``'s dx pass; the per-token sums over C that the post-res backward
-makes (dh_res, dh_post) are therefore partial, one ``[T, n + n²]`` block per channel block, summed
-over channel blocks in a fixed order afterwards (deterministic). At n = 4, C = 2048 and 32
-channels a block those partials are (2·80·64 bytes) / (15·2·2048 bytes) = 17% more traffic.
+makes (dh_res, dh_post) are therefore partial, one ``[T, n + n²]`` block per channel block (one
+coalesced store a tile), summed over channel blocks in a fixed order afterwards (deterministic).
+At n = 4, C = 2048 and 32 channels a block those partials are (2·80·64 bytes) / (15·2·2048 bytes)
+= 17% more traffic.
 
-Speed: slower than the two passes it replaces, which is why it is opt-in
-(``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``).
-H100, T = 8192, n = 4, bf16 (``torchmhc bench``, ``benchmarks/results/h100.md``, 2026-12-07): 955 µs
-at C = 2048 (21% of a copy by its own byte count) against 352 µs for the dx pass and the post-res
-backward (87%), 602 against 244 µs at C = 1280; the best of ``benchmarks/tune.py``'s 72
-configurations, 615 µs at C = 2048 (64 tokens by 16 channels, 4 warps, 3 stages). A form with
-one product a stream spilled registers (offline compile); this one (one product over all streams'
-columns) does not, yet runs at a fifth of the copy rate. What a tile costs besides its loads
-(``benchmarks/registers.py --kernel transition``, Triton's IR at the default tiles): 26 layout
-changes, 31 shared-memory reads and 20 reductions a token tile, against 2, 4 and 0 in the dx pass
-it replaces; the stream split and join around the products and the per-token sums are where a
-faster form must save. Kept, tested, so that the next attempt starts from working code.
+How a tile runs: the n stream tiles of x_l and d_next, f, dy, dm and the per-token coefficients
+come in by per-thread loads, one tile ahead: the loads of tile k + 1 are issued before the work on
+tile k, whose registers they then fill while it runs. One program of 8 warps holds a
+multiprocessor (243 registers a thread), so nothing else would hide their latency: Triton
+pipelines only loads that feed a tensor-core product directly, and a copy-engine load it does not
+pipeline is issued and waited for at once. The stream tiles are loaded one by one and joined into
+one ``[BT, n·BC]`` operand only for the two products (d = dm @ fn + rest, dfn += x_{l+1}ᵀ @ dm), so
+that the mixes around them need few layout changes (``benchmarks/registers.py --kernel
+transition``: 4 a tile).
+
+Speed (H100, T = 8192, n = 4, bf16, 2026-12-07, ``benchmarks/results/h100.md``): 365 µs at C = 2048
+(47% of a copy by its own byte count) against 357 µs for the dx pass and the post-res backward
+(86%), 241 against 245 µs at C = 1280, 1345 against 1343 µs at T = 16384, C = 4096: the pass moves
+(3n + 3)·C instead of (6n + 3)·C a token, in the same time. The first form of this kernel
+(copy-engine loads of all n streams, split in registers) took 923 µs at C = 2048: each tile's
+loads were waited for before any work, and the splits cost 26 layout changes a tile. What limits
+this one (Nsight Compute): two warps a scheduler, each stalled on shared memory (the products'
+operands) and on short dependencies; issue slots 35% busy. It stays opt-in
+(``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``):
+at the same kernel time, whether its fewer bytes pay in a training step is not measured yet.
 
 Precision: as ``coefficients_op`` (dm @ fn and dfn on tensor cores with fp32 operands split into bf16
 parts, see ``_precision.py``); d stays fp32 (the two passes round it to the stream dtype in
@@ -55,7 +64,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, tile_descriptor, token_block, token_runs
+from torchmhc.kernels._common import cdiv, channel_block, define_op, next_pow2, token_block, token_runs
 from torchmhc.kernels._precision import dot_bf16_f32, precision_mode, split2
 from torchmhc.kernels.coefficients_op import _dot_dm_fn, _gradient_rows, _np
 from torchmhc.kernels.post_res_coefficients_op import _join_streams, _split_streams, empty_transition_grads
@@ -64,16 +73,52 @@ __all__ = ["transition_bwd_streams", "transition_backward", "transition_backward
 
 
 @triton.jit
+def _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, t0, live, T, c0,
+               dm_valid, C: tl.constexpr, N: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+               MIX: tl.constexpr):  # fmt: skip
+    """Everything one token tile of :func:`_transition_bwd_kernel` reads, by per-thread loads (nothing
+    when ``live`` is false): ``(x_l tiles, d_next tiles, f, dy, dm, c_x, h_post, h_pre, h_res)``, the
+    stream tiles ``[BT, BC]`` one a stream, the coefficients ``[BT]`` one a stream (pair)."""
+    toks = t0 + tl.arange(0, BT)
+    tmask = (toks < T) & live
+    toks = toks.to(tl.int64)
+    chans = c0 + tl.arange(0, BC)
+    rows = toks[:, None] * (N * C) + chans[None, :]
+    xs = ()
+    dns = ()
+    for j in tl.static_range(N):
+        xs = xs + (tl.load(x_ptr + rows + j * C, mask=tmask[:, None], other=0.0),)
+        dns = dns + (tl.load(dnext_ptr + rows + j * C, mask=tmask[:, None], other=0.0),)
+    f = tl.load(f_ptr + toks[:, None] * C + chans[None, :], mask=tmask[:, None], other=0.0)
+    dy = f  # unused without MIX
+    if MIX:
+        dy = tl.load(dy_ptr + toks[:, None] * C + chans[None, :], mask=tmask[:, None], other=0.0)
+    # padding columns of dm are never written: read as zeros
+    dm = tl.load(dm_ptr + toks[:, None] * W + tl.arange(0, W)[None, :], mask=tmask[:, None] & dm_valid[None, :], other=0.0)
+    cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)
+    h_post = ()
+    h_pre = ()
+    h_res = ()
+    for i in tl.static_range(N):
+        h_post = h_post + (tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0),)
+        if MIX:
+            h_pre = h_pre + (tl.load(hpre_ptr + toks * N + i, mask=tmask, other=0.0),)
+        for j in tl.static_range(N):
+            h_res = h_res + (tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0),)
+    return xs, dns, f, dy, dm, cx, h_post, h_pre, h_res
+
+
+@triton.jit
 def _transition_bwd_kernel(
-    x_desc,  # [T, n, C] streams x_l, tiles [BT, NS, BC]
-    f_desc,  # [T, C] branch output f of sub-layer l, tiles [BT, BC]
+    x_ptr,  # [T, n, C] streams x_l
+    f_ptr,  # [T, C] branch output f of sub-layer l
     hpost_ptr,  # [T, n] fp32, sub-layer l
     hres_ptr,  # [T, n, n] fp32, sub-layer l (paper orientation)
     fn_ptr,  # [n²+2n, K] fp32, sub-layer l+1
-    dm_desc,  # [T, W] fp32, tiles [BT, W]: sub-layer l+1's logit gradients (coefficients_bwd_tokens)
+    dm_ptr,  # [T, W] fp32: sub-layer l+1's logit gradients (coefficients_bwd_tokens)
     cx_ptr,  # [T] fp32: their 1/r coefficient
-    dnext_desc,  # [T, n, C] stream dtype, tiles [BT, NS, BC]: the gradient x_{l+1} got downstream
-    dy_desc,  # [T, C] tiles [BT, BC] (MIX; else unused): sub-layer l+1's layer-input gradient
+    dnext_ptr,  # [T, n, C] stream dtype: the gradient x_{l+1} got downstream
+    dy_ptr,  # [T, C] (MIX; else unused): sub-layer l+1's layer-input gradient
     hpre_ptr,  # [T, n] fp32 (MIX; else unused): sub-layer l+1's h_pre
     dx_ptr,  # [T, n, C] out: gradient of x_l
     df_ptr,  # [T, C] out: gradient of f
@@ -84,6 +129,7 @@ def _transition_bwd_kernel(
     N: tl.constexpr,
     NS: tl.constexpr,
     NP: tl.constexpr,
+    NH: tl.constexpr,  # n + n² sums a token, padded to a power of two
     W: tl.constexpr,
     ROWS: tl.constexpr,
     BT: tl.constexpr,
@@ -95,7 +141,6 @@ def _transition_bwd_kernel(
     # grid (C // BC, groups): the program owns channels [cb·BC, +BC) of every stream for TILES·BT
     # consecutive tokens
     K: tl.constexpr = N * C
-    NH: tl.constexpr = N + N * N
     cb = tl.program_id(0)
     c0 = cb * BC
     chans = c0 + tl.arange(0, BC)
@@ -103,8 +148,7 @@ def _transition_bwd_kernel(
     rows, valid = _gradient_rows(N, NP, W, ROWS, True)
     # the channel block of every stream as one operand of NS·BC columns, stream-major (column
     # i·BC + c is stream i's channel c0 + c; zero for padding streams): one product a step for d and
-    # one for dfn, as the one-stream tiles of coefficients_op's dx pass (per-stream products kept
-    # a thread's registers above 255 and spilled; offline sm_90a compile, benchmarks/registers.py)
+    # one for dfn, as the one-stream tiles of coefficients_op's dx pass
     jk = tl.arange(0, NS * BC)
     jcols = (jk // BC) * C + c0 + jk % BC
     jvalid = jk // BC < N
@@ -115,37 +159,33 @@ def _transition_bwd_kernel(
     else:
         w_lo = w
     dfn_t = tl.zeros([NS * BC, W], dtype=tl.float32)  # dfnᵀ = x_{l+1}ᵀ·dm (M = NS·BC for the tensor cores)
+    sum_cols = tl.arange(0, NH)  # the tile's per-token sums, column p of part
+    first = group * TILES * BT
+    ahead = _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, first, True,
+                       T, c0, valid, C, N, W, BT, BC, MIX)  # fmt: skip
     for it in range(TILES):
-        t0 = (group * TILES + it) * BT
+        xs, dns, f, dy, dm, cx, h_post, h_pre, h_res = ahead
+        t0 = first + it * BT
+        # the next tile's loads go out now and land while this tile is worked on
+        ahead = _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, t0 + BT,
+                           it + 1 < TILES, T, c0, valid, C, N, W, BT, BC, MIX)  # fmt: skip
         toks = t0 + tl.arange(0, BT)
         tmask = toks < T
         toks = toks.to(tl.int64)
-        xs = _split_streams(x_desc.load([t0, 0, c0]), BT, NS, BC)
-        dns = _split_streams(dnext_desc.load([t0, 0, c0]), BT, NS, BC)
-        f = f_desc.load([t0, c0]).to(tl.float32)
-        dm = tl.where(valid[None, :], dm_desc.load([t0, 0]), 0.0)  # padding columns are never written
-        cx = tl.load(cx_ptr + toks, mask=tmask, other=0.0)[:, None]
-        if MIX:
-            dy = dy_desc.load([t0, c0]).to(tl.float32)
-        h_post = ()
-        h_res = ()
-        for i in tl.static_range(N):
-            h_post = h_post + (tl.load(hpost_ptr + toks * N + i, mask=tmask, other=0.0)[:, None],)
-            for j in tl.static_range(N):
-                h_res = h_res + (tl.load(hres_ptr + toks * (N * N) + i * N + j, mask=tmask, other=0.0)[:, None],)
+        f = f.to(tl.float32)
         xns = ()
         rests = ()  # d less its dm @ fn share: c_x·x_{l+1} + h_pre·dy + d_next
         for i in tl.static_range(NS):
             if i < N:
                 # x_{l+1}[i] as the forward made it (post_res_op's fused multiply-adds, in its
                 # order), rounded to the stream dtype as stored
-                xn = h_post[i] * f
+                xn = h_post[i][:, None] * f
                 for j in tl.static_range(N):
-                    xn = tl.fma(h_res[i * N + j], xs[j].to(tl.float32), xn)
+                    xn = tl.fma(h_res[i * N + j][:, None], xs[j].to(tl.float32), xn)
                 xn = xn.to(xs[0].dtype)
-                rest = cx * xn.to(tl.float32) + dns[i].to(tl.float32)
+                rest = cx[:, None] * xn.to(tl.float32) + dns[i].to(tl.float32)
                 if MIX:
-                    rest += tl.load(hpre_ptr + toks * N + i, mask=tmask, other=0.0)[:, None] * dy
+                    rest += h_pre[i][:, None] * dy.to(tl.float32)
                 xns = xns + (xn,)
                 rests = rests + (rest,)
             else:  # padding stream: zero operand columns
@@ -157,21 +197,24 @@ def _transition_bwd_kernel(
         ds = _split_streams(tl.reshape(d, (BT, NS, BC)), BT, NS, BC)
         # the post-res backward of sub-layer l from d in registers
         out_rows = toks[:, None] * K + chans[None, :]
-        part_rows = part_ptr + (cb * T + toks) * NH
-        df = h_post[0] * ds[0]
+        df = h_post[0][:, None] * ds[0]
         for i in tl.static_range(1, N):
-            df = tl.fma(h_post[i], ds[i], df)
+            df = tl.fma(h_post[i][:, None], ds[i], df)
         tl.store(df_ptr + toks[:, None] * C + chans[None, :], df.to(df_ptr.dtype.element_ty), mask=tmask[:, None])
+        sums = tl.zeros([BT, NH], dtype=tl.float32)
         for i in tl.static_range(N):
-            tl.store(part_rows + i, tl.sum(ds[i] * f, axis=1), mask=tmask)
+            sums = tl.where(sum_cols[None, :] == i, tl.sum(ds[i] * f, axis=1)[:, None], sums)
         for j in tl.static_range(N):
             xj = xs[j].to(tl.float32)
-            dxj = h_res[j] * ds[0]  # h_res[0, j]
+            dxj = h_res[j][:, None] * ds[0]  # h_res[0, j]
             for i in tl.static_range(1, N):
-                dxj = tl.fma(h_res[i * N + j], ds[i], dxj)
+                dxj = tl.fma(h_res[i * N + j][:, None], ds[i], dxj)
             tl.store(dx_ptr + out_rows + j * C, dxj.to(dx_ptr.dtype.element_ty), mask=tmask[:, None])
             for i in tl.static_range(N):
-                tl.store(part_rows + N + i * N + j, tl.sum(ds[i] * xj, axis=1), mask=tmask)
+                sums = tl.where(sum_cols[None, :] == N + i * N + j, tl.sum(ds[i] * xj, axis=1)[:, None], sums)
+        # one store of the tile's n + n² sums a token (contiguous rows of part) instead of one a sum
+        part_rows = (cb * T + toks)[:, None] * (N + N * N)
+        tl.store(part_ptr + part_rows + sum_cols[None, :], sums, mask=tmask[:, None] & (sum_cols[None, :] < N + N * N))
     ptrs = dfn_ptr + group * ROWS * K + rows[None, :] * K + jcols[:, None]
     tl.store(ptrs, dfn_t, mask=valid[None, :] & jvalid[:, None])
 
@@ -200,10 +243,11 @@ def transition_bwd_streams(
     when sub-layer l+1's pre-mix was fused in (its ``h_pre ⊗ dy`` joins d); all contiguous
     -> ``(dx [T, n, C], df [T, C], dh_post [T, n], dh_res [T, n, n], dfn [n²+2n, n·C])``, the last
     three fp32. Tiles: ``block_t`` tokens (default 32) by ``block_c`` channels of every stream
-    (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16,
-    a tile that compiles for sm_90a without spilling (182 registers a thread; at 4 warps it spills,
-    ``benchmarks/registers.py --kernel transition``; ``benchmarks/tune.py`` found 64 x 16 at 4 warps
-    faster on an H100, see the module docstring); ``waves`` as in ``_common.token_runs``."""
+    (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16, 243
+    registers a thread without spilling, the current tile's values and the next one's loads
+    together (at 4 warps it spills, ``benchmarks/registers.py --kernel transition``); the fastest
+    of the tiles timed on an H100 at C = 2048 and 1280 (16 x 32 at 8 warps, 32 x 16 at 4 and 64 x 16
+    at 8 were 7-75% slower; module docstring); ``waves`` as in ``_common.token_runs``."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
@@ -218,11 +262,9 @@ def transition_bwd_streams(
     w = dm.shape[1]
     dy, h_pre = (None, None) if mix is None else mix
     _transition_bwd_kernel[(c_blocks, groups)](
-        tile_descriptor(x, [bt, ns, bc]), tile_descriptor(f_out, [bt, bc]), h_post, h_res, fn,
-        tile_descriptor(dm, [bt, w]), cx, tile_descriptor(d_next, [bt, ns, bc]),
-        None if dy is None else tile_descriptor(dy, [bt, bc]), h_pre, dx, df, dfn_part, part, t,
-        C=c, N=n, NS=ns, NP=_np(n), W=w, ROWS=fn.shape[0], BT=bt, BC=bc, TILES=tiles, MODE=precision_mode(x),
-        MIX=mix is not None, num_warps=num_warps, num_stages=num_stages,
+        x, f_out, h_post, h_res, fn, dm, cx, d_next, dy, h_pre, dx, df, dfn_part, part, t,
+        C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=fn.shape[0], BT=bt, BC=bc, TILES=tiles,
+        MODE=precision_mode(x), MIX=mix is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     sums = part[0] if c_blocks == 1 else part.sum(0)
     dh_post, dh_res = sums[:, :n], sums[:, n:].view(t, n, n)
