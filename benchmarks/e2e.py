@@ -68,6 +68,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -381,8 +382,6 @@ def kernel_profile(
     """Runs ``step(i)`` ``steps`` times under ``torch.profiler`` -> ([(kernel, calls per step, GPU ms
     per step)], largest first; the GPU's summed kernel time per step in ms; :func:`idle_gaps` of
     the GPU's work in the profiled steps)."""
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -622,8 +621,8 @@ def _kernel_tables(ok: dict[str, Result], top: int) -> list[str]:
             idle = sum(ms for *_, ms in r.gaps)
             lines += [
                 "",
-                f"Idle between the first and the last kernel of a step, {idle:.2f} ms a step, by the kernels "
-                "on either side:",
+                f"Idle between kernels (from the profiled steps' first kernel to their last), {idle:.2f} ms a "
+                "step, by the kernels on either side:",
                 "",
                 "| kernel before | kernel after | gaps/step | idle ms/step |",
                 "|---|---|---:|---:|",

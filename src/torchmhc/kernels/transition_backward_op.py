@@ -42,8 +42,9 @@ Speed (H100, T = 8192, n = 4, bf16, 2026-12-07, ``benchmarks/results/h100.md``):
 (47% of a copy by its own byte count) against 357 µs for the dx pass and the post-res backward
 (86%), 241 against 245 µs at C = 1280, 1345 against 1343 µs at T = 16384, C = 4096: the pass moves
 (3n + 3)·C instead of (6n + 3)·C a token, in the same time. The first form of this kernel
-(copy-engine loads of all n streams, split in registers) took 923 µs at C = 2048: each tile's
-loads were waited for before any work, and the splits cost 26 layout changes a tile. What limits
+(copy-engine loads of all n streams, split in registers) took 923 µs at C = 2048: as Triton
+lowers copy-engine loads it does not pipeline, each tile's were waited for before any work (not
+profiled itself), and the splits cost 26 layout changes a tile. What limits
 this one (Nsight Compute): two warps a scheduler, each stalled on shared memory (the products'
 operands) and on short dependencies; issue slots 35% busy. It stays opt-in
 (``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``):
