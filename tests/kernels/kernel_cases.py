@@ -75,7 +75,12 @@ def _assert_close(
         tol = lowp_tol or {}
         torch.testing.assert_close(actual, expected.to(actual.dtype), **tol, msg=lambda m: f"{what}: {m}")
     else:
-        torch.testing.assert_close(actual.double(), expected.double(), **fp32_tol, msg=lambda m: f"{what}: {m}")
+        # A sum of many fp32 terms is also allowed 16 units in the last place of its tensor's
+        # largest entry (docs/math.md §10): an entry that cancels toward 0 keeps the rounding of
+        # terms that size, whose order the CPU's vector width changes.
+        atol = max(fp32_tol["atol"], 16 * torch.finfo(torch.float32).eps * expected.abs().max().item())
+        tol = {**fp32_tol, "atol": atol}
+        torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
 
 
 def check_fwd_bwd(
