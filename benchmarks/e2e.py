@@ -363,9 +363,9 @@ def expert_load_balance(model: torch.nn.Module, step) -> float | None:
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     ratios: list[torch.Tensor] = []
     for moe in layers:
-        def record(moe: MoE = moe, update=moe.update_router_bias) -> None:
+        def record(keep=1.0, moe: MoE = moe, update=moe.update_router_bias) -> None:
             ratios.append(moe.expert_load.max() / moe.expert_load.mean())
-            update()
+            update(keep)
 
         moe.update_router_bias = record  # an instance attribute: shadows the method until deleted
     try:

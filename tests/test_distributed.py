@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import math
 import os
 import pickle
 import random
@@ -559,5 +560,39 @@ def test_fsdp_mixed_precision_casts_the_matrices_and_keeps_norms_and_connections
         assert seen["attn_norm"] == seen["ffn_norm"] == torch.float32
         assert seen["attn"] == torch.bfloat16  # mixed precision is on: the matrices are cast
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in norms)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_fused_optimizer_leaves_out_a_non_finite_step_on_sharded_parameters(monkeypatch):
+    # The GPUs' fused AdamW takes the non-finite flag on the device (no host sync before it is
+    # queued); FSDP2's parameters are DTensors, the flag a plain tensor: the step must still be left out.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torchmhc.distributed.mesh import free_port
+    from torchmhc.train import step_unless_nonfinite
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 5)
+        fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+        kept = []
+        for poison in (0.0, math.nan, 0.0):
+            before = [p.full_tensor().clone() for p in layer.parameters()]
+            loss = layer(torch.randn(3, 8)).square().mean() + poison
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(list(layer.parameters()), 1.0)
+            values = step_unless_nonfinite(optimizer, loss, norm.full_tensor(), kept.append)
+            changed = [not torch.equal(p.full_tensor(), b) for p, b in zip(layer.parameters(), before)]
+            assert changed == [math.isfinite(poison)] * 2 and math.isfinite(values[0]) == math.isfinite(poison)
+            assert all(p.grad is None for p in layer.parameters())
+        assert [float(k) for k in kept] == [1.0, 0.0, 1.0]
+        assert [float(s["step"]) for s in optimizer.state.values()] == [2.0, 2.0]  # the left-out step not counted
     finally:
         dist.destroy_process_group()

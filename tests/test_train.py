@@ -470,3 +470,66 @@ def test_weights_non_finite_after_the_last_step_are_not_saved(tmp_path, monkeypa
         train(cfg, progress=False)
     assert info.value.checkpoint is None and latest_checkpoint(cfg.out_dir) is None
     assert "No checkpoint of finite weights" in str(info.value)
+
+
+def _moe_step_setup(tmp_path, fused):
+    from torchmhc.train import autocast_context
+
+    cfg = tiny_config(tmp_path, "model.arch=moe", "model.residual=mhc", "model.router_bias_rate=0.1")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    # The fused AdamW also runs on the CPU: its step is the one the GPUs take.
+    plain = {} if fused else {"foreach": False}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, **plain)
+    batches = [(torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))) for _ in range(3)]
+    kw = dict(lr=1e-2, grad_clip=1.0, on_nonfinite="skip", autocast=autocast_context(torch.device("cpu"), "fp32"))
+    return model, optimizer, batches, kw
+
+
+def _state(model, optimizer):
+    tensors = {name: t.clone() for name, t in model.state_dict().items()}
+    for i, entry in enumerate(optimizer.state.values()):
+        tensors.update({f"opt{i}.{k}": v.clone() for k, v in entry.items()})
+    return tensors
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_left_out_step_changes_no_weight_no_optimizer_state_and_no_router_bias(tmp_path, monkeypatch, fused):
+    from torchmhc.models.moe import MoE
+    from torchmhc.train import train_step
+
+    model, optimizer, batches, kw = _moe_step_setup(tmp_path, fused)
+    train_step(model, optimizer, batches[0], step=0, **kw)
+    before = _state(model, optimizer)
+    assert any(m.router_bias.abs().sum() > 0 for m in model.modules() if isinstance(m, MoE))
+    _poison_loss_at(monkeypatch, 0)
+    stats = train_step(model, optimizer, batches[1], step=1, **kw)
+    monkeypatch.undo()
+    assert stats.skipped and math.isnan(stats.loss)
+    after = _state(model, optimizer)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.expert_load.sum() == 0 for m in model.modules() if isinstance(m, MoE))  # loads discarded
+    # The next step is the one a run without the left-out step takes (the step count included).
+    train_step(model, optimizer, batches[2], step=2, **kw)
+    reference, ref_optimizer, _, _ = _moe_step_setup(tmp_path, fused)
+    for i in (0, 2):
+        train_step(reference, ref_optimizer, batches[i], step=i, **kw)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_fused_optimizer_is_queued_before_the_host_waits_for_the_loss(tmp_path, monkeypatch, fused):
+    from torchmhc.train import train_step
+
+    model, optimizer, batches, kw = _moe_step_setup(tmp_path, fused)
+    events = []
+    step, tolist = optimizer.step, torch.Tensor.tolist
+    monkeypatch.setattr(optimizer, "step", lambda *a, **k: events.append("step") or step(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: events.append("read") or tolist(t))
+    train_step(model, optimizer, batches[0], step=0, **kw)
+    # fused: the device decides whether the step applies, the host reads after queueing it
+    assert events == (["step", "read"] if fused else ["read", "step"])

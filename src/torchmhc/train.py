@@ -62,6 +62,7 @@ __all__ = [
     "parallel_layout",
     "LocalJob",
     "train_step",
+    "step_unless_nonfinite",
     "check_skippable",
     "evaluate",
     "learning_rate",
@@ -251,9 +252,9 @@ def train_step(
     Args:
         batch: inputs and targets, int64 ``[B, T]`` each, on the model's device.
         grad_clip: max global gradient norm; 0 = no clipping (the norm is still measured).
-        on_nonfinite: "stop" raises :class:`NonFiniteLossError` before the optimizer touches the
-            weights; "skip" drops this step's gradients and reports ``skipped=True``, unless the
-            weights themselves are no longer finite: then it raises too.
+        on_nonfinite: "stop" raises :class:`NonFiniteLossError` after a step that left the weights
+            untouched (:func:`step_unless_nonfinite`); "skip" reports such a step as
+            ``skipped=True``, unless the weights themselves are no longer finite: then it raises too.
     """
     x, y = batch
     for group in optimizer.param_groups:
@@ -266,19 +267,54 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # The step's one wait for the device: the non-finite guard needs both numbers on the host.
-    loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm_t.float()]).tolist()
-
+    loss_value, grad_norm = step_unless_nonfinite(optimizer, loss, grad_norm_t, model.update_router_bias)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        model.update_router_bias()  # discards the loads counted in this step's forward
         check_skippable(step, loss_value, grad_norm, nonfinite_tensors(model, optimizer), on_nonfinite)
         return StepStats(loss_value, grad_norm, lr, skipped=True)
-
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.update_router_bias()
     return StepStats(loss_value, grad_norm, lr, skipped=False)
+
+
+def step_unless_nonfinite(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    update_router_bias: Callable[[torch.Tensor | float], None],
+) -> tuple[float, float]:
+    """The optimizer step and the MoE balancing step, both left out when the loss or the gradient
+    norm (0-dim tensors on the device) is NaN/Inf; zeroes the gradients; returns both numbers.
+
+    This holds the step's one wait for the device. A fused AdamW decides on the device: it takes
+    the flag that mixed-precision loss scaling gives it (``found_inf``: at 1 its kernel leaves the
+    weights, the moments and the step count as they were), and the host reads the two numbers only
+    after the step's kernels are queued, so the GPU does not sit idle while the host waits and then
+    launches the optimizer. Other optimizers (the CPU's per-parameter loop, which takes no flag)
+    read the numbers first and step only when both are finite. Either way a left-out step changes
+    no weight, no optimizer state and no router bias (its expert loads are discarded).
+
+    Args:
+        update_router_bias: ``GPT.update_router_bias`` or the like, called with 1 to apply the
+            balancing step or 0 to discard the counted loads (a 0-dim tensor on the device, or a
+            float).
+    """
+    numbers = torch.stack([loss.detach().float(), grad_norm.float()])  # on the device: no wait yet
+    if optimizer.defaults.get("fused"):
+        nonfinite = (~torch.isfinite(numbers).all()).float()
+        optimizer.found_inf = nonfinite  # read by the fused step, as when a loss scaler drives it
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        update_router_bias(1.0 - nonfinite)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, norm = numbers.tolist()  # the wait, with the optimizer's kernels queued
+        return loss_value, norm
+    loss_value, norm = numbers.tolist()
+    finite = math.isfinite(loss_value) and math.isfinite(norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_router_bias(1.0 if finite else 0.0)
+    return loss_value, norm
 
 
 def check_skippable(step: int, loss: float, grad_norm: float, nonfinite: list[str], on_nonfinite: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from torchmhc.models.moe import MoE
@@ -37,9 +37,10 @@ def all_reduce_expert_load(module: nn.Module, mesh: DeviceMesh) -> None:
         m.expert_load.copy_(load)
 
 
-def update_router_bias(module: nn.Module, mesh: DeviceMesh) -> None:
-    """The balancing step of every MoE layer in ``module`` with the global batch's loads."""
+def update_router_bias(module: nn.Module, mesh: DeviceMesh, keep: Tensor | float = 1.0) -> None:
+    """The balancing step of every MoE layer in ``module`` with the global batch's loads; ``keep``
+    as :meth:`torchmhc.models.moe.MoE.update_router_bias` takes it."""
     all_reduce_expert_load(module, mesh)
     for m in module.modules():
         if isinstance(m, MoE):
-            m.update_router_bias()
+            m.update_router_bias(keep)

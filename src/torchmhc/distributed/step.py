@@ -25,7 +25,7 @@ from torchmhc.distributed.fsdp import average_replicated_gradients
 from torchmhc.distributed.moe import update_router_bias
 from torchmhc.distributed.parallel_model import ParallelModel
 from torchmhc.distributed.pipeline import sync_tied_gradients
-from torchmhc.train import StepStats, check_skippable, nonfinite_names, token_cross_entropy
+from torchmhc.train import StepStats, check_skippable, nonfinite_names, step_unless_nonfinite, token_cross_entropy
 
 __all__ = ["train_step", "forward_backward", "evaluate_loss", "nonfinite_tensors"]
 
@@ -109,17 +109,12 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm_t = clip_grad_norm_(params, max_norm, pp_group=pm.pp_group, duplicates=duplicates)
-    loss_value, grad_norm = torch.stack([loss, grad_norm_t.to(loss.device)]).tolist()
-
+    loss_value, grad_norm = step_unless_nonfinite(
+        optimizer, loss, grad_norm_t.to(loss.device), lambda keep: update_router_bias(pm.part, pm.mesh, keep)
+    )
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # on every rank alike: both are global
-        optimizer.zero_grad(set_to_none=True)
-        update_router_bias(pm.part, pm.mesh)
         check_skippable(step, loss_value, grad_norm, nonfinite_tensors(pm.part, optimizer), on_nonfinite)
         return StepStats(loss_value, grad_norm, lr, skipped=True)
-
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    update_router_bias(pm.part, pm.mesh)
     return StepStats(loss_value, grad_norm, lr, skipped=False)
 
 

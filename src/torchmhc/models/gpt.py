@@ -263,11 +263,12 @@ class GPT(nn.Module):
         """The 2L hyper-connections in sub-layer order (attention, FFN, attention, ...)."""
         return [hc for block in self.blocks for hc in (block.attn_hc, block.ffn_hc)]
 
-    def update_router_bias(self) -> None:
-        """Balance MoE routing once per optimizer step (no-op for the dense model)."""
+    def update_router_bias(self, keep: torch.Tensor | float = 1.0) -> None:
+        """Balance MoE routing once per optimizer step (no-op for the dense model); ``keep`` as
+        :meth:`MoE.update_router_bias` takes it."""
         for module in self.modules():
             if isinstance(module, MoE):
-                module.update_router_bias()
+                module.update_router_bias(keep)
 
     def num_params(self) -> int:
         """Number of parameters (a tied head counted once)."""

@@ -67,7 +67,7 @@ class HFLlama(nn.Module):
         """The 2L hyper-connections in sub-layer order (none for the plain residual)."""
         return [m for m in self.hf.modules() if isinstance(m, HyperConnection)]
 
-    def update_router_bias(self) -> None:
+    def update_router_bias(self, keep: Tensor | float = 1.0) -> None:
         """No experts: nothing to balance (the training loop calls this after every step)."""
 
     def num_params(self) -> int:

@@ -131,9 +131,14 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
-        """Auxiliary-loss-free balancing step: ``b_e += u * sign(mean load - load_e)``; resets loads.
+    def update_router_bias(self, keep: torch.Tensor | float = 1.0) -> None:
+        """Auxiliary-loss-free balancing step: ``b_e += keep * u * sign(mean load - load_e)``; resets
+        the loads.
 
-        No host sync: with no load counted (every entry 0) the sign is 0 and the bias stays."""
-        self.router_bias += self.bias_rate * torch.sign(self.expert_load.mean() - self.expert_load)
+        Args:
+            keep: 1 applies the step, 0 discards the counted loads (a step whose update was left
+                out); a float or a 0-dim tensor on the bias's device, so that the choice needs no
+                host sync. With no load counted (every entry 0) the sign is 0 and the bias stays.
+        """
+        self.router_bias += keep * self.bias_rate * torch.sign(self.expert_load.mean() - self.expert_load)
         self.expert_load.zero_()
