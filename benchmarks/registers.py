@@ -70,10 +70,10 @@ def compile_stats(
 
 
 def transition_stats(
-    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = False
 ) -> tuple[int, int]:
     """:func:`compile_stats` of the transition backward's stream pass, with the pre-mix's h_pre ⊗ dy."""
-    compiled = transition_kernel(n, c, dtype, block_t, block_c, num_warps, num_stages)
+    compiled = transition_kernel(n, c, dtype, block_t, block_c, num_warps, num_stages, late_prefetch)
     return compiled.registers, compiled.spilled
 
 
@@ -101,7 +101,7 @@ def dx_kernel(
 
 
 def transition_kernel(
-    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = False
 ) -> Compiled:
     """The transition backward's stream pass (``transition_bwd_streams``, with the pre-mix's
     h_pre ⊗ dy) compiled in one configuration."""
@@ -111,7 +111,7 @@ def transition_kernel(
     signature = {**{name: f"*{dtype}" if name in streams else "*fp32" for name in pointers}, "T": "i32"}
     constants: dict[str, object] = dict(
         C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=n * n + 2 * n, BT=block_t, BC=block_c, TILES=8,
-        MODE=1 if dtype == "bf16" else 2, MIX=True,
+        MODE=1 if dtype == "bf16" else 2, MIX=True, LATE_PREFETCH=late_prefetch,
     )  # fmt: skip
     return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)
 
@@ -156,9 +156,11 @@ def main() -> None:
     if args.kernel == "transition":
         # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
         print(f"n={args.streams} C={args.channels} {args.dtype}: registers a thread, bytes spilled")
-        for bt, bc, warps in ((32, 32, 8), (32, 32, 4), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8)):
-            k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2)
-            print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps}: {k.registers:3d} registers, "
+        tiles = ((32, 32, 8), (32, 32, 4), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8), (32, 32, 16))
+        for (bt, bc, warps), late in itertools.product(tiles, (False, True)):
+            k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2, late)
+            print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps:2d} late_prefetch={late:d}: "
+                  f"{k.registers:3d} registers, "
                   f"{k.spilled:5d} bytes spilled; token loop: {_ops(k)}", flush=True)  # fmt: skip
         return
     # the launcher's defaults first (coefficients_bwd_x), then the alternatives tune.py sweeps

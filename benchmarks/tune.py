@@ -62,12 +62,13 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # 2048 can stand in for five of 256 at C = 1280
     "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
     # the transition backward's one stream pass (with the pre-mix's h_pre ⊗ dy); tiles of all n
-    # streams: 64 x 64 at 4 warps spills registers (benchmarks/registers.py)
+    # streams: 64 x 64 at 4 warps spills registers, and at 16 warps (at most 128 registers a
+    # thread) only 32 x 32 with the late prefetch does not (benchmarks/registers.py)
     "transition_bwd": {
         "block_t": (16, 32, 64),
         "block_c": (16, 32, 64),
-        "num_warps": (4, 8),
-        "num_stages": (2, 3),
+        "num_warps": (4, 8, 16),
+        "late_prefetch": (False, True),
         "waves": (2, 4),
     },
 }

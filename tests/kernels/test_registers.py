@@ -39,6 +39,19 @@ def test_offline_compile_of_the_transition_pass_at_its_default_tiles_spills_noth
     assert stats["4"][0] > stats["2"][0]
 
 
+def test_the_late_prefetch_needs_fewer_registers_and_fits_sixteen_warps():
+    # issued after the products, the next tile's loads do not share registers with the products'
+    # operands: fewer registers at the defaults, and 32 x 32 tiles at 16 warps (a 128-register
+    # ceiling) compile without spilling, as transition_bwd_streams' docstring says
+    stats = _offline_stats(
+        '{f"{w}-{late}": registers.transition_stats(4, 256, "bf16", 32, 32, w, 2, late)'
+        " for w, late in ((8, False), (8, True), (16, True))}"
+    )
+    assert stats["8-True"][0] < stats["8-False"][0]
+    registers, spilled = stats["16-True"]
+    assert registers <= 128 and spilled == 0
+
+
 def test_the_token_loop_operations_are_counted_from_the_ir():
     # one reduction over the channels per partial sum (dh_post: n, dh_res: n²); the two products
     # for d (dm @ fn, split into 3 bf16 products) and dfn (2); the dx pass reduces nothing

@@ -92,6 +92,21 @@ def test_transition_bwd_streams_matches_fp64(t, n, c, dtype, mix):
             assert _relative(a, b) < 4e-3, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, n, c", [(53, 2, 128), (37, 3, 64)])
+def test_late_prefetch_gives_the_same_bits(t, n, c, dtype):
+    # the next tile's loads issued after the products instead of before: the same arithmetic on the
+    # same values, whichever tile of a program's run (several tiles a program at these t)
+    from torchmhc.kernels.transition_backward_op import transition_bwd_streams
+
+    x, f_out, h_post, h_res, fn, dm, cx, d_next, dy, h_pre = _inputs(t, n, c, dtype)
+    args = (x, f_out, h_post, h_res, fn, dm, cx, d_next, (dy, h_pre))
+    early = transition_bwd_streams(*args, block_t=16, waves=1)
+    late = transition_bwd_streams(*args, block_t=16, waves=1, late_prefetch=True)
+    for name, a, b in zip(("dx", "df", "dh_post", "dh_res", "dfn"), early, late):
+        assert torch.equal(a, b), name
+
+
 def _two_sublayer_grads(one_pass, inputs):
     x, f_out, h_post, h_res, fn, scale, base = inputs
     post_pre = functools.partial(mhc_post_pre, one_pass_backward=one_pass)

@@ -138,6 +138,7 @@ def _transition_bwd_kernel(
     TILES: tl.constexpr,
     MODE: tl.constexpr,
     MIX: tl.constexpr,
+    LATE_PREFETCH: tl.constexpr,  # issue the next tile's loads after the products (fewer registers)
 ):
     # grid (C // BC, groups): the program owns channels [cb·BC, +BC) of every stream for TILES·BT
     # consecutive tokens
@@ -167,9 +168,9 @@ def _transition_bwd_kernel(
     for it in range(TILES):
         xs, dns, f, dy, dm, cx, h_post, h_pre, h_res = ahead
         t0 = first + it * BT
-        # the next tile's loads go out now and land while this tile is worked on
-        ahead = _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, t0 + BT,
-                           it + 1 < TILES, T, c0, valid, C, N, W, BT, BC, MIX)  # fmt: skip
+        if not LATE_PREFETCH:  # the next tile's loads go out now and land while this tile is worked on
+            ahead = _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, t0 + BT,
+                               it + 1 < TILES, T, c0, valid, C, N, W, BT, BC, MIX)  # fmt: skip
         toks = t0 + tl.arange(0, BT)
         tmask = toks < T
         toks = toks.to(tl.int64)
@@ -202,6 +203,9 @@ def _transition_bwd_kernel(
         for i in tl.static_range(1, N):
             df = tl.fma(h_post[i][:, None], ds[i], df)
         tl.store(df_ptr + toks[:, None] * C + chans[None, :], df.to(df_ptr.dtype.element_ty), mask=tmask[:, None])
+        if LATE_PREFETCH:  # or now, with the products' operands and results no longer live
+            ahead = _load_tile(x_ptr, f_ptr, dnext_ptr, dy_ptr, hpost_ptr, hres_ptr, hpre_ptr, dm_ptr, cx_ptr, t0 + BT,
+                               it + 1 < TILES, T, c0, valid, C, N, W, BT, BC, MIX)  # fmt: skip
         sums = tl.zeros([BT, NH], dtype=tl.float32)
         for i in tl.static_range(N):
             sums = tl.where(sum_cols[None, :] == i, tl.sum(ds[i] * f, axis=1)[:, None], sums)
@@ -236,6 +240,7 @@ def transition_bwd_streams(
     num_warps: int = 8,
     num_stages: int = 2,
     waves: int | None = None,
+    late_prefetch: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher of the one-pass stream step. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32),
     ``f_out [T, C]`` (x.dtype), ``h_post [T, n]``, ``h_res [T, n, n]`` fp32; sub-layer l+1: ``fn
@@ -248,7 +253,10 @@ def transition_bwd_streams(
     registers a thread without spilling, the current tile's values and the next one's loads
     together (at 4 warps it spills, ``benchmarks/registers.py --kernel transition``); the fastest
     of the tiles timed on an H100 at C = 2048 and 1280 (16 x 32 at 8 warps, 32 x 16 at 4 and 64 x 16
-    at 8 were 7-75% slower; module docstring); ``waves`` as in ``_common.token_runs``."""
+    at 8 were 7-75% slower; module docstring); ``waves`` as in ``_common.token_runs``.
+    ``late_prefetch`` issues the next tile's loads after the two products and the df store instead of
+    before them: 203 registers instead of 243 at the defaults, and 32 x 32 tiles at 16 warps fit
+    the 128 registers that 16 warps allow without spilling (compiled offline; not timed yet)."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
@@ -265,7 +273,8 @@ def transition_bwd_streams(
     _transition_bwd_kernel[(c_blocks, groups)](
         x, f_out, h_post, h_res, fn, dm, cx, d_next, dy, h_pre, dx, df, dfn_part, part, t,
         C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=fn.shape[0], BT=bt, BC=bc, TILES=tiles,
-        MODE=precision_mode(x), MIX=mix is not None, num_warps=num_warps, num_stages=num_stages,
+        MODE=precision_mode(x), MIX=mix is not None, LATE_PREFETCH=late_prefetch, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     sums = part[0] if c_blocks == 1 else part.sum(0)
     dh_post, dh_res = sums[:, :n], sums[:, n:].view(t, n, n)
