@@ -8,6 +8,8 @@ the fastest configurations with µs and % of a device-to-device copy measured in
 
     PYTHONPATH=src python benchmarks/tune.py [--shape 16384x4096] [--streams 4] [--dtype bf16] [--kernels ...]
 
+``--grid KEY=V1,V2`` sweeps only those values of one option (``--grid num_warps=8,16 late_prefetch=true``).
+
 ``--ncu`` runs no sweep: each kernel's launcher defaults run once to compile, then once more between
 ``cudaProfilerStart``/``Stop``, for Nsight Compute to profile exactly those launches:
 
@@ -74,12 +76,39 @@ GRIDS: dict[str, dict[str, tuple]] = {
 }
 
 
-def configs(kernel: str) -> list[dict]:
-    grid = GRIDS[kernel]
+def configs(kernel: str, narrowed: dict[str, tuple] | None = None) -> list[dict]:
+    """Every combination of ``kernel``'s candidate values in GRIDS, those of the options in
+    ``narrowed`` (from ``--grid``) replaced."""
+    grid = {**GRIDS[kernel], **{key: values for key, values in (narrowed or {}).items() if key in GRIDS[kernel]}}
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple[Callable[..., object], int]:
+def parse_grid(items: list[str], kernels: list[str]) -> dict[str, tuple]:
+    """``--grid`` arguments ``KEY=V1,V2`` -> ``{KEY: (V1, V2)}``; values are integers or true/false,
+    and each key must be an option that one of ``kernels`` sweeps."""
+    narrowed: dict[str, tuple] = {}
+    known = sorted({key for kernel in kernels for key in GRIDS[kernel]})
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid takes KEY=V1,V2,...; got {item!r}.")
+        if key not in known:
+            raise ValueError(f"--grid: {key!r} is not an option the chosen kernels sweep ({', '.join(known)}).")
+        try:
+            narrowed[key] = tuple(_grid_value(word) for word in values.split(","))
+        except ValueError:
+            raise ValueError(f"--grid: the values of {key!r} must be integers or true/false; got {values!r}.") from None
+    return narrowed
+
+
+def _grid_value(word: str) -> int | bool:
+    lowered = word.lower()
+    return lowered == "true" if lowered in ("true", "false") else int(word)
+
+
+def make_case(
+    kernel: str, t: int, c: int, n: int, dtype: str = "bf16", device: str = "cuda"
+) -> tuple[Callable[..., object], int]:
     """``(run(**config) -> outputs, bytes the kernel must move)`` on fresh random inputs; ``dtype``
     of the streams: "bf16" or "fp32"."""
     from torchmhc.kernels.coefficients_op import (
@@ -93,7 +122,7 @@ def make_case(kernel: str, t: int, c: int, n: int, dtype: str = "bf16") -> tuple
     from torchmhc.kernels.transition_backward_op import transition_bwd_streams
 
     torch.manual_seed(0)
-    dev = "cuda"
+    dev = device
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     x = torch.randn(t, n, c, device=dev, dtype=dt)
     rows = n * n + 2 * n
@@ -150,8 +179,8 @@ def _compile_worker(job: tuple[str, int, int, int, str, list[dict]]) -> list[str
     return errors
 
 
-def precompile(kernel: str, t: int, c: int, n: int, dtype: str, workers: int) -> None:
-    cfgs = configs(kernel)
+def precompile(kernel: str, t: int, c: int, n: int, dtype: str, workers: int, narrowed: dict[str, tuple]) -> None:
+    cfgs = configs(kernel, narrowed)
     chunks = [cfgs[i::workers] for i in range(workers) if cfgs[i::workers]]
     with mp.get_context("spawn").Pool(len(chunks)) as pool:
         for errors in pool.map(_compile_worker, [(kernel, t, c, n, dtype, chunk) for chunk in chunks]):
@@ -168,13 +197,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def sweep(kernel: str, t: int, c: int, n: int, dtype: str, copy_tbps: float) -> None:
+def sweep(kernel: str, t: int, c: int, n: int, dtype: str, copy_tbps: float, narrowed: dict[str, tuple]) -> None:
     from torchmhc.bench import bench  # GPU time of a CUDA-graph replay
 
     run, nbytes = make_case(kernel, t, c, n, dtype)
     reference = run()
     results = []
-    for cfg in configs(kernel):
+    for cfg in configs(kernel, narrowed):
         try:
             out = run(**cfg)
         except Exception:
@@ -216,7 +245,13 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--ncu", action="store_true", help="no sweep: the defaults once, for Nsight Compute")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                        help="sweep only these values of an option (e.g. num_warps=8,16 late_prefetch=true)")  # fmt: skip
     args = parser.parse_args()
+    try:
+        narrowed = parse_grid(args.grid, args.kernels)
+    except ValueError as e:
+        parser.error(str(e))
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune.py needs a CUDA device")
     t, c = (int(v) for v in args.shape.lower().split("x"))
@@ -229,9 +264,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {copy_tbps:.2f} TB/s", flush=True)
     for kernel in args.kernels:
         t0 = time.time()
-        precompile(kernel, t, c, args.streams, args.dtype, args.workers)
-        print(f"{kernel}: compiled {len(configs(kernel))} configurations in {time.time() - t0:.0f} s", flush=True)
-        sweep(kernel, t, c, args.streams, args.dtype, copy_tbps)
+        precompile(kernel, t, c, args.streams, args.dtype, args.workers, narrowed)
+        print(f"{kernel}: compiled {len(configs(kernel, narrowed))} configurations in {time.time() - t0:.0f} s", flush=True)
+        sweep(kernel, t, c, args.streams, args.dtype, copy_tbps, narrowed)
 
 
 if __name__ == "__main__":
