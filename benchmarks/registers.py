@@ -1,9 +1,11 @@
 """Registers and spills of the backward's stream kernels, compiled offline (no GPU).
 
 Triton compiles a kernel for sm_90a (H100) on the CPU; the ptxas bundled with it reports the
-registers a thread uses and the bytes it spills to local memory, and Triton's GPU IR the operations
+registers a thread uses and the bytes it spills to local memory, Triton's GPU IR the operations
 in the kernel's token loop (layout changes, shared-memory buffers, reductions, tensor-core products,
-stores: what a tile costs besides its loads). Two kernels:
+stores: what a tile costs besides its loads), and the machine code (nvdisasm, bundled too) how many
+instructions a thread issues in that loop: times the warps, what a multiprocessor's schedulers
+issue for one tile, which bounds the kernel's time when latencies are hidden. Two kernels:
 
 - ``--kernel dx`` (default): the coefficient backward's dx + dfn pass, with the tile and launch
   options of ``coefficients_bwd_x``. One line per configuration: the pass (plain: dx alone;
@@ -20,6 +22,7 @@ stores: what a tile costs besides its loads). Two kernels:
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import re
@@ -35,6 +38,9 @@ from torchmhc.kernels._common import next_pow2
 from torchmhc.kernels.coefficients_op import _coef_bwd_x_kernel, _np, merged_width
 from torchmhc.kernels.transition_backward_op import _transition_bwd_kernel
 
+#: ptxas and nvdisasm, as bundled with Triton.
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
 #: The other gradients each pass sums into dx (what the launcher's ``add`` and ``mix`` switch on).
 PASSES = {"plain": (), "chained": ("add", "mix")}
 
@@ -46,6 +52,7 @@ class Compiled:
     registers: int  # a thread
     spilled: int  # bytes of spill stores, as ptxas counts them
     loop_ops: dict[str, int]  # operations in the body of the kernel's token loop, by kind (LOOP_OPS)
+    loop_sass: collections.Counter[str]  # machine instructions of that loop a thread, by opcode
 
 
 #: Operations of Triton's GPU IR counted in the token loop: layout changes (through shared memory
@@ -128,7 +135,7 @@ def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_s
         target=GPUTarget("cuda", 90, 32),
         options=dict(num_warps=num_warps, num_stages=num_stages),
     )
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = os.path.join(TOOLS, "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
         ptx.flush()
@@ -138,11 +145,44 @@ def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_s
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
     ir = kernel.asm["ttgir"]
     loop = ir[ir.index("scf.for") :]  # the kernels' one loop runs to the end of the function
-    return Compiled(registers, spilled, {kind: len(re.findall(op, loop)) for kind, op in LOOP_OPS.items()})
+    ops = {kind: len(re.findall(op, loop)) for kind, op in LOOP_OPS.items()}
+    return Compiled(registers, spilled, ops, loop_instructions(kernel.asm["cubin"]))
 
 
-def _ops(compiled: Compiled) -> str:
-    return ", ".join(f"{count} {kind}" for kind, count in compiled.loop_ops.items())
+def loop_instructions(cubin: bytes) -> collections.Counter[str]:
+    """The machine instructions, by opcode (``FFMA``, ``SHFL``, ...), of the longest loop in a
+    compiled kernel (the span from a branch's target back to the branch): the token loop, in these
+    kernels, which have one."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    labels: dict[str, int] = {}
+    pending: list[str] = []
+    code: list[tuple[int, str]] = []  # (address, instruction)
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(label.group(1))
+        elif instruction := re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line):
+            address = int(instruction.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            code.append((address, instruction.group(2)))
+    start, end = 0, -1
+    for address, text in code:
+        target = re.search(r"\bBRA\b.*?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), address) < address and address - labels[target.group(1)] > end - start:
+            start, end = labels[target.group(1)], address
+    # the opcode without its predicate (@P0, @!PT) and modifiers (.FTZ, .E.128)
+    opcodes = (re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for a, text in code if start <= a <= end)
+    return collections.Counter(opcodes)
+
+
+def _ops(compiled: Compiled, num_warps: int) -> str:
+    issued = sum(compiled.loop_sass.values())
+    return (", ".join(f"{count} {kind}" for kind, count in compiled.loop_ops.items())
+            + f"; {issued} instructions a thread ({issued * num_warps} for the tile's warps)")  # fmt: skip
 
 
 def main() -> None:
@@ -161,7 +201,7 @@ def main() -> None:
             k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2, late)
             print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps:2d} late_prefetch={late:d}: "
                   f"{k.registers:3d} registers, "
-                  f"{k.spilled:5d} bytes spilled; token loop: {_ops(k)}", flush=True)  # fmt: skip
+                  f"{k.spilled:5d} bytes spilled; token loop: {_ops(k, warps)}", flush=True)  # fmt: skip
         return
     # the launcher's defaults first (coefficients_bwd_x), then the alternatives tune.py sweeps
     block_k = 128 if args.dtype == "bf16" and args.streams <= 4 else 64
@@ -170,7 +210,7 @@ def main() -> None:
     for name, (bt, warps) in itertools.product(args.passes, ((block_t, 4), (block_t, 8), (block_t // 2, 4))):
         k = dx_kernel(args.streams, args.channels, args.dtype, PASSES[name], bt, block_k, warps, 3)
         print(f"  {name:8s} block_t={bt:3d} num_warps={warps}: {k.registers:3d} registers, {k.spilled:5d} bytes spilled; "
-              f"token loop: {_ops(k)}", flush=True)  # fmt: skip
+              f"token loop: {_ops(k, warps)}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -56,9 +56,13 @@ def test_the_token_loop_operations_are_counted_from_the_ir():
     # one reduction over the channels per partial sum (dh_post: n, dh_res: n²); the two products
     # for d (dm @ fn, split into 3 bf16 products) and dfn (2); the dx pass reduces nothing
     ops = _offline_stats(
-        '{"transition": registers.transition_kernel(4, 256, "bf16", 32, 32, 8, 2).loop_ops,'
-        ' "dx": registers.dx_kernel(4, 256, "bf16", ("add", "mix"), 64, 128, 4, 3).loop_ops}'
+        '{"transition": (k := registers.transition_kernel(4, 256, "bf16", 32, 32, 8, 2)).loop_ops,'
+        ' "dx": registers.dx_kernel(4, 256, "bf16", ("add", "mix"), 64, 128, 4, 3).loop_ops,'
+        ' "sass": k.loop_sass}'
     )
+    # the machine code's loop is the token loop: its fused multiply-adds are the stream mixes, 13.5
+    # a stream value (Nsight Compute, H100), and a thread holds 4·32·32 / 256 of a tile's values
+    assert 12 <= ops["sass"]["FFMA"] / (4 * 32 * 32 / 256) <= 16
     assert ops["transition"]["reductions"] == 4 + 4 * 4 and ops["dx"]["reductions"] == 0
     assert ops["transition"]["products"] == ops["dx"]["products"] == 5
     # the transition pass stores df, n dx tiles and its n + n² sums a token in one store a tile

@@ -46,7 +46,12 @@ Speed (H100, T = 8192, n = 4, bf16, 2026-12-07, ``benchmarks/results/h100.md``):
 lowers copy-engine loads it does not pipeline, each tile's were waited for before any work (not
 profiled itself), and the splits cost 26 layout changes a tile. What limits
 this one (Nsight Compute): two warps a scheduler, each stalled on shared memory (the products'
-operands) and on short dependencies; issue slots 35% busy. It stays opt-in
+operands) and on short dependencies; issue slots 35% busy. What more warps would cost
+(``benchmarks/registers.py``, instructions of the token loop): 812 a thread, 6496 for a tile's 8
+warps (the 108 million Nsight Compute counted); with ``late_prefetch`` 32 x 32 tiles fit 16 warps
+(631 a thread, but 10096 a tile: the reductions' shuffles and the address arithmetic do not shrink
+with a thread's share of the tile) or 4 warps with two programs a multiprocessor (5356 a tile).
+It stays opt-in
 (``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``):
 at the same kernel time, whether its fewer bytes pay in a training step is not measured yet.
 
