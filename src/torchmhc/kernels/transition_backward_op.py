@@ -256,12 +256,12 @@ def transition_bwd_streams(
     three fp32. Tiles: ``block_t`` tokens (default 32) by ``block_c`` channels of every stream
     (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16, 243
     registers a thread without spilling, the current tile's values and the next one's loads
-    together (at 4 warps it spills, ``benchmarks/registers.py --kernel transition``); the fastest
+    together (at 4 warps that spills, ``benchmarks/registers.py --kernel transition``); the fastest
     of the tiles timed on an H100 at C = 2048 and 1280 (16 x 32 at 8 warps, 32 x 16 at 4 and 64 x 16
     at 8 were 7-75% slower; module docstring); ``waves`` as in ``_common.token_runs``.
     ``late_prefetch`` issues the next tile's loads after the two products and the df store instead of
-    before them: 203 registers instead of 243 at the defaults, and 32 x 32 tiles at 16 warps fit
-    the 128 registers that 16 warps allow without spilling (compiled offline; not timed yet)."""
+    before them: 203 registers instead of 243 at the defaults, no spills at 4 warps, and 32 x 32
+    tiles at 16 warps fit the 128 registers that 16 warps allow (compiled offline; not timed yet)."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
