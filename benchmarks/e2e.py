@@ -9,8 +9,8 @@ A variant is a ``model.residual`` name with optional modifiers: ``mhc:recompute`
 recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch reference instead
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
 ``mhc:unfused`` runs each sub-layer's post-res and the next one's pre as two ops (``model.fuse_transitions =
-false``; the default fuses them, inside blocks and across); ``mhc:onepass`` runs the fused transitions'
-backward in one pass over the streams instead of two (``TORCHMHC_TRANSITION_BACKWARD=one_pass``); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
+false``; the default fuses them, inside blocks and across); ``mhc:twopass`` runs the fused transitions'
+backward in two passes over the streams instead of one (``TORCHMHC_TRANSITION_BACKWARD=two_pass``); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
 size 1, as ``torchrun --nproc-per-node 1`` runs it (the distributed path's cost against ``mhc``);
 ``mhc:fsdp`` does too, with FSDP2 forced over the one rank (which ``torchmhc.distributed`` applies
 only to several data-parallel ranks: FSDP's own cost; not with CUDA graphs). Every
@@ -89,7 +89,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference", "unfused", "onepass", "distributed", "fsdp")
+MODIFIERS = ("recompute", "reference", "unfused", "twopass", "distributed", "fsdp")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -237,10 +237,11 @@ class Floor:
         return self.net_bytes_per_step / (self.copy_tbps * 1e12) * 1e3
 
 
-def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, one_pass: bool = False) -> Floor:
+def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, one_pass: bool = True) -> Floor:
     """:class:`Floor` of ``cfg``'s model and batch (2 sub-layers per block; ``model.recompute``
     replays the connections, ``model.fuse_transitions`` fuses every transition: 2L - 1 of them,
-    whose backward runs in one pass where ``one_pass`` and n <= 4: the ``:onepass`` variants)."""
+    whose backward runs in one pass where ``one_pass`` (all but the ``:twopass`` variants) and
+    n <= 4)."""
     m = cfg.model
     sublayers = 2 * m.num_layers
     fused = (sublayers - 1) / sublayers if m.fuse_transitions and not m.recompute else 0.0
@@ -273,7 +274,7 @@ class Variant:
     recompute: bool = False
     reference: bool = False
     unfused: bool = False
-    onepass: bool = False
+    twopass: bool = False
     distributed: bool = False
     fsdp: bool = False
 
@@ -283,7 +284,7 @@ class Variant:
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
             raise ValueError(
-                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:onepass][:distributed][:fsdp], got modifiers {bad}"
+                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:twopass][:distributed][:fsdp], got modifiers {bad}"
             )
         flags = {m: m in mods for m in MODIFIERS}
         return cls(spec.strip(), residual, **flags)
@@ -499,8 +500,8 @@ def run_variant(
     kernels = contextlib.ExitStack()
     if variant.reference:
         kernels.enter_context(use_kernels("reference"))
-    if variant.onepass:  # read when each compiled block's backward is traced
-        kernels.enter_context(mock.patch.dict(os.environ, {TRANSITION_BACKWARD_ENV_VAR: "one_pass"}))
+    if variant.twopass:  # read when each compiled block's backward is traced
+        kernels.enter_context(mock.patch.dict(os.environ, {TRANSITION_BACKWARD_ENV_VAR: "two_pass"}))
 
     def step(i: int) -> None:
         if pm is not None:  # the distributed path: its train_step autocasts itself
@@ -715,7 +716,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "Bytes per step = per sub-layer and token (torchmhc bench counts: forward (4n+2)·C, chained "
         "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves 2nC forward (the "
         "next coefficients and pre-mix read x_{l+1} in the kernel that writes it) and, with its backward in "
-        "one pass (`:onepass`, n <= 4), 3nC backward less fp32 partial sums; the models fuse all "
+        "one pass (n <= 4; not `:twopass`), 3nC backward less fp32 partial sums; the models fuse all "
         "2L - 1; with recomputation the forward once more) "
         "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
         "",
@@ -726,7 +727,7 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         variant = Variant.parse(spec)
         if variant.residual in ("residual", "hc"):
             continue
-        floor = mhc_floor(variant.config(base), copy_tbps=copy, elem_bytes=elem, one_pass=variant.onepass)
+        floor = mhc_floor(variant.config(base), copy_tbps=copy, elem_bytes=elem, one_pass=not variant.twopass)
         overhead_ms = r.ms_per_step - base_ms
         share = f"{100 * floor.ms / overhead_ms:.0f}%" if overhead_ms > 0 else "–"
         lines.append(f"| {spec} | {floor.net_bytes_per_step / 1e9:.1f} | {floor.ms:.1f} | {_pct(floor.ms / base_ms)} | "

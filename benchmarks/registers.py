@@ -77,7 +77,7 @@ def compile_stats(
 
 
 def transition_stats(
-    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = False
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = True
 ) -> tuple[int, int]:
     """:func:`compile_stats` of the transition backward's stream pass, with the pre-mix's h_pre ⊗ dy."""
     compiled = transition_kernel(n, c, dtype, block_t, block_c, num_warps, num_stages, late_prefetch)
@@ -108,7 +108,7 @@ def dx_kernel(
 
 
 def transition_kernel(
-    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = False
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = True
 ) -> Compiled:
     """The transition backward's stream pass (``transition_bwd_streams``, with the pre-mix's
     h_pre ⊗ dy) compiled in one configuration."""
@@ -196,8 +196,8 @@ def main() -> None:
     if args.kernel == "transition":
         # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
         print(f"n={args.streams} C={args.channels} {args.dtype}: registers a thread, bytes spilled")
-        tiles = ((32, 32, 8), (32, 32, 4), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8), (32, 32, 16))
-        for (bt, bc, warps), late in itertools.product(tiles, (False, True)):
+        tiles = ((32, 32, 4), (32, 32, 8), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8), (32, 32, 16))
+        for (bt, bc, warps), late in itertools.product(tiles, (True, False)):
             k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2, late)
             print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps:2d} late_prefetch={late:d}: "
                   f"{k.registers:3d} registers, "

@@ -71,16 +71,17 @@ def test_floor_of_a_preset():
     cfg = load_config("gpu-moe-3b")
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
     assert cfg.model.fuse_transitions  # the models fuse every transition: 2L - 1 of 2L sub-layers
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
+    # and run their backward in one pass (n = 4)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units
     assert floor.ms == pytest.approx(floor.net_bytes_per_step / 3e12 * 1e3)
-    assert 5 < floor.ms < 15  # about 25 GB at 3 TB/s
-    # a :onepass variant runs the transitions' backward in one pass (n = 4)
-    one_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=True)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
-    assert one_pass.bytes_per_step == per["total"] * units < floor.bytes_per_step
+    assert 5 < floor.ms < 15  # about 20 GB at 3 TB/s
+    # a :twopass variant runs the transitions' backward in two passes
+    two_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=False)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
+    assert two_pass.bytes_per_step == per["total"] * units > floor.bytes_per_step
 
 
 def test_variant_syntax():
@@ -232,7 +233,7 @@ def test_the_distributed_variants_build_the_single_device_model(monkeypatch):
     assert results["mhc:distributed"].activation_bytes == results["mhc"].activation_bytes
 
 
-def test_onepass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
+def test_twopass_variant_sets_the_transition_backward_while_it_runs(monkeypatch):
     # the setting is read when a compiled block's backward is traced: during the variant's steps
     seen = []
     real_step = e2e.train_step
@@ -242,15 +243,15 @@ def test_onepass_variant_sets_the_transition_backward_while_it_runs(monkeypatch)
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(e2e, "train_step", recording_step)
-    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "two_pass")
-    _, result = _measure("mhc:onepass")
-    assert result.error is None and seen and set(seen) == {"one_pass"}
-    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "two_pass"  # restored afterwards
+    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", "one_pass")
+    _, result = _measure("mhc:twopass")
+    assert result.error is None and seen and set(seen) == {"two_pass"}
+    assert os.environ["TORCHMHC_TRANSITION_BACKWARD"] == "one_pass"  # restored afterwards
     seen.clear()
     _measure("mhc")
-    assert seen and set(seen) == {"two_pass"}
+    assert seen and set(seen) == {"one_pass"}
     monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD")
     seen.clear()
-    _measure("mhc:onepass")
-    assert seen and set(seen) == {"one_pass"}
+    _measure("mhc:twopass")
+    assert seen and set(seen) == {"two_pass"}
     assert "TORCHMHC_TRANSITION_BACKWARD" not in os.environ  # an unset variable stays unset

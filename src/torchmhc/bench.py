@@ -319,7 +319,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     # two sub-layers (identity branches): the first one's post-res fused with the second one's
     # coefficients and pre-mix (mhc_post_pre, as the models run it; or with the pre-mix as a kernel
     # of its own) against the two one by one
-    def two_sublayers(fused: bool, fused_pre_mix: bool = True, one_pass: bool = False) -> Callable[[], None]:
+    def two_sublayers(fused: bool, fused_pre_mix: bool = True, one_pass: bool | None = None) -> Callable[[], None]:
         params = [p.detach().requires_grad_() for p in (fn, scale, base)]
         xr = x.detach().requires_grad_()
 
@@ -338,7 +338,7 @@ def run_shape(t: int, c: int, n: int, compile_ref: bool, rows: list[Row]) -> Non
     with use_kernels("triton"):
         for impl_name, variant in (
             ("torchmhc triton, fused transition", (True,)),
-            ("torchmhc triton, fused transition, one-pass backward", (True, True, True)),
+            ("torchmhc triton, fused transition, two-pass backward", (True, True, False)),
             ("torchmhc triton, fused transition, separate pre-mix", (True, False)),
             ("torchmhc triton", (False,)),
         ):

@@ -147,11 +147,15 @@ def test_eight_streams_take_two_passes():
     assert launches.calls("transition_bwd_streams") == 0 and launches.calls("coefficients_bwd") == 1
 
 
-@pytest.mark.parametrize("value, one_pass", [("two_pass", False), ("one_pass", True), ("", False)])
+@pytest.mark.parametrize("value, one_pass", [("two_pass", False), ("one_pass", True), ("", True), (None, True)])
 def test_environment_variable_chooses_the_backward(monkeypatch, value, one_pass):
+    # one pass unless the variable says two_pass (empty or unset: the default)
     from torchmhc.kernels.dispatch import _one_pass_backward
 
-    monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", value)
+    if value is None:
+        monkeypatch.delenv("TORCHMHC_TRANSITION_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("TORCHMHC_TRANSITION_BACKWARD", value)
     assert _one_pass_backward(None) is one_pass
     assert _one_pass_backward(not one_pass) is (not one_pass)  # an explicit choice wins
 

@@ -29,10 +29,10 @@ dx pass, or 10 with autograd's additions.
 Across sub-layers (:func:`mhc_post_pre`): the post-res of sub-layer l, the coefficient pass of
 l+1 and its pre-mix run as one kernel that writes x_{l+1} and reads it back for the pre-mix while it
 is still in L2; they form one autograd node, whose backward is sub-layer l+1's chained backward
-above followed by the post-res backward of l. An opt-in backward (``one_pass_backward=True``, n <= 4)
-replaces those two stream passes with one that forms x_{l+1}'s total gradient on-chip (x_{l+1}
-recomputed from x_l and f) and runs the post-res backward of l from it (``transition_backward_op.py``:
-(4n + 4)·C a token instead of (7n + 4)·C); it moves fewer bytes in about the same time (see that file).
+above followed by the post-res backward of l, in two stream passes, or (the default for n <= 4)
+in one that forms x_{l+1}'s total gradient on-chip (x_{l+1} recomputed from x_l and f) and runs the
+post-res backward of l from it (``transition_backward_op.py``: (4n + 4)·C a token instead of
+(7n + 4)·C, and faster; see that file).
 
 The Triton modules are imported at first use, so that importing torchmhc needs no Triton and
 ``TRITON_INTERPRET`` may be set after ``import torchmhc``. Under ``torch.compile`` the choice is
@@ -374,8 +374,9 @@ def _chained_pre_backward(
     )
 
 
-#: The transition backward (:func:`mhc_post_pre`) when its ``one_pass_backward`` is None: ``two_pass``
-#: (the default) or ``one_pass``, read at each call (under torch.compile, when the backward is traced).
+#: The transition backward (:func:`mhc_post_pre`) when its ``one_pass_backward`` is None: ``one_pass``
+#: (the default; n > 4 takes two passes anyway) or ``two_pass``, read at each call (under
+#: torch.compile, when the backward is traced).
 TRANSITION_BACKWARD_ENV_VAR = "TORCHMHC_TRANSITION_BACKWARD"
 #: Streams the one-pass transition backward handles: its tiles of all n streams spill registers
 #: beyond (n = 8: 668 bytes a thread at 16 tokens x 16 channels, 8 warps; offline sm_90a compile,
@@ -386,7 +387,7 @@ ONE_PASS_MAX_STREAMS = 4
 def _one_pass_backward(choice: bool | None) -> bool:
     if choice is not None:
         return bool(choice)
-    value = os.environ.get(TRANSITION_BACKWARD_ENV_VAR, "two_pass").strip().lower() or "two_pass"
+    value = os.environ.get(TRANSITION_BACKWARD_ENV_VAR, "one_pass").strip().lower() or "one_pass"
     if value not in ("one_pass", "two_pass"):
         raise ValueError(f"{TRANSITION_BACKWARD_ENV_VAR} must be one_pass or two_pass; got {value!r}")
     return value == "one_pass"
@@ -599,11 +600,11 @@ def mhc_post_pre(
             pass (which then writes x_{l+1} only), reading x_{l+1} from memory once more: the
             previous form, kept for benchmarks. Same results, bit for bit.
         one_pass_backward: the backward's stream work in one pass (``transition_backward_op.py``:
-            x_{l+1}'s gradient kept on-chip, x_{l+1} recomputed; n <= 4) or in two (the coefficient
-            dx pass, then the post-res backward). None: ``$TORCHMHC_TRANSITION_BACKWARD``
-            (``one_pass`` or ``two_pass``), else two passes, which move more bytes in about the
-            same time (H100: 357 against 365 µs at T = 8192, C = 2048; 245 against 241 at
-            C = 1280). Results agree to rounding (the two passes round x_{l+1}'s gradient to the
+            x_{l+1}'s gradient kept on-chip, x_{l+1} recomputed; n <= 4, more streams take two) or
+            in two (the coefficient dx pass, then the post-res backward), which move more bytes in
+            more time (H100: 326 against 352 µs at T = 8192, C = 2048; 216 against 244 at
+            C = 1280). None: ``$TORCHMHC_TRANSITION_BACKWARD`` (``one_pass`` or ``two_pass``), else
+            one pass. Results agree to rounding (the two passes round x_{l+1}'s gradient to the
             stream dtype in between).
 
     Returns:

@@ -29,31 +29,36 @@ At n = 4, C = 2048 and 32 channels a block those partials are (2·80·64 bytes) 
 = 17% more traffic.
 
 How a tile runs: the n stream tiles of x_l and d_next, f, dy, dm and the per-token coefficients
-come in by per-thread loads, one tile ahead: the loads of tile k + 1 are issued before the work on
-tile k, whose registers they then fill while it runs. One program of 8 warps holds a
-multiprocessor (243 registers a thread), so nothing else would hide their latency: Triton
-pipelines only loads that feed a tensor-core product directly, and a copy-engine load it does not
-pipeline is issued and waited for at once. The stream tiles are loaded one by one and joined into
+come in by per-thread loads, one tile ahead: the loads of tile k + 1 are issued during the work on
+tile k (after its two products, ``late_prefetch``, by default), whose registers they then fill
+while it runs. Two programs of 4 warps fill a multiprocessor's registers (255 a thread at n = 4,
+bf16), so little else would hide their latency: Triton pipelines only loads that feed a
+tensor-core product directly, and a copy-engine load it does not pipeline is issued and waited
+for at once. The stream tiles are loaded one by one and joined into
 one ``[BT, n·BC]`` operand only for the two products (d = dm @ fn + rest, dfn += x_{l+1}ᵀ @ dm), so
 that the mixes around them need few layout changes (``benchmarks/registers.py --kernel
-transition``: 4 a tile).
+transition``: 7 a tile at 4 warps, 4 at 8).
 
-Speed (H100, T = 8192, n = 4, bf16, 2026-12-07, ``benchmarks/results/h100.md``): 365 µs at C = 2048
-(47% of a copy by its own byte count) against 357 µs for the dx pass and the post-res backward
-(86%), 241 against 245 µs at C = 1280, 1345 against 1343 µs at T = 16384, C = 4096: the pass moves
-(3n + 3)·C instead of (6n + 3)·C a token, in the same time. The first form of this kernel
+Speed (H100, T = 8192, n = 4, bf16, 2026-12-07, ``torchmhc bench``, ``benchmarks/results/h100.md``):
+326 µs at C = 2048 (61% of a copy by its own byte count, partial sums included) against 352 µs for
+the dx pass and the post-res backward (87%), 216 against 244 µs at C = 1280: the pass moves
+(3n + 3)·C instead of (6n + 3)·C a token, in less time. With the next tile's loads issued before the products and 8 warps a program (one
+program a multiprocessor, 243 registers a thread), it took 365 and 241 µs. The first form of this kernel
 (copy-engine loads of all n streams, split in registers) took 923 µs at C = 2048: as Triton
 lowers copy-engine loads it does not pipeline, each tile's were waited for before any work (not
 profiled itself), and the splits cost 26 layout changes a tile. What limits
 this one (Nsight Compute): two warps a scheduler, each stalled on shared memory (the products'
-operands) and on short dependencies; issue slots 35% busy. What more warps would cost
-(``benchmarks/registers.py``, instructions of the token loop): 812 a thread, 6496 for a tile's 8
-warps (the 108 million Nsight Compute counted); with ``late_prefetch`` 32 x 32 tiles fit 16 warps
-(631 a thread, but 10096 a tile: the reductions' shuffles and the address arithmetic do not shrink
-with a thread's share of the tile) or 4 warps with two programs a multiprocessor (5356 a tile).
-It stays opt-in
-(``dispatch.mhc_post_pre(one_pass_backward=True)`` or ``TORCHMHC_TRANSITION_BACKWARD=one_pass``):
-at the same kernel time, whether its fewer bytes pay in a training step is not measured yet.
+operands) and on short dependencies; issue slots 35% busy (that 8-warp form). Instructions of the
+token loop (``benchmarks/registers.py``): 812 a thread, 6496 for a tile's 8 warps (the 108 million
+Nsight Compute counted); the default, 4 warps with the late prefetch, 5356 a tile with two
+programs a multiprocessor; 16 warps (which 32 x 32 tiles fit with the late prefetch) 10096 a
+tile, as the reductions' shuffles and the address arithmetic do not shrink with a thread's share
+of the tile, and none was among the fastest. The models' default since 2026-12-07
+(``dispatch.mhc_post_pre``; ``TORCHMHC_TRANSITION_BACKWARD=two_pass`` or
+``one_pass_backward=False`` for the two passes): two sub-layers forward and backward 1203.8
+against 1231.9 µs at T = 8192, C = 2048 (806.6 against 830.2 at C = 1280); a whole training step on
+an H100 the same within the spread between runs (gpu-dense-1b +17.3% against +17.5% in one run,
++17.6% against +17.1% in the next; gpu-moe-3b +8.0% both; ``benchmarks/results/h100.md``).
 
 Precision: as ``coefficients_op`` (dm @ fn and dfn on tensor cores with fp32 operands split into bf16
 parts, see ``_precision.py``); d stays fp32 (the two passes round it to the stream dtype in
@@ -242,10 +247,10 @@ def transition_bwd_streams(
     *,
     block_t: int | None = None,
     block_c: int | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 2,
     waves: int | None = None,
-    late_prefetch: bool = False,
+    late_prefetch: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher of the one-pass stream step. Sub-layer l: ``x [T, n, C]`` (bf16/fp16/fp32),
     ``f_out [T, C]`` (x.dtype), ``h_post [T, n]``, ``h_res [T, n, n]`` fp32; sub-layer l+1: ``fn
@@ -254,14 +259,15 @@ def transition_bwd_streams(
     when sub-layer l+1's pre-mix was fused in (its ``h_pre ⊗ dy`` joins d); all contiguous
     -> ``(dx [T, n, C], df [T, C], dh_post [T, n], dh_res [T, n, n], dfn [n²+2n, n·C])``, the last
     three fp32. Tiles: ``block_t`` tokens (default 32) by ``block_c`` channels of every stream
-    (default 32, a power of two dividing C), ``num_warps`` (8), ``num_stages`` (2): at n = 4, bf16, 243
-    registers a thread without spilling, the current tile's values and the next one's loads
-    together (at 4 warps that spills, ``benchmarks/registers.py --kernel transition``); the fastest
-    of the tiles timed on an H100 at C = 2048 and 1280 (16 x 32 at 8 warps, 32 x 16 at 4 and 64 x 16
-    at 8 were 7-75% slower; module docstring); ``waves`` as in ``_common.token_runs``.
-    ``late_prefetch`` issues the next tile's loads after the two products and the df store instead of
-    before them: 203 registers instead of 243 at the defaults, no spills at 4 warps, and 32 x 32
-    tiles at 16 warps fit the 128 registers that 16 warps allow (compiled offline; not timed yet)."""
+    (default 32, a power of two dividing C), ``num_warps`` (default 4 for 16-bit streams, 8 for
+    fp32, whose tiles need twice the registers), ``num_stages`` (2), ``waves`` as in
+    ``_common.token_runs``. ``late_prefetch`` (default) issues the next tile's loads after the two
+    products and the df store instead of before them, so that the products' operands and the loads
+    do not hold registers at once: at n = 4 and 4 warps, 255 registers a thread without spilling
+    (bf16; the early form spills 1216 bytes), at 8 warps 222 for fp32 (``benchmarks/registers.py
+    --kernel transition``). The fastest of the tiles timed on an H100 (``benchmarks/tune.py``,
+    2026-12-07): 318.8 µs at T = 8192, C = 2048 against 343.7 for 32 x 64 at 8 warps and 365.6 for
+    the early form at 8 warps; 214.2 against 228.4 and 240.5 at C = 1280."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
@@ -278,8 +284,8 @@ def transition_bwd_streams(
     _transition_bwd_kernel[(c_blocks, groups)](
         x, f_out, h_post, h_res, fn, dm, cx, d_next, dy, h_pre, dx, df, dfn_part, part, t,
         C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=fn.shape[0], BT=bt, BC=bc, TILES=tiles,
-        MODE=precision_mode(x), MIX=mix is not None, LATE_PREFETCH=late_prefetch, num_warps=num_warps,
-        num_stages=num_stages,
+        MODE=precision_mode(x), MIX=mix is not None, LATE_PREFETCH=late_prefetch,
+        num_warps=num_warps or (4 if x.element_size() <= 2 else 8), num_stages=num_stages,
     )  # fmt: skip
     sums = part[0] if c_blocks == 1 else part.sum(0)
     dh_post, dh_res = sums[:, :n], sums[:, n:].view(t, n, n)
