@@ -267,7 +267,8 @@ def transition_bwd_streams(
     (bf16; the early form spills 1216 bytes), at 8 warps 222 for fp32 (``benchmarks/registers.py
     --kernel transition``). The fastest of the tiles timed on an H100 (``benchmarks/tune.py``,
     2026-12-07): 318.8 µs at T = 8192, C = 2048 against 343.7 for 32 x 64 at 8 warps and 365.6 for
-    the early form at 8 warps; 214.2 against 228.4 and 240.5 at C = 1280."""
+    the early form at 8 warps; 214.2 against 228.4 at C = 1280 (the early form: 240.5 in an earlier
+    run)."""
     t, n, c = x.shape
     ns = next_pow2(n)
     dx = torch.empty_like(x)
