@@ -268,10 +268,10 @@ def train_step(
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
     loss_value, grad_norm = step_unless_nonfinite(optimizer, loss, grad_norm_t, model.update_router_bias)
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+    skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+    if skipped:
         check_skippable(step, loss_value, grad_norm, nonfinite_tensors(model, optimizer), on_nonfinite)
-        return StepStats(loss_value, grad_norm, lr, skipped=True)
-    return StepStats(loss_value, grad_norm, lr, skipped=False)
+    return StepStats(loss_value, grad_norm, lr, skipped=skipped)
 
 
 def step_unless_nonfinite(
@@ -297,7 +297,8 @@ def step_unless_nonfinite(
             float).
     """
     numbers = torch.stack([loss.detach().float(), grad_norm.float()])  # on the device: no wait yet
-    if optimizer.defaults.get("fused"):
+    fused = bool(optimizer.defaults.get("fused"))
+    if fused:
         nonfinite = (~torch.isfinite(numbers).all()).float()
         optimizer.found_inf = nonfinite  # read by the fused step, as when a loss scaler drives it
         try:
@@ -305,15 +306,13 @@ def step_unless_nonfinite(
         finally:
             del optimizer.found_inf
         update_router_bias(1.0 - nonfinite)
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, norm = numbers.tolist()  # the wait, with the optimizer's kernels queued
-        return loss_value, norm
-    loss_value, norm = numbers.tolist()
-    finite = math.isfinite(loss_value) and math.isfinite(norm)
-    if finite:
-        optimizer.step()
+    loss_value, norm = numbers.tolist()  # the wait (fused: with the optimizer's kernels queued)
+    if not fused:
+        finite = math.isfinite(loss_value) and math.isfinite(norm)
+        if finite:
+            optimizer.step()
+        update_router_bias(1.0 if finite else 0.0)
     optimizer.zero_grad(set_to_none=True)
-    update_router_bias(1.0 if finite else 0.0)
     return loss_value, norm
 
 

@@ -112,10 +112,10 @@ def train_step(
     loss_value, grad_norm = step_unless_nonfinite(
         optimizer, loss, grad_norm_t.to(loss.device), lambda keep: update_router_bias(pm.part, pm.mesh, keep)
     )
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # on every rank alike: both are global
+    skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # on every rank alike: both are global
+    if skipped:
         check_skippable(step, loss_value, grad_norm, nonfinite_tensors(pm.part, optimizer), on_nonfinite)
-        return StepStats(loss_value, grad_norm, lr, skipped=True)
-    return StepStats(loss_value, grad_norm, lr, skipped=False)
+    return StepStats(loss_value, grad_norm, lr, skipped=skipped)
 
 
 def nonfinite_tensors(part: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
