@@ -10,7 +10,9 @@ recomputation (``model.recompute``), ``mhc:reference`` forces the plain-PyTorch 
 of the fused kernels (``torchmhc.kernels.use_kernels``); ``mhc:recompute:reference`` both;
 ``mhc:unfused`` runs each sub-layer's post-res and the next one's pre as two ops (``model.fuse_transitions =
 false``; the default fuses them, inside blocks and across); ``mhc:twopass`` runs the fused transitions'
-backward in two passes over the streams instead of one (``TORCHMHC_TRANSITION_BACKWARD=two_pass``); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
+backward in two passes over the streams instead of one (``TORCHMHC_TRANSITION_BACKWARD=two_pass``);
+``mhc:branchnorm`` leaves each branch's RMSNorm in the branch, a kernel of its own after the transition
+(``model.fuse_branch_norm = false``; the default runs it inside the fused transitions); ``mhc:distributed`` trains through ``torchmhc.distributed`` at world
 size 1, as ``torchrun --nproc-per-node 1`` runs it (the distributed path's cost against ``mhc``);
 ``mhc:fsdp`` does too, with FSDP2 forced over the one rank (which ``torchmhc.distributed`` applies
 only to several data-parallel ranks: FSDP's own cost; not with CUDA graphs). Every
@@ -77,7 +79,7 @@ from unittest import mock
 
 import torch
 
-from torchmhc.config import CUDA_GRAPH_MODES, RunConfig, load_config
+from torchmhc.config import CUDA_GRAPH_MODES, ModelConfig, RunConfig, load_config
 from torchmhc.distributed.clip import clip_grad_norm_
 from torchmhc.kernels import kernel_mode, use_kernels
 from torchmhc.kernels._common import channel_block
@@ -89,7 +91,7 @@ from torchmhc.recompute import block_starts, optimal_block_length
 from torchmhc.train import apply_compile, autocast_context, build_optimizer, lm_loss, resolve_device, train_step
 
 GiB = 2**30
-MODIFIERS = ("recompute", "reference", "unfused", "twopass", "distributed", "fsdp")
+MODIFIERS = ("recompute", "reference", "unfused", "twopass", "branchnorm", "distributed", "fsdp")
 
 # ----------------------------------------------------------------------------------------------
 # Rates of the device, measured in the same run
@@ -160,7 +162,9 @@ class ConnectionMemory:
     ``kept_recompute``: with block recomputation: x_l only at block starts, no layer inputs.
     ``saving`` = ``kept - kept_recompute``. ``residual``: what the plain residual keeps of its
     stream (the pre-norm's input, C per sub-layer), so that ``kept - residual`` is mHC's extra
-    over the baseline (the final norm keeps C in both).
+    over the baseline (the final norm keeps C in both). A sub-layer whose branch RMSNorm runs inside
+    its transition (``model.fuse_branch_norm``) keeps the norm's fp32 1/rms (4 bytes) instead of its
+    layer input.
     """
 
     kept: int
@@ -174,22 +178,31 @@ class ConnectionMemory:
 
 
 def connection_memory(
-    *, num_streams: int, dim: int, num_sublayers: int, elem_bytes: int, block_length: int = 0
+    *, num_streams: int, dim: int, num_sublayers: int, elem_bytes: int, block_length: int = 0, fused_norms: int = 0
 ) -> ConnectionMemory:
     """:class:`ConnectionMemory` for n = ``num_streams``, C = ``dim``, L = ``num_sublayers`` and streams
-    of ``elem_bytes`` bytes; ``block_length`` 0 takes the recomputation default L_r*."""
+    of ``elem_bytes`` bytes; ``block_length`` 0 takes the recomputation default L_r*; ``fused_norms``
+    sub-layers with the branch norm inside the transition (:func:`fused_norm_sublayers`)."""
     n, c, L, e = num_streams, dim, num_sublayers, elem_bytes
     length = block_length or optimal_block_length(n, L)
     blocks = len(block_starts(L, length))
     coef = coefficient_bytes_kept(n)
     head = n * c * e
-    kept = L * (n * c * e + 2 * c * e + coef) + head
+    kept = L * (n * c * e + 2 * c * e + coef) + head - fused_norms * (c * e - 4)
     kept_recompute = blocks * n * c * e + L * (c * e + coef) + head
     return ConnectionMemory(kept=kept, kept_recompute=kept_recompute, residual=L * c * e, num_blocks=blocks)
 
 
+def fused_norm_sublayers(m: ModelConfig) -> int:
+    """Sub-layers of model ``m`` whose branch RMSNorm runs inside a fused transition: every one but
+    the first (``models.gpt.run_blocks``), with ``model.fuse_transitions`` and ``fuse_branch_norm``
+    and without recomputation (which runs the sub-layers one by one)."""
+    return 2 * m.num_layers - 1 if m.fuse_transitions and m.fuse_branch_norm and not m.recompute else 0
+
+
 def mhc_traffic_bytes(
-    *, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False, fused: float = 0.0, one_pass: float = 0.0
+    *, num_streams: int, dim: int, elem_bytes: int, recompute: bool = False, fused: float = 0.0, one_pass: float = 0.0,
+    norm: float = 0.0,
 ) -> dict[str, int]:
     """Bytes the mHC operations of one sub-layer must move per token, by pass (the per-kernel counts
     of torchmhc bench: every input read once, every output written once).
@@ -208,8 +221,13 @@ def mhc_traffic_bytes(
     read once: 2·(C / 32)·(n + n²)·4 bytes) instead of the dx pass and the post-res backward. fp32 coefficient traffic,
     (3n² + 4n + 40)·4 bytes per coefficient pass, forward and backward. recompute: the forward of
     the connections once more in the backward (block recomputation replays coefficients, pre-mix
-    and post-res, unfused). ``residual``: the plain residual's own add (read 2C, write C), which
-    mHC replaces.
+    and post-res, unfused). ``norm``: the share of sub-layers (at most ``fused``) whose branch
+    RMSNorm runs inside the transition (``model.fuse_branch_norm``): it then moves nothing of its
+    own (the transition writes the normalized layer input instead of y; its backward reads dz
+    instead of dy), where as a kernel of its own after the pre-mix it moves 5C (read y, write z;
+    backward read dz and y, write dy), counted under ``"norm"``. ``residual``: what mHC replaces:
+    the plain residual's own add (read 2C, write C) and what the residual model's norm costs, which
+    its compiled graph fuses with the add (write z; backward read dz): 2C.
     """
     n, c, e = num_streams, dim, elem_bytes
     small = (3 * n * n + 4 * n + 40) * 4
@@ -218,9 +236,10 @@ def mhc_traffic_bytes(
         "forward": round(((4 * n + 2) - 2 * fused * n) * c * e) + small,
         "backward": round((1 - one_pass) * (7 * n + 4) * c * e + one_pass * ((4 * n + 4) * c * e + partials)) + small,
         "recompute": (4 * n + 2) * c * e + small if recompute else 0,
+        "norm": round((1 - norm) * 5 * c * e),
     }
     out["total"] = sum(out.values())
-    out["residual"] = 3 * c * e
+    out["residual"] = 5 * c * e
     return out
 
 
@@ -248,7 +267,7 @@ def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, one_pass: bo
     one_pass_share = fused if one_pass and m.num_streams <= ONE_PASS_MAX_STREAMS else 0.0
     per = mhc_traffic_bytes(
         num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused,
-        one_pass=one_pass_share,
+        one_pass=one_pass_share, norm=fused if m.fuse_branch_norm else 0.0,
     )  # fmt: skip
     units = 2 * m.num_layers * cfg.data.batch_size * cfg.data.seq_len  # sub-layer-tokens
     return Floor(per["total"] * units, (per["total"] - per["residual"]) * units, copy_tbps)
@@ -275,6 +294,7 @@ class Variant:
     reference: bool = False
     unfused: bool = False
     twopass: bool = False
+    branchnorm: bool = False
     distributed: bool = False
     fsdp: bool = False
 
@@ -284,14 +304,17 @@ class Variant:
         bad = [m for m in mods if m not in MODIFIERS]
         if bad or not residual:
             raise ValueError(
-                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:twopass][:distributed][:fsdp], got modifiers {bad}"
+                f"variant {spec!r}: expected NAME[:recompute][:reference][:unfused][:twopass][:branchnorm][:distributed][:fsdp], got modifiers {bad}"
             )
         flags = {m: m in mods for m in MODIFIERS}
         return cls(spec.strip(), residual, **flags)
 
     def config(self, base: RunConfig) -> RunConfig:
         fused = base.model.fuse_transitions and not self.unfused
-        model = replace(base.model, residual=self.residual, recompute=self.recompute, fuse_transitions=fused)
+        norm = base.model.fuse_branch_norm and not self.branchnorm
+        model = replace(
+            base.model, residual=self.residual, recompute=self.recompute, fuse_transitions=fused, fuse_branch_norm=norm
+        )
         return replace(base, model=model)
 
 
@@ -661,8 +684,13 @@ def _speed_table(results: dict[str, Result], base_ms: float | None, peak_tflops:
 def _memory_tables(base: RunConfig, device: torch.device, elem: int, ok: dict[str, Result]) -> list[str]:
     """Measured activations vs the connection formula; recomputation's saving vs the formula's."""
     m, tokens = base.model, base.data.batch_size * base.data.seq_len
-    cm = connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers,
-                           elem_bytes=elem, block_length=m.recompute_block_length)
+
+    def memory_of(variant: Variant) -> ConnectionMemory:
+        return connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=elem,
+                                 block_length=m.recompute_block_length,
+                                 fused_norms=fused_norm_sublayers(variant.config(base).model))  # fmt: skip
+
+    cm = memory_of(Variant.parse("mhc:recompute"))
     kind = "CUDA allocator" if device.type == "cuda" else "storages alive after the forward (CPU)"
     lines = [
         "",
@@ -678,7 +706,8 @@ def _memory_tables(base: RunConfig, device: torch.device, elem: int, ok: dict[st
         extra = r.activation_bytes - res_act if res_act is not None and variant.residual != "residual" else None
         formula = None  # the formula describes the fused kernels' autograd, not HC's or the reference's
         if variant.residual not in ("residual", "hc") and not variant.reference and fused:
-            formula = ((cm.kept_recompute if variant.recompute else cm.kept) - cm.residual) * tokens
+            cv = memory_of(variant)
+            formula = ((cv.kept_recompute if variant.recompute else cv.kept) - cv.residual) * tokens
         ratio = f"{extra / formula:.2f}" if extra is not None and formula else "–"
         lines.append(f"| {spec} | {_gib(r.activation_bytes)} | {_gib(r.peak_bytes)} | {_gib(extra)} | "
                      f"{_gib(formula)} | {ratio} |")
@@ -696,7 +725,9 @@ def _memory_tables(base: RunConfig, device: torch.device, elem: int, ok: dict[st
     for with_rc, without in pairs:
         a, b = ok[without], ok[with_rc]
         # the formula is mHC's; a plain residual or HC run shows its measured saving only
-        formula = cm.saving * tokens if Variant.parse(with_rc).residual not in ("residual", "hc") else None
+        formula = None
+        if Variant.parse(with_rc).residual not in ("residual", "hc"):
+            formula = (memory_of(Variant.parse(without)).kept - memory_of(Variant.parse(with_rc)).kept_recompute) * tokens
         saving = a.activation_bytes - b.activation_bytes
         peak = a.peak_bytes - b.peak_bytes if a.peak_bytes is not None and b.peak_bytes is not None else None
         ratio = f"{saving / formula:.2f}" if formula else "–"
@@ -717,8 +748,10 @@ def _floor_table(base: RunConfig, elem: int, ok: dict[str, Result], base_ms: flo
         "backward (7n+4)·C stream elements, plus fp32 coefficients; a fused transition saves 2nC forward (the "
         "next coefficients and pre-mix read x_{l+1} in the kernel that writes it) and, with its backward in "
         "one pass (n <= 4; not `:twopass`), 3nC backward less fp32 partial sums; the models fuse all "
-        "2L - 1; with recomputation the forward once more) "
-        "× sub-layers × tokens, net of the residual adds they replace; divided by the measured copy rate.",
+        "2L - 1; with recomputation the forward once more; the branch RMSNorm 5C where it runs on its own "
+        "(`:branchnorm`, the first sub-layer), nothing inside a fused transition) "
+        "× sub-layers × tokens, net of what they replace (the residual adds, and the residual model's "
+        "norms fused with them, 5C); divided by the measured copy rate.",
         "",
         "| variant | GB moved per step | floor (ms) | floor / residual step | measured overhead | share explained |",
         "|---|---:|---:|---:|---:|---:|",

@@ -108,17 +108,18 @@ def dx_kernel(
 
 
 def transition_kernel(
-    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = True
+    n: int, c: int, dtype: str, block_t: int, block_c: int, num_warps: int, num_stages: int, late_prefetch: bool = True,
+    norm: bool = False,
 ) -> Compiled:
     """The transition backward's stream pass (``transition_bwd_streams``, with the pre-mix's
-    h_pre ⊗ dy) compiled in one configuration."""
+    h_pre ⊗ dy, and with ``norm`` the branch norm's backward) compiled in one configuration."""
     w, ns = merged_width(n), next_pow2(n)
     streams = ("x_ptr", "f_ptr", "dnext_ptr", "dy_ptr", "dx_ptr", "df_ptr")
     pointers = _transition_bwd_kernel.arg_names[: _transition_bwd_kernel.arg_names.index("T")]
     signature = {**{name: f"*{dtype}" if name in streams else "*fp32" for name in pointers}, "T": "i32"}
     constants: dict[str, object] = dict(
         C=c, N=n, NS=ns, NP=_np(n), NH=next_pow2(n + n * n), W=w, ROWS=n * n + 2 * n, BT=block_t, BC=block_c, TILES=8,
-        MODE=1 if dtype == "bf16" else 2, MIX=True, LATE_PREFETCH=late_prefetch,
+        MODE=1 if dtype == "bf16" else 2, MIX=True, NORM=norm, LATE_PREFETCH=late_prefetch,
     )  # fmt: skip
     return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)
 
@@ -192,13 +193,15 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=2048, help="C")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="stream dtype")
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    parser.add_argument("--norm", action="store_true", help="transition: with the branch RMSNorm's backward")
     args = parser.parse_args()
     if args.kernel == "transition":
         # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
-        print(f"n={args.streams} C={args.channels} {args.dtype}: registers a thread, bytes spilled")
+        norm = " with the branch norm" if args.norm else ""
+        print(f"n={args.streams} C={args.channels} {args.dtype}{norm}: registers a thread, bytes spilled")
         tiles = ((32, 32, 4), (32, 32, 8), (16, 32, 4), (64, 32, 8), (32, 64, 8), (64, 16, 8), (32, 32, 16))
         for (bt, bc, warps), late in itertools.product(tiles, (True, False)):
-            k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2, late)
+            k = transition_kernel(args.streams, args.channels, args.dtype, bt, bc, warps, 2, late, args.norm)
             print(f"  block_t={bt:3d} block_c={bc:3d} num_warps={warps:2d} late_prefetch={late:d}: "
                   f"{k.registers:3d} registers, "
                   f"{k.spilled:5d} bytes spilled; token loop: {_ops(k, warps)}", flush=True)  # fmt: skip

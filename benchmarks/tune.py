@@ -30,7 +30,8 @@ import torch
 
 KERNELS = (
     "coef_fwd", "coef_bwd_tokens", "coef_bwd_x", "coef_bwd_x_chained", "post_res_fwd", "post_res_bwd",
-    "post_res_coef_fwd", "post_res_coef_mix_fwd", "pre_mix_dh", "transition_bwd",
+    "post_res_coef_fwd", "post_res_coef_mix_fwd", "post_res_coef_norm_fwd", "pre_mix_dh", "norm_dh", "transition_bwd",
+    "transition_bwd_norm",
 )  # fmt: skip
 
 #: Keyword arguments of each launcher that the sweep varies, and their candidate values.
@@ -63,6 +64,10 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # the chained backward's dh_pre (one token a program): blocks past C are masked, so one step of
     # 2048 can stand in for five of 256 at C = 1280
     "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
+    # the same with the branch RMSNorm: y scaled in place after the pre-mix (from L2)
+    "post_res_coef_norm_fwd": {"block_t": (16, 32), "block_c_mix": (128, 256), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    # the dh pass through the branch norm: 2n + 1 sums a token instead of n
+    "norm_dh": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
     # the transition backward's one stream pass (with the pre-mix's h_pre ⊗ dy); tiles of all n
     # streams: 64 x 64 at 4 warps spills registers, and at 16 warps (at most 128 registers a
     # thread) only 32 x 32 with the late prefetch does not (benchmarks/registers.py)
@@ -70,6 +75,14 @@ GRIDS: dict[str, dict[str, tuple]] = {
         "block_t": (16, 32, 64),
         "block_c": (16, 32, 64),
         "num_warps": (4, 8, 16),
+        "late_prefetch": (False, True),
+        "waves": (2, 4),
+    },
+    # the same with the branch norm's backward (dy formed from dz and the recomputed y)
+    "transition_bwd_norm": {
+        "block_t": (16, 32),
+        "block_c": (16, 32, 64),
+        "num_warps": (4, 8),
         "late_prefetch": (False, True),
         "waves": (2, 4),
     },
@@ -116,10 +129,14 @@ def make_case(
         coefficients_bwd_x,
         coefficients_fwd,
     )
-    from torchmhc.kernels.post_res_coefficients_op import post_res_coefficients_fwd, post_res_coefficients_pre_mix_fwd
+    from torchmhc.kernels.post_res_coefficients_op import (
+        post_res_coefficients_fwd,
+        post_res_coefficients_pre_mix_fwd,
+        post_res_coefficients_pre_mix_norm_fwd,
+    )
     from torchmhc.kernels.post_res_op import post_res_bwd, post_res_fwd
     from torchmhc.kernels.pre_mix_op import pre_mix_dh
-    from torchmhc.kernels.transition_backward_op import transition_bwd_streams
+    from torchmhc.kernels.transition_backward_op import norm_dh, transition_bwd_streams
 
     torch.manual_seed(0)
     dev = device
@@ -144,6 +161,9 @@ def make_case(
     f_out = torch.randn(t, c, device=dev, dtype=dt)
     if kernel == "pre_mix_dh":  # f_out stands in for the layer input's gradient
         return (lambda **kw: pre_mix_dh(f_out, x, **kw)), stream_bytes + channel_bytes + t * n * 4
+    h_pre, weight, rnorm = torch.rand(t, n, device=dev), torch.rand(c, device=dev) + 0.5, torch.rand(t, device=dev)
+    if kernel == "norm_dh":  # f_out stands in for the normalized layer input's gradient
+        return (lambda **kw: norm_dh(f_out, x, h_pre, weight, rnorm, **kw)), stream_bytes + channel_bytes + t * (n + 3) * 4
     if kernel == "coef_bwd_x_chained":
         add, mix = torch.randn_like(x), (f_out, torch.rand(t, n, device=dev))
         return (lambda **kw: coefficients_bwd_x(x, fn, *dm, add=add, mix=mix, **kw)), 3 * stream_bytes + channel_bytes + small
@@ -156,10 +176,18 @@ def make_case(
         return (lambda **kw: post_res_coefficients_fwd(*transition, **kw)), 2 * stream_bytes + channel_bytes + small
     if kernel == "post_res_coef_mix_fwd":
         return (lambda **kw: post_res_coefficients_pre_mix_fwd(*transition, **kw)), 2 * stream_bytes + 2 * channel_bytes + small
+    if kernel == "post_res_coef_norm_fwd":  # the bytes of the pass without the norm (y's rescale is meant to stay in L2)
+        normed = (*transition[:7], weight, *transition[7:], 1e-6)
+        return (lambda **kw: post_res_coefficients_pre_mix_norm_fwd(*normed, **kw)), 2 * stream_bytes + 2 * channel_bytes + small
     g = torch.randn_like(x)
     if kernel == "transition_bwd":  # x stands in for both x_l and x_{l+1}; g for x_{l+1}'s gradient
         mix = (f_out, torch.rand(t, n, device=dev))
         return (lambda **kw: transition_bwd_streams(x, f_out, h_post, h_res, fn, *dm, g, mix, **kw)), (
+            2 * stream_bytes + 3 * channel_bytes + stream_bytes + small
+        )
+    if kernel == "transition_bwd_norm":  # as transition_bwd; f_out also stands in for dz
+        mix, norm = (f_out, h_pre), (weight, rnorm, torch.rand(t, device=dev))
+        return (lambda **kw: transition_bwd_streams(x, f_out, h_post, h_res, fn, *dm, g, mix, norm=norm, **kw)), (
             2 * stream_bytes + 3 * channel_bytes + stream_bytes + small
         )
     return (lambda **kw: post_res_bwd(g, x, f_out, h_post, h_res, **kw)), 3 * stream_bytes + 2 * channel_bytes

@@ -552,12 +552,14 @@ def test_fsdp_mixed_precision_casts_the_matrices_and_keeps_norms_and_connections
 
             return hook
 
-        for name in ("attn_norm", "ffn_norm", "attn"):
+        # (with mHC the FFN's norm runs inside the fused transition, which reads its weight: its
+        # module's forward is not called, and the weight is one of the whole fp32 ones above)
+        for name in ("attn_norm", "attn"):
             getattr(block, name).register_forward_pre_hook(record(name))
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(tokens).float().sum().backward()
-        assert seen["attn_norm"] == seen["ffn_norm"] == torch.float32
+        assert seen["attn_norm"] == torch.float32
         assert seen["attn"] == torch.bfloat16  # mixed precision is on: the matrices are cast
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in norms)
     finally:

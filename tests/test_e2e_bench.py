@@ -38,6 +38,10 @@ def test_connection_memory_counts_streams_layer_inputs_branch_outputs_and_coeffi
     assert cm.kept_recompute == 4 * n * c * e + L * (c * e + coef) + n * c * e
     assert cm.saving == (L - 4) * n * c * e + L * c * e  # x_l off the block starts, every H_pre·x_l
     assert cm.residual == L * c * e
+    # a branch norm inside the transition keeps its fp32 1/rms instead of the layer input
+    normed = e2e.connection_memory(num_streams=n, dim=c, num_sublayers=L, elem_bytes=e, fused_norms=L - 1)
+    assert cm.kept - normed.kept == (L - 1) * (c * e - 4)
+    assert normed.kept_recompute == cm.kept_recompute
     one_block = e2e.connection_memory(num_streams=n, dim=c, num_sublayers=L, elem_bytes=e, block_length=L)
     assert one_block.num_blocks == 1 and one_block.saving > cm.saving
 
@@ -50,8 +54,12 @@ def test_traffic_follows_spec_and_kernel_counts():
     assert plain["forward"] - small == ((3 * n + 1) + (n + 1)) * c * e
     # chained backward: dh (nC + C), coefficient dx pass (3nC + C), post-res (3nC + 2C)
     assert plain["backward"] - small == (7 * n + 4) * c * e
-    assert plain["total"] == plain["forward"] + plain["backward"]
-    assert plain["residual"] == 3 * c * e
+    # the branch RMSNorm as a kernel of its own: read y, write z; backward read dz and y, write dy
+    assert plain["norm"] == 5 * c * e
+    assert plain["total"] == plain["forward"] + plain["backward"] + plain["norm"]
+    # what mHC replaces: the residual add (read 2C, write C), and the z write and dz read of the
+    # residual model's norm, fused with it
+    assert plain["residual"] == 5 * c * e
     again = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, recompute=True)
     assert again["total"] == plain["total"] + plain["forward"]
     # every transition fused: x_{l+1} read twice less forward (coefficients and pre-mix in the pass
@@ -65,6 +73,10 @@ def test_traffic_follows_spec_and_kernel_counts():
     one_pass = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, fused=1.0, one_pass=1.0)
     assert one_pass["backward"] - small == (4 * n + 4) * c * e + 2 * (c // 32) * (n + n * n) * 4
     assert one_pass["forward"] == fused["forward"]
+    # the norm inside the transition moves nothing of its own: 5C less, the passes unchanged
+    norm = e2e.mhc_traffic_bytes(num_streams=n, dim=c, elem_bytes=e, fused=1.0, one_pass=1.0, norm=1.0)
+    assert one_pass["total"] - norm["total"] == 5 * c * e and norm["norm"] == 0
+    assert (norm["forward"], norm["backward"]) == (one_pass["forward"], one_pass["backward"])
 
 
 def test_floor_of_a_preset():
@@ -72,16 +84,21 @@ def test_floor_of_a_preset():
     floor = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2)
     assert cfg.model.fuse_transitions  # the models fuse every transition: 2L - 1 of 2L sub-layers
     # and run their backward in one pass (n = 4)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24)
+    # and the branch norms inside them
+    assert cfg.model.fuse_branch_norm
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, one_pass=23 / 24, norm=23 / 24)
     units = 24 * 2 * 4096  # sub-layers x tokens
     assert floor.bytes_per_step == per["total"] * units
     assert floor.net_bytes_per_step == (per["total"] - per["residual"]) * units
     assert floor.ms == pytest.approx(floor.net_bytes_per_step / 3e12 * 1e3)
-    assert 5 < floor.ms < 15  # about 20 GB at 3 TB/s
+    assert 4 < floor.ms < 15  # about 15 GB at 3 TB/s
     # a :twopass variant runs the transitions' backward in two passes
     two_pass = e2e.mhc_floor(cfg, copy_tbps=3.0, elem_bytes=2, one_pass=False)
-    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24)
+    per = e2e.mhc_traffic_bytes(num_streams=4, dim=1280, elem_bytes=2, fused=23 / 24, norm=23 / 24)
     assert two_pass.bytes_per_step == per["total"] * units > floor.bytes_per_step
+    # a :branchnorm variant leaves the norms in the branches
+    apart = e2e.mhc_floor(e2e.Variant.parse("mhc:branchnorm").config(cfg), copy_tbps=3.0, elem_bytes=2)
+    assert apart.bytes_per_step - floor.bytes_per_step == round(5 * 1280 * 2 * 23 / 24) * units
 
 
 def test_variant_syntax():
@@ -193,18 +210,26 @@ def test_cpu_measurement_of_the_connections_memory_matches_the_formula():
     with use_kernels("triton"):
         # 16 tokens: the few fixed-size buffers of a step stay small next to the per-token bytes
         base, residual = _measure("residual", seq_len=16)
-        _, mhc = _measure("mhc", seq_len=16)
+        _, mhc = _measure("mhc:branchnorm", seq_len=16)
+        _, fused_norms = _measure("mhc", seq_len=16)
     assert residual.error is None and mhc.error is None and math.isfinite(mhc.ms_per_step)
-    m = base.model
+    m, tokens = base.model, base.data.batch_size * base.data.seq_len
     cm = e2e.connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=4)
-    predicted = (cm.kept - cm.residual) * base.data.batch_size * base.data.seq_len
+    predicted = (cm.kept - cm.residual) * tokens
     assert mhc.activation_bytes - residual.activation_bytes == pytest.approx(predicted, rel=0.05)
+    # with the branch norms inside the transitions, their layer inputs are not kept (nor what an
+    # eager norm keeps besides: its normalized input before the weight, on this path)
+    assert e2e.fused_norm_sublayers(m) == 2 * m.num_layers - 1
+    normed = e2e.connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=4,
+                                   fused_norms=e2e.fused_norm_sublayers(m))
+    assert mhc.activation_bytes - fused_norms.activation_bytes >= (cm.kept - normed.kept) * tokens
 
 
 @INTERPRETER
 def test_cpu_measurement_of_the_recompute_saving_matches_the_formula():
     with use_kernels("triton"):
-        base, plain = _measure("mhc")
+        # the norms in the branches, as recomputation runs them
+        base, plain = _measure("mhc:branchnorm")
         _, recomputed = _measure("mhc:recompute", ["model.recompute_block_length=2"])
     m = base.model
     cm = e2e.connection_memory(num_streams=m.num_streams, dim=m.dim, num_sublayers=2 * m.num_layers, elem_bytes=4,

@@ -109,6 +109,11 @@ class ModelConfig:
     # overhead on an H100 from +19.0% to +17.7% (gpu-dense-1b) and +8.2% to +7.7% (gpu-moe-3b)
     # with CUDA graphs (benchmarks/results/h100.md); across blocks too: not measured yet
     fuse_transitions: bool = True
+    # With fuse_transitions, each fused transition also applies the next branch's RMSNorm to the
+    # layer input it makes, and its backward forms the norm's backward (HyperConnection.post_pre's
+    # norm): the norm then moves no bytes of its own (run after the transition it reads and writes
+    # C a token forward, 3·C backward). Same values up to rounding.
+    fuse_branch_norm: bool = True
     # Mixture of experts (arch = "moe" only)
     num_experts: int = 8  # routed experts
     num_shared_experts: int = 1

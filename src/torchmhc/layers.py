@@ -236,10 +236,11 @@ class HyperConnection(nn.Module):
         return kernels.post_res(ctx.x, f_out, ctx.h_post, ctx.h_res)
 
     def post_pre(
-        self, ctx: HyperConnectionContext, f_out: Tensor, next_hc: HyperConnection
+        self, ctx: HyperConnectionContext, f_out: Tensor, next_hc: HyperConnection, norm: nn.RMSNorm | None = None
     ) -> tuple[Tensor, HyperConnectionContext]:
         """Post of this sub-layer and pre of the next one (``next_hc``) in one call: the values of
-        ``next_hc.pre(self.post(ctx, f_out))``, next_hc's input check and coefficient hooks included.
+        ``next_hc.pre(self.post(ctx, f_out))``, next_hc's input check and coefficient hooks included,
+        and with ``norm`` (the next branch's pre-norm) the layer input ``norm(layer_input)``.
 
         When this connection is not the plain residual and ``next_hc`` is mHC (has a manifold),
         both run as ``kernels.mhc_post_pre``: where the kernels apply, the post-res and the next
@@ -252,9 +253,14 @@ class HyperConnection(nn.Module):
             ctx: this connection's context (from :meth:`pre` or an earlier ``post_pre``).
             f_out: this sub-layer's branch output ``[..., C]``.
             next_hc: the next sub-layer's HyperConnection, same ``num_streams`` and ``dim``.
+            norm: an ``nn.RMSNorm`` over ``dim`` with a weight and an eps, which the next branch
+                would apply to its input first: with the fused op it runs inside it
+                (``kernels.mhc_post_pre``'s ``norm_weight``: no pass over memory of its own),
+                elsewhere after it.
 
         Returns:
-            (next layer input ``[..., C]`` in x.dtype, ``next_hc``'s context for its :meth:`post`).
+            (next layer input ``[..., C]`` in x.dtype (normalized with ``norm``), ``next_hc``'s
+            context for its :meth:`post`).
         """
         if not isinstance(next_hc, HyperConnection):
             raise ValueError(f"next_hc must be a HyperConnection, got {type(next_hc).__name__}")
@@ -263,14 +269,24 @@ class HyperConnection(nn.Module):
                 f"next_hc must have n={self.num_streams}, C={self.dim} like this HyperConnection, "
                 f"got n={next_hc.num_streams}, C={next_hc.dim}"
             )
+        fusable_norm = (
+            isinstance(norm, nn.RMSNorm) and norm.weight is not None and norm.eps is not None
+            and tuple(norm.normalized_shape) == (self.dim,)
+        )  # fmt: skip
+        if norm is not None and not callable(norm):
+            raise ValueError(f"norm must be an nn.RMSNorm (or a callable on [..., C]), got {type(norm).__name__}")
         # the fused op computes this connection's post as kernels.post_res: every kind but "residual"
         if self.kind.form == "residual" or next_hc.manifold is None:
-            return next_hc.pre(self.post(ctx, f_out))
+            layer_input, next_ctx = next_hc.pre(self.post(ctx, f_out))
+            return (layer_input if norm is None else norm(layer_input)), next_ctx
         next_hc._check_input(ctx.x)  # x_next has ctx.x's shape and dtype
         layer_input, x_next, coefficients = kernels.mhc_post_pre(
             ctx.x, f_out, ctx.h_post, ctx.h_res, next_hc.fn, next_hc.scale, next_hc.base,
             eps=next_hc.eps, rms_eps=next_hc.rms_eps, post_scale=next_hc.post_scale, manifold=next_hc.manifold,
+            norm_weight=norm.weight if fusable_norm else None, norm_eps=norm.eps if fusable_norm else 1e-6,
         )  # fmt: skip
+        if norm is not None and not fusable_norm:
+            layer_input = norm(layer_input)
         for hook in next_hc._coefficient_hooks.values():
             hook(next_hc, x_next, coefficients)
         return layer_input, HyperConnectionContext(x_next, coefficients.h_post, coefficients.h_res)

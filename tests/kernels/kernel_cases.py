@@ -175,6 +175,7 @@ class Launches:
         "coefficients_fwd", "coefficients_bwd", "pre_mix_fwd", "pre_mix_bwd", "pre_mix_dh",
         "post_res_fwd", "post_res_bwd", "post_res_coefficients_fwd", "post_res_coefficients_pre_mix_fwd",
         "hc_coefficients_fwd", "hc_coefficients_bwd", "transition_bwd_streams",
+        "post_res_coefficients_pre_mix_norm_fwd", "norm_dh",
     )  # fmt: skip
 
     def __init__(self):

@@ -169,11 +169,11 @@ def _on_stream(method, stream: torch.cuda.Stream):
     # wrapped post-res is a custom op of Triton kernels either way, so the compiled block loses
     # only a graph split here.
     @torch.compiler.disable
-    def on_stream(*args):
+    def on_stream(*args, **kwargs):
         current = torch.cuda.current_stream(stream.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            out = method(*args)
+            out = method(*args, **kwargs)
         current.wait_stream(stream)
         for t in tree_leaves(out):  # allocated on `stream`, used and freed on the current one
             if isinstance(t, torch.Tensor):

@@ -439,23 +439,35 @@ class _ChainedPostPre(torch.autograd.Function):
     either way. Backward: with ``one_pass`` (and n <= 4, and gradients for both y and x_next),
     ``transition_backward_op.transition_backward``; otherwise :func:`_chained_pre_backward` for l+1
     (its dx pass also adds the gradient x_next got downstream), then the post-res backward of l.
+    With ``norm_weight`` (and ``mix``) y comes out through sub-layer l+1's branch RMSNorm
+    (``post_res_coefficients_pre_mix_norm_fwd``), and the backward is
+    ``transition_backward_norm``, or the norm's backward on its own (:func:`_rms_norm_backward`)
+    before the other form.
     """
 
     @staticmethod
     def forward(
         ctx, x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor,
-        iters: int, eps: float, rms_eps: float, post_scale: float, mix: bool, one_pass: bool,
+        norm_weight: Tensor | None, iters: int, eps: float, rms_eps: float, post_scale: float, norm_eps: float,
+        mix: bool, one_pass: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
         from torchmhc.kernels.post_res_coefficients_op import (
             post_res_coefficients_fwd,
             post_res_coefficients_op,
             post_res_coefficients_pre_mix_fwd,
+            post_res_coefficients_pre_mix_norm_fwd,
+            post_res_coefficients_pre_mix_norm_op,
             post_res_coefficients_pre_mix_op,
         )
         from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
 
         args = (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale)
-        if mix:
+        rnorm = None
+        if norm_weight is not None:  # with mix (mhc_post_pre sees to it)
+            x_next, y, h_pre2, h_post2, h_res2, *saved, rnorm = eager_or_compiled(
+                post_res_coefficients_pre_mix_norm_op, post_res_coefficients_pre_mix_norm_fwd, x
+            )(*args[:7], norm_weight, *args[7:], norm_eps)
+        elif mix:
             x_next, y, h_pre2, h_post2, h_res2, *saved = eager_or_compiled(
                 post_res_coefficients_pre_mix_op, post_res_coefficients_pre_mix_fwd, x
             )(*args)
@@ -464,9 +476,11 @@ class _ChainedPostPre(torch.autograd.Function):
                 post_res_coefficients_op, post_res_coefficients_fwd, x
             )(*args)
             y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x)(x_next, h_pre2)
-        ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved)
+        norm = () if norm_weight is None else (norm_weight, rnorm)
+        ctx.save_for_backward(x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre2, *saved, *norm)
         ctx.config = (iters, eps, rms_eps, post_scale)
         ctx.one_pass = one_pass and x.shape[1] <= ONE_PASS_MAX_STREAMS
+        ctx.norm = norm_weight is not None
         ctx.set_materialize_grads(False)
         return y, x_next, h_pre2, h_post2, h_res2
 
@@ -477,26 +491,52 @@ class _ChainedPostPre(torch.autograd.Function):
         from torchmhc.kernels.post_res_op import post_res_backward_op, post_res_bwd
 
         x, f_out, h_post, h_res, x_next, fn, scale, base, h_pre, *saved = ctx.saved_tensors
+        norm = saved[3:] if ctx.norm else ()  # (norm_weight, rnorm)
+        saved = saved[:3]
+        # one gradient per input after the first seven: (norm_weight, iters, eps, rms_eps, post_scale, norm_eps,
+        # mix, one_pass)
+        tail = (None,) * 7
         if ctx.one_pass and dy is not None and d_next is not None:
-            from torchmhc.kernels.transition_backward_op import transition_backward, transition_backward_op
+            from torchmhc.kernels import transition_backward_op as tb
 
             t, n = h_pre.shape
             iters, eps, _rms_eps, post_scale = ctx.config
-            grads = eager_or_compiled(transition_backward_op, transition_backward, x)(
+            op, launch = (tb.transition_backward_norm_op, tb.transition_backward_norm) if norm else (
+                tb.transition_backward_op, tb.transition_backward
+            )  # fmt: skip
+            grads = eager_or_compiled(op, launch, x)(
                 dy.contiguous(), d_next.contiguous(), _grad_or_zeros(d_pre, (t, n), h_pre),
                 _grad_or_zeros(d_post, (t, n), h_pre), _grad_or_zeros(d_res, (t, n, n), h_pre), x, f_out, h_post,
-                h_res, x_next, fn, scale, base, h_pre, *saved, iters, eps, post_scale,
+                h_res, x_next, fn, scale, base, h_pre, *saved, *norm, iters, eps, post_scale,
             )  # fmt: skip
-            return *grads, None, None, None, None, None, None
+            return *grads[:7], grads[7] if norm else None, *tail
+        dnorm_weight = None
+        if norm and dy is not None:  # the norm's backward on its own, then the plain chain from dy
+            dy, dnorm_weight = _rms_norm_backward(dy, x_next, h_pre, *norm)
         d_next, dfn, dscale, dbase = _chained_pre_backward(
             "mhc", x_next, fn, scale, base, h_pre, saved, ctx.config, dy, d_next, d_pre, d_post, d_res
         )
         dx = df = dh_post = dh_res = None
         if d_next is not None:  # else nothing downstream depended on x_next
             dx, df, dh_post, dh_res = eager_or_compiled(post_res_backward_op, post_res_bwd, x)(d_next, x, f_out, h_post, h_res)
-        # one gradient per input: (x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, mix,
-        # one_pass)
-        return dx, df, dh_post, dh_res, dfn, dscale, dbase, None, None, None, None, None, None
+        return dx, df, dh_post, dh_res, dfn, dscale, dbase, dnorm_weight, *tail
+
+
+def _rms_norm_backward(
+    dz: Tensor, x_next: Tensor, h_pre: Tensor, norm_weight: Tensor, rnorm: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The branch RMSNorm's backward where the transition's one pass does not run (two passes, more
+    than ``ONE_PASS_MAX_STREAMS`` streams, or no gradient for x_{l+1}): y recomputed by the pre-mix
+    kernel (the forward's bits), then plain PyTorch -> ``(dy [T, C] in x_next.dtype, dnorm_weight
+    [C] in its dtype)``; ``dz = ∂L/∂z`` of ``z = y·rnorm·norm_weight``."""
+    from torchmhc.kernels.pre_mix_op import pre_mix_fwd, pre_mix_op
+
+    y = eager_or_compiled(pre_mix_op, pre_mix_fwd, x_next)(x_next, h_pre).float()
+    dz, r = dz.float(), rnorm[:, None]
+    g = dz * norm_weight.float()
+    k = r**3 * (g * y).sum(-1, keepdim=True) / y.shape[-1]
+    dy = r * g - k * y
+    return dy.to(x_next.dtype), (dz * y * r).sum(0).to(norm_weight.dtype)
 
 
 def _cpu_pre(pre: Callable[..., tuple], x: Tensor, *args: object) -> tuple[Tensor, Tensor, ref.Coefficients]:
@@ -578,8 +618,11 @@ def mhc_post_pre(
     manifold: ref.ResidualProjection | None = None,
     fused_pre_mix: bool = True,
     one_pass_backward: bool | None = None,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, ref.Coefficients]:
-    """Sub-layer l's post-res and sub-layer l+1's first half (:func:`mhc_pre`) in one call.
+    """Sub-layer l's post-res and sub-layer l+1's first half (:func:`mhc_pre`) in one call, and
+    optionally sub-layer l+1's branch RMSNorm on its layer input.
 
     Same values as ``x_next = post_res(x, f_out, h_post, h_res)`` followed by
     ``layer_input, x_for_post, c = mhc_pre(x_next, fn, scale, base, ...)``. Where the post-res
@@ -606,6 +649,13 @@ def mhc_post_pre(
             C = 1280). None: ``$TORCHMHC_TRANSITION_BACKWARD`` (``one_pass`` or ``two_pass``), else
             one pass. Results agree to rounding (the two passes round x_{l+1}'s gradient to the
             stream dtype in between).
+        norm_weight: the weight ``[C]`` (any float dtype) of an RMSNorm that sub-layer l+1's branch
+            would apply first: the layer input then comes out as
+            ``torch.nn.functional.rms_norm(y, (C,), norm_weight, norm_eps)`` of the pre-mix y. With
+            the fused pre-mix the same kernel writes the normalized y and the transition backward's
+            passes form the norm's backward, so the norm moves no bytes of its own (a norm after
+            this call reads and writes C a token forward, 3·C backward); elsewhere the two calls.
+        norm_eps: the RMSNorm's eps (> 0).
 
     Returns:
         ``(layer_input [..., C], x_next [..., n, C], both in x.dtype, Coefficients(h_pre [..., n],
@@ -613,22 +663,44 @@ def mhc_post_pre(
         :func:`post_res` (it plays the part of :func:`mhc_pre`'s ``x_for_post``).
     """
     check_coefficient_options(iters, eps, rms_eps, post_scale)
+    if norm_weight is not None:
+        _check_norm(norm_weight, norm_eps, x)
     kernel_iters = None
     if _post_res_args_ok(x, f_out, h_post, h_res) and _streams_supported(x, h_post, h_res):
         kernel_iters = _coefficient_kernel_iters(x, fn, scale, base, iters, eps, manifold)
+    fused_norm = norm_weight is not None and fused_pre_mix and kernel_iters is not None
     if kernel_iters is None:
         x_next = post_res(x, f_out, h_post, h_res)
-        return mhc_pre(
+        y, x_next, coefficients = mhc_pre(
             x_next, fn, scale, base, iters=iters, eps=eps, rms_eps=rms_eps, post_scale=post_scale, manifold=manifold
         )
-    y, x_next, h_pre2, h_post2, h_res2 = _ChainedPostPre.apply(
-        flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
-        fn.contiguous(), scale.contiguous(), base.contiguous(), kernel_iters, float(eps), float(rms_eps), float(post_scale),
-        bool(fused_pre_mix), _one_pass_backward(one_pass_backward),
-    )  # fmt: skip
-    lead = x.shape[:-2]
-    coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
-    return unflatten_tokens(y, lead), unflatten_tokens(x_next, lead), coefficients
+    else:
+        y, x_next, h_pre2, h_post2, h_res2 = _ChainedPostPre.apply(
+            flatten_tokens(x, 2), flatten_tokens(f_out, 1), flatten_tokens(h_post, 1), flatten_tokens(h_res, 2),
+            fn.contiguous(), scale.contiguous(), base.contiguous(), norm_weight.contiguous() if fused_norm else None,
+            kernel_iters, float(eps), float(rms_eps), float(post_scale), float(norm_eps), bool(fused_pre_mix),
+            _one_pass_backward(one_pass_backward),
+        )  # fmt: skip
+        lead = x.shape[:-2]
+        coefficients = _unflatten_coefficients(h_pre2, h_post2, h_res2, lead)
+        y, x_next = unflatten_tokens(y, lead), unflatten_tokens(x_next, lead)
+    if norm_weight is not None and not fused_norm:
+        y = torch.nn.functional.rms_norm(y, (y.shape[-1],), norm_weight, norm_eps)
+    return y, x_next, coefficients
+
+
+def _check_norm(norm_weight: object, norm_eps: object, x: Tensor) -> None:
+    """``norm_weight``: a float tensor ``[C]`` on x's device; ``norm_eps``: a finite number > 0."""
+    c = x.shape[-1] if isinstance(x, Tensor) and x.dim() else None
+    if not (isinstance(norm_weight, Tensor) and norm_weight.is_floating_point() and norm_weight.dim() == 1):
+        got = f"{norm_weight.dtype} tensor of shape {list(norm_weight.shape)}" if isinstance(norm_weight, Tensor) else type(norm_weight).__name__
+        raise ValueError(f"norm_weight must be a float tensor of shape [C={c}], got {got}")
+    if norm_weight.shape[0] != c or norm_weight.device != x.device:
+        raise ValueError(
+            f"norm_weight must have shape [C={c}] on {x.device}, got {list(norm_weight.shape)} on {norm_weight.device}"
+        )
+    if not _finite_numbers(norm_eps) or norm_eps <= 0:
+        raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
 
 
 def _hc_kernels_apply(x: object, fn: object, scale: object, base: object) -> bool:

@@ -41,6 +41,9 @@ against 192.9 for the pass without ``MIX`` then the pre-mix kernel at T = 8192, 
 reading x_{l+1} from DRAM would take, so little of it hits L2 (see the launcher): the gain is
 11.5 of the separate pre-mix kernel's 60 µs.
 
+With ``NORM`` too (:func:`post_res_coefficients_pre_mix_norm_fwd`) each program then scales the y
+it has just written by sub-layer l+1's branch RMSNorm (``docs/math.md`` §9).
+
 Backward reuses the two-step coefficient backward (whose dx step adds the incoming gradient of
 ``x_{l+1}`` in the same pass) and then the F_post,res backward.
 
@@ -75,6 +78,8 @@ __all__ = [
     "post_res_coefficients_pre_mix_fwd",
     "post_res_coefficients_op",
     "post_res_coefficients_pre_mix_op",
+    "post_res_coefficients_pre_mix_norm_fwd",
+    "post_res_coefficients_pre_mix_norm_op",
     "post_res_coefficients_backward",
     "PostResCoefficients",
     "post_res_coefficients_backward_op",
@@ -215,10 +220,13 @@ def _post_res_coef_fwd_kernel(
     mres_ptr,
     rinv_ptr,
     y_ptr,  # [T, C] out (MIX; else unused): sub-layer l+1's layer input Σ_j h_pre[j]·x_{l+1}[j]
+    gamma_ptr,  # [C] (NORM; else unused): the branch RMSNorm's weight
+    rnorm_ptr,  # [T] fp32 out (NORM; else unused): the RMSNorm's 1/rms of y
     T,
     eps,
     rms_eps,
     post_scale,
+    norm_eps,
     C: tl.constexpr,
     N: tl.constexpr,
     NS: tl.constexpr,
@@ -230,9 +238,11 @@ def _post_res_coef_fwd_kernel(
     BCM: tl.constexpr,
     MODE: tl.constexpr,
     MIX: tl.constexpr,
+    NORM: tl.constexpr,  # (with MIX) y goes out RMS-normalized: y·rnorm·gamma
 ):
     # grid (cdiv(T, BT),): BT tokens per program, C in BC-channel steps; with MIX, the tokens'
-    # x_{l+1} once more, in BCM-channel steps, for the pre-mix of sub-layer l+1
+    # x_{l+1} once more, in BCM-channel steps, for the pre-mix of sub-layer l+1; with NORM, the
+    # tokens' y once more (just written: from L2), to scale it by 1/rms(y) and gamma
     K: tl.constexpr = N * C
     t0 = tl.program_id(0) * BT
     toks = t0 + tl.arange(0, BT)
@@ -286,27 +296,48 @@ def _post_res_coef_fwd_kernel(
         # the tile's last read in the kernel: marked first to leave L2, it does not push out the
         # tiles still to come (no ".cg" beside it: PTX's ld takes a cache operator or eviction
         # priorities, not both)
+        ysq = tl.zeros([BT, BCM], dtype=tl.float32)  # NORM: y's sum of squares, reduced after the loop
         for k in range(C // BCM):
             c0 = C - BCM - k * BCM
             y = tl.zeros([BT, BCM], dtype=tl.float32)
             for j in tl.static_range(N):
                 xj = tl.load(mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
                 y = mix_stream(y, h_pre[j], xj)  # pre_mix_op's order: bit-identical y
-            tl.store(y_rows + c0, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
+            y = y.to(y_ptr.dtype.element_ty)
+            # with NORM read back below, first the channels written last: kept in L2 till then
+            tl.store(y_rows + c0, y, mask=tmask[:, None], eviction_policy="evict_last" if NORM else "")
+            if NORM:
+                yf = y.to(tl.float32)  # the norm of the rounded y, as a norm after the pre-mix sees it
+                ysq += yf * yf
+        if NORM:
+            # the RMSNorm of y (torch.nn.functional.rms_norm's math: y·rsqrt(mean(y²) + eps)·gamma,
+            # in fp32): its 1/rms is known only now, so y is scaled where it was written, from L2
+            rnorm = 1.0 / tl.sqrt(tl.sum(ysq, axis=1) / C + norm_eps)
+            tl.store(rnorm_ptr + toks, rnorm, mask=tmask)
+            tl.debug_barrier()  # every thread's y stores visible to the threads that rescale them
+            for k in range(C // BCM):
+                c0 = k * BCM
+                g = tl.load(gamma_ptr + c0 + tl.arange(0, BCM)).to(tl.float32)
+                y = tl.load(y_rows + c0, mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
+                z = y.to(tl.float32) * rnorm[:, None] * g[None, :]
+                tl.store(y_rows + c0, z.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 def _launch(
     x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int,
     eps: float, rms_eps: float, post_scale: float, mix: bool, block_t: int | None, block_c: int | None,
     block_c_mix: int | None, num_warps: int | None, num_stages: int | None,
+    norm: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
-    """Both launchers: ``(x_next, y or None (without ``mix``), *coefficient outputs)``."""
+    """The launchers: ``(x_next, y or None (without ``mix``), *coefficient outputs, rnorm or None
+    (without ``norm = (gamma, norm_eps)``, which needs ``mix``))``."""
     t, n, c = x.shape
     x_next = torch.empty_like(x)
     y = torch.empty((t, c), dtype=x.dtype, device=x.device) if mix else None
+    rnorm = torch.empty((t,), dtype=torch.float32, device=x.device) if norm is not None else None
     outs = empty_coefficient_outputs(x)
     if t == 0:
-        return (x_next, y, *outs)
+        return (x_next, y, *outs, rnorm)
     ns, m = next_pow2(n), packed_rows(n)
     narrow = x.dtype != torch.float32
     bt = token_block(block_t or 32)
@@ -319,12 +350,13 @@ def _launch(
     fnp = pack_fn(fn, n, c, block_c, split=mode != MODE_FMA)
     _post_res_coef_fwd_kernel[(cdiv(t, bt),)](
         tile_descriptor(x, [bt, ns, block_c]), tile_descriptor(f_out, [bt, block_c]), h_post, h_res, x_next,
-        tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, x_next if y is None else y, t, eps, rms_eps,
-        post_scale, C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c,
+        tile_descriptor(fnp, [m, ns * block_c]), scale, base, *outs, x_next if y is None else y,
+        base if norm is None else norm[0], outs[-1] if rnorm is None else rnorm, t, eps, rms_eps, post_scale,
+        0.0 if norm is None else norm[1], C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c,
         BCM=channel_block(c, block_c_mix or 128) if mix else 64, MODE=mode, MIX=mix,  # BCM: unused without MIX
-        num_warps=num_warps, num_stages=num_stages,
+        NORM=norm is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return (x_next, y, *outs)
+    return (x_next, y, *outs, rnorm)
 
 
 def post_res_coefficients_fwd(
@@ -354,7 +386,7 @@ def post_res_coefficients_fwd(
     64 channels (128-byte rows of 16-bit streams), 4 warps, 4 stages (481 µs; fp32 streams 8 warps,
     3 stages: 900 µs); for n > 4, 16 channels, 8 warps, 3 stages (2 for fp32 streams, whose staged
     tiles would not fit): 1399 µs against 2138 with 4 warps and 2 stages."""
-    x_next, _, *outs = _launch(
+    x_next, _, *outs, _ = _launch(
         x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, False, block_t, block_c, None,
         num_warps, num_stages,
     )  # fmt: skip
@@ -401,7 +433,50 @@ def post_res_coefficients_pre_mix_fwd(
     return _launch(
         x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
         block_c_mix, num_warps, num_stages,
+    )[:-1]  # fmt: skip
+
+
+def post_res_coefficients_pre_mix_norm_fwd(
+    x: Tensor,
+    f_out: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    fn: Tensor,
+    scale: Tensor,
+    base: Tensor,
+    norm_weight: Tensor,
+    iters: int,
+    eps: float,
+    rms_eps: float,
+    post_scale: float,
+    norm_eps: float,
+    *,
+    block_t: int | None = None,
+    block_c: int | None = None,
+    block_c_mix: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launcher of the same kernel with sub-layer l+1's pre-mix and its branch's RMSNorm (weight
+    ``norm_weight [C]``, any float dtype, contiguous; ``norm_eps``): inputs otherwise as in
+    :func:`post_res_coefficients_fwd` -> ``(x_next [T, n, C], z [T, C], both x.dtype, h_pre, h_post,
+    h_res, m_pp, m_res, rinv, rnorm [T] fp32)`` where ``z = y·rnorm·norm_weight``, ``rnorm =
+    1/sqrt(mean_c(y²) + norm_eps)``, ``y`` the rounded pre-mix of
+    :func:`post_res_coefficients_pre_mix_fwd` (the same bits); x_next and the coefficients are
+    those of :func:`post_res_coefficients_fwd`, bit for bit.
+
+    y's sum of squares is complete only after the pre-mix's last channel, so each program writes
+    its y as before and then scales it in place, the channels it wrote last first: a read and a
+    write of C meant to stay in L2 (y is stored with the evict-last hint), where a norm after the
+    kernel reads y and writes z from and to memory (2·C a token). On an H100 the rescale costs
+    more than that would suggest: this form took 8.66 against 7.74 ms a step of the transition
+    kernels without the norm in gpu-dense-1b (47 calls, 20 µs a call; ``e2e.py --profile``,
+    ``benchmarks/results/h100.md``), near what a read and a write of y from memory take."""
+    x_next, z, *outs, rnorm = _launch(
+        x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
+        block_c_mix, num_warps, num_stages, (norm_weight, norm_eps),
     )  # fmt: skip
+    return (x_next, z, *outs, rnorm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +546,18 @@ post_res_coefficients_pre_mix_op = define_op(
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     post_res_coefficients_pre_mix_fwd,
     lambda x, *_: (torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2])), *empty_coefficient_outputs(x)),
+)
+#: See :func:`post_res_coefficients_pre_mix_norm_fwd`; its autograd is ``dispatch._ChainedPostPre``'s.
+post_res_coefficients_pre_mix_norm_op = define_op(
+    "post_res_coefficients_pre_mix_norm",
+    "(Tensor x, Tensor f_out, Tensor h_post, Tensor h_res, Tensor fn, Tensor scale, Tensor base,"
+    " Tensor norm_weight, int iters, float eps, float rms_eps, float post_scale, float norm_eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    post_res_coefficients_pre_mix_norm_fwd,
+    lambda x, *_: (
+        torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2])), *empty_coefficient_outputs(x),
+        x.new_empty((x.shape[0],), dtype=torch.float32),
+    ),
 )
 #: :func:`post_res_coefficients_backward`.
 post_res_coefficients_backward_op = define_op(

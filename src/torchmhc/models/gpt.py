@@ -105,6 +105,7 @@ class Block(nn.Module):
         with isolated_rng(2 * index + 1):
             self.ffn_hc = HyperConnection(cfg.dim, n, cfg.residual, layer_index=2 * index + 1, **hc_kwargs)
         self.fuse_transition = cfg.fuse_transitions
+        self.fuse_branch_norm = cfg.fuse_branch_norm
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg, out_std=out_std)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
@@ -137,7 +138,7 @@ class Block(nn.Module):
         self.ffn_branch = torch.compile(self.ffn_branch, **compile_kwargs)
 
     def forward(
-        self, x: Tensor, ctx: HyperConnectionContext | None = None, next_hc: HyperConnection | None = None
+        self, x: Tensor, ctx: HyperConnectionContext | None = None, next_block: "Block | None" = None
     ) -> Tensor | tuple[Tensor, HyperConnectionContext]:
         """Streams ``x [B, T, n, C]`` -> streams ``[B, T, n, C]``.
 
@@ -146,17 +147,23 @@ class Block(nn.Module):
         ``[B, T, C]`` and ``ctx`` its connection's context, made by the previous block's last
         transition, or, in the chain's first block, ``x`` is the streams and ``ctx`` None (the
         attention's pre then runs here, inside the block and its compiled graph); the FFN's
-        post-res runs fused with ``next_hc``'s coefficients and pre-mix (the next block's attention
-        connection), and the block returns that layer input and context, or the streams if there
-        is no next block.
+        post-res runs fused with ``next_block``'s attention coefficients and pre-mix, and the
+        block returns that layer input and context, or the streams if there is no next block.
+        With ``model.fuse_branch_norm`` too, the layer inputs that transitions make come out
+        through the next branch's RMSNorm (``HyperConnection.post_pre``'s ``norm``), and the
+        branches run without theirs: a chained ``x`` is then normalized already.
         """
-        if self.fuse_transition or ctx is not None or next_hc is not None:
+        if self.fuse_transition or ctx is not None or next_block is not None:
+            norms = self.fuse_branch_norm
+            attn, ffn = (self.attn, self.ffn) if norms else (self.attn_branch, self.ffn_branch)
             if ctx is None:  # x: the streams
                 x, ctx = self.attn_hc.pre(x)  # [B, T, C]
-            u, ctx = self.attn_hc.post_pre(ctx, self.attn_branch(x), self.ffn_hc)
-            if next_hc is None:
-                return self.ffn_hc.post(ctx, self.ffn_branch(u))  # [B, T, n, C]
-            return self.ffn_hc.post_pre(ctx, self.ffn_branch(u), next_hc)  # ([B, T, C], context)
+                x = self.attn_norm(x) if norms else x
+            u, ctx = self.attn_hc.post_pre(ctx, attn(x), self.ffn_hc, self.ffn_norm if norms else None)
+            if next_block is None:
+                return self.ffn_hc.post(ctx, ffn(u))  # [B, T, n, C]
+            following = (next_block.attn_hc, next_block.attn_norm if norms else None)
+            return self.ffn_hc.post_pre(ctx, ffn(u), *following)  # ([B, T, C], context)
         x = self.attn_hc(x, self.attn_branch)  # [B, T, n, C]
         x = self.ffn_hc(x, self.ffn_branch)  # [B, T, n, C]
         return x
@@ -197,9 +204,9 @@ def run_blocks(blocks: Iterable[Block], x: Tensor, cfg: ModelConfig) -> Tensor:
     # block also runs the chain's first pre, inside its compiled graph: run eager before it, the
     # pre's launches from Python left the GPU idle (gpu-moe-3b on an H100, e2e.py --profile: gaps
     # of 0.7 ms a step around them and the first block's graph)
-    u, ctx = blocks[0](x, None, blocks[1].attn_hc)  # [B, T, C]
+    u, ctx = blocks[0](x, None, blocks[1])  # [B, T, C]
     for block, following in zip(blocks[1:-1], blocks[2:]):
-        u, ctx = block(u, ctx, following.attn_hc)
+        u, ctx = block(u, ctx, following)
     return blocks[-1](u, ctx)  # [B, T, n, C]
 
 
