@@ -85,7 +85,7 @@ class ModelConfig:
 
     # "gpt" (dense SwiGLU FFN), "moe" (DeepSeek-V3-style experts) or "hf-llama": a transformers Llama
     # of this shape (the 'hf' extra), upcycled to hyper-connections from a function-preserving start
-    # (torchmhc.interop.hf; hc_init, recompute and fuse_transitions do not apply to it)
+    # (torchmhc.interop.hf; hc_init, recompute, fuse_transitions and fuse_branch_norm do not apply to it)
     arch: str = "gpt"
     vocab_size: int = 256  # byte-level tokens by default
     dim: int = 128  # C: hidden size of one stream
