@@ -64,8 +64,15 @@ GRIDS: dict[str, dict[str, tuple]] = {
     # the chained backward's dh_pre (one token a program): blocks past C are masked, so one step of
     # 2048 can stand in for five of 256 at C = 1280
     "pre_mix_dh": {"block_c": (128, 256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
-    # the same with the branch RMSNorm: y scaled in place after the pre-mix (from L2)
-    "post_res_coef_norm_fwd": {"block_t": (16, 32), "block_c_mix": (128, 256), "num_warps": (4, 8), "num_stages": (2, 3, 4)},
+    # the same with the branch RMSNorm: y scaled in place after the pre-mix (from L2), or formed over
+    # whole rows and never stored
+    "post_res_coef_norm_fwd": {
+        "block_t": (16, 32),
+        "block_c_mix": (128, 256),
+        "num_warps": (4, 8),
+        "num_stages": (2, 3, 4),
+        "whole_rows": (False, True),
+    },
     # the dh pass through the branch norm: 2n + 1 sums a token instead of n
     "norm_dh": {"block_c": (256, 512, 1024, 2048), "num_warps": (2, 4, 8)},
     # the transition backward's one stream pass (with the pre-mix's h_pre ⊗ dy); tiles of all n

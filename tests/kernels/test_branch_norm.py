@@ -79,14 +79,19 @@ def test_kernel_writes_the_rms_norm_of_the_pre_mix(n, c, dtype):
     x_next2, z, *coefficients2, rnorm = post_res_coefficients_pre_mix_norm_fwd(*args, weight, *config, EPS, block_c_mix=64)
     for a, b in zip((x_next, *coefficients), (x_next2, *coefficients2)):
         assert torch.equal(a, b)
-    assert z.dtype == dtype and z.shape == (t, c) and rnorm.dtype == torch.float32 and rnorm.shape == (t,)
+    # and over whole rows (whole_rows: the same x_next and coefficients, z and rnorm to rounding)
+    x_next3, z3, *coefficients3, rnorm3 = post_res_coefficients_pre_mix_norm_fwd(*args, weight, *config, EPS, whole_rows=True)
+    for a, b in zip((x_next, *coefficients), (x_next3, *coefficients3)):
+        assert torch.equal(a, b)
     exact_r = (y.double().square().mean(-1) + EPS).rsqrt()
-    torch.testing.assert_close(rnorm.double(), exact_r, rtol=1e-5, atol=0)
     exact = y.double() * exact_r[:, None] * weight.double()
-    if dtype == torch.float32:
-        torch.testing.assert_close(z.double(), exact, **FP32_TOL)
-    else:
-        torch.testing.assert_close(z, exact.to(dtype))
+    for z, rnorm in ((z, rnorm), (z3, rnorm3)):
+        assert z.dtype == dtype and z.shape == (t, c) and rnorm.dtype == torch.float32 and rnorm.shape == (t,)
+        torch.testing.assert_close(rnorm.double(), exact_r, rtol=1e-5, atol=0)
+        if dtype == torch.float32:
+            torch.testing.assert_close(z.double(), exact, **FP32_TOL)
+        else:
+            torch.testing.assert_close(z, exact.to(dtype))
 
 
 @pytest.mark.parametrize("one_pass", [True, False])

@@ -204,6 +204,35 @@ def _project(fn_tile, operand, acc, MODE: tl.constexpr):
 
 
 @triton.jit
+def _pre_mix_norm_rows(x_ptr, hpre_ptr, gamma_ptr, z_ptr, rnorm_ptr, t0, T, norm_eps, C: tl.constexpr, N: tl.constexpr,
+                       CP: tl.constexpr, BT: tl.constexpr, BTN: tl.constexpr):  # fmt: skip
+    """The normalized pre-mix of tokens ``[t0, t0 + BT)`` over whole rows, BTN tokens a step with all C
+    channels (padded to CP, masked) in registers, so that y's sum of squares is complete before
+    ``z = y·rnorm·gamma`` is written and y itself is never stored (the in-place form writes y and
+    reads it back)."""
+    K: tl.constexpr = N * C
+    cols = tl.arange(0, CP)
+    cmask = cols < C
+    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for s0 in range(0, BT, BTN):
+        rows = t0 + s0 + tl.arange(0, BTN)
+        rmask = rows < T
+        rows = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        y = tl.zeros([BTN, CP], dtype=tl.float32)
+        for j in tl.static_range(N):
+            hj = tl.load(hpre_ptr + rows * N + j, mask=rmask, other=0.0, cache_modifier=".cg")
+            xj = tl.load(x_ptr + rows[:, None] * K + (j * C) + cols[None, :], mask=mask, other=0.0,
+                         eviction_policy="evict_first")  # fmt: skip
+            y = mix_stream(y, hj[:, None], xj)  # pre_mix_op's order: y bit-identical
+        y = y.to(z_ptr.dtype.element_ty).to(tl.float32)
+        rnorm = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / C + norm_eps)
+        tl.store(rnorm_ptr + rows, rnorm, mask=rmask)
+        z = y * rnorm[:, None] * gamma
+        tl.store(z_ptr + rows[:, None] * C + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _post_res_coef_fwd_kernel(
     x_desc,  # [T, n, C] streams of sub-layer l, tiles [BT, NS, BC]
     f_desc,  # [T, C] branch output of sub-layer l, tiles [BT, BC]
@@ -239,6 +268,9 @@ def _post_res_coef_fwd_kernel(
     MODE: tl.constexpr,
     MIX: tl.constexpr,
     NORM: tl.constexpr,  # (with MIX) y goes out RMS-normalized: y·rnorm·gamma
+    ROWS: tl.constexpr,  # (NORM) the normalized pre-mix over whole rows (_pre_mix_norm_rows)
+    CP: tl.constexpr,  # (ROWS) C's next power of two
+    BTN: tl.constexpr,  # (ROWS) tokens a step
 ):
     # grid (cdiv(T, BT),): BT tokens per program, C in BC-channel steps; with MIX, the tokens'
     # x_{l+1} once more, in BCM-channel steps, for the pre-mix of sub-layer l+1; with NORM, the
@@ -287,47 +319,51 @@ def _post_res_coef_fwd_kernel(
         # there, see the launcher) and the h_pre its epilogue has just stored: the barrier makes
         # every thread's stores visible to all of the program's threads, which read other elements
         tl.debug_barrier()
-        h_pre = ()
-        for j in tl.static_range(N):
-            h_pre = h_pre + (tl.load(hpre2_ptr + toks * N + j, mask=tmask, other=0.0, cache_modifier=".cg")[:, None],)
-        mix_rows = out_ptr + toks[:, None] * K + tl.arange(0, BCM)[None, :]
-        y_rows = y_ptr + toks[:, None] * C + tl.arange(0, BCM)[None, :]
-        # last-written channels first: the shortest time from each store to its load back. This is
-        # the tile's last read in the kernel: marked first to leave L2, it does not push out the
-        # tiles still to come (no ".cg" beside it: PTX's ld takes a cache operator or eviction
-        # priorities, not both)
-        ysq = tl.zeros([BT, BCM], dtype=tl.float32)  # NORM: y's sum of squares, reduced after the loop
-        for k in range(C // BCM):
-            c0 = C - BCM - k * BCM
-            y = tl.zeros([BT, BCM], dtype=tl.float32)
+        if NORM and ROWS:
+            _pre_mix_norm_rows(out_ptr, hpre2_ptr, gamma_ptr, y_ptr, rnorm_ptr, t0, T, norm_eps, C, N, CP, BT, BTN)
+        else:
+            h_pre = ()
             for j in tl.static_range(N):
-                xj = tl.load(mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
-                y = mix_stream(y, h_pre[j], xj)  # pre_mix_op's order: bit-identical y
-            y = y.to(y_ptr.dtype.element_ty)
-            # with NORM read back below, first the channels written last: kept in L2 till then
-            tl.store(y_rows + c0, y, mask=tmask[:, None], eviction_policy="evict_last" if NORM else "")
-            if NORM:
-                yf = y.to(tl.float32)  # the norm of the rounded y, as a norm after the pre-mix sees it
-                ysq += yf * yf
-        if NORM:
-            # the RMSNorm of y (torch.nn.functional.rms_norm's math: y·rsqrt(mean(y²) + eps)·gamma,
-            # in fp32): its 1/rms is known only now, so y is scaled where it was written, from L2
-            rnorm = 1.0 / tl.sqrt(tl.sum(ysq, axis=1) / C + norm_eps)
-            tl.store(rnorm_ptr + toks, rnorm, mask=tmask)
-            tl.debug_barrier()  # every thread's y stores visible to the threads that rescale them
+                hj = tl.load(hpre2_ptr + toks * N + j, mask=tmask, other=0.0, cache_modifier=".cg")
+                h_pre = h_pre + (hj[:, None],)
+            mix_rows = out_ptr + toks[:, None] * K + tl.arange(0, BCM)[None, :]
+            y_rows = y_ptr + toks[:, None] * C + tl.arange(0, BCM)[None, :]
+            # last-written channels first: the shortest time from each store to its load back. This is
+            # the tile's last read in the kernel: marked first to leave L2, it does not push out the
+            # tiles still to come (no ".cg" beside it: PTX's ld takes a cache operator or eviction
+            # priorities, not both)
+            ysq = tl.zeros([BT, BCM], dtype=tl.float32)  # NORM: y's sum of squares, reduced after the loop
             for k in range(C // BCM):
-                c0 = k * BCM
-                g = tl.load(gamma_ptr + c0 + tl.arange(0, BCM)).to(tl.float32)
-                y = tl.load(y_rows + c0, mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
-                z = y.to(tl.float32) * rnorm[:, None] * g[None, :]
-                tl.store(y_rows + c0, z.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
+                c0 = C - BCM - k * BCM
+                y = tl.zeros([BT, BCM], dtype=tl.float32)
+                for j in tl.static_range(N):
+                    xj = tl.load(mix_rows + (j * C + c0), mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
+                    y = mix_stream(y, h_pre[j], xj)  # pre_mix_op's order: bit-identical y
+                y = y.to(y_ptr.dtype.element_ty)
+                # with NORM read back below, first the channels written last: kept in L2 till then
+                tl.store(y_rows + c0, y, mask=tmask[:, None], eviction_policy="evict_last" if NORM else "")
+                if NORM:
+                    yf = y.to(tl.float32)  # the norm of the rounded y, as a norm after the pre-mix sees it
+                    ysq += yf * yf
+            if NORM:
+                # the RMSNorm of y (torch.nn.functional.rms_norm's math: y·rsqrt(mean(y²) + eps)·gamma,
+                # in fp32): its 1/rms is known only now, so y is scaled where it was written, from L2
+                rnorm = 1.0 / tl.sqrt(tl.sum(ysq, axis=1) / C + norm_eps)
+                tl.store(rnorm_ptr + toks, rnorm, mask=tmask)
+                tl.debug_barrier()  # every thread's y stores visible to the threads that rescale them
+                for k in range(C // BCM):
+                    c0 = k * BCM
+                    g = tl.load(gamma_ptr + c0 + tl.arange(0, BCM)).to(tl.float32)
+                    y = tl.load(y_rows + c0, mask=tmask[:, None], other=0.0, eviction_policy="evict_first")
+                    z = y.to(tl.float32) * rnorm[:, None] * g[None, :]
+                    tl.store(y_rows + c0, z.to(y_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 def _launch(
     x: Tensor, f_out: Tensor, h_post: Tensor, h_res: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int,
     eps: float, rms_eps: float, post_scale: float, mix: bool, block_t: int | None, block_c: int | None,
     block_c_mix: int | None, num_warps: int | None, num_stages: int | None,
-    norm: tuple[Tensor, float] | None = None,
+    norm: tuple[Tensor, float] | None = None, whole_rows: bool = False,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """The launchers: ``(x_next, y or None (without ``mix``), *coefficient outputs, rnorm or None
     (without ``norm = (gamma, norm_eps)``, which needs ``mix``))``."""
@@ -354,7 +390,8 @@ def _launch(
         base if norm is None else norm[0], outs[-1] if rnorm is None else rnorm, t, eps, rms_eps, post_scale,
         0.0 if norm is None else norm[1], C=c, N=n, NS=ns, NP=_np(n), M=m, ITERS=iters, BT=bt, BC=block_c,
         BCM=channel_block(c, block_c_mix or 128) if mix else 64, MODE=mode, MIX=mix,  # BCM: unused without MIX
-        NORM=norm is not None, num_warps=num_warps, num_stages=num_stages,
+        NORM=norm is not None, ROWS=whole_rows, CP=next_pow2(c), BTN=min(bt, max(1, 4096 // next_pow2(c))),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (x_next, y, *outs, rnorm)
 
@@ -456,6 +493,7 @@ def post_res_coefficients_pre_mix_norm_fwd(
     block_c_mix: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    whole_rows: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launcher of the same kernel with sub-layer l+1's pre-mix and its branch's RMSNorm (weight
     ``norm_weight [C]``, any float dtype, contiguous; ``norm_eps``): inputs otherwise as in
@@ -471,10 +509,13 @@ def post_res_coefficients_pre_mix_norm_fwd(
     kernel reads y and writes z from and to memory (2·C a token). On an H100 the rescale costs
     more than that would suggest: this form took 8.66 against 7.74 ms a step of the transition
     kernels without the norm in gpu-dense-1b (47 calls, 20 µs a call; ``e2e.py --profile``,
-    ``benchmarks/results/h100.md``), near what a read and a write of y from memory take."""
+    ``benchmarks/results/h100.md``), near what a read and a write of y from memory take.
+    ``whole_rows`` forms y over whole rows instead, a few tokens at a time with all C channels in
+    registers, and writes z alone (:func:`_pre_mix_norm_rows`): not timed on a GPU yet, so not the
+    default (``benchmarks/tune.py`` sweeps it)."""
     x_next, z, *outs, rnorm = _launch(
         x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
-        block_c_mix, num_warps, num_stages, (norm_weight, norm_eps),
+        block_c_mix, num_warps, num_stages, (norm_weight, norm_eps), whole_rows,
     )  # fmt: skip
     return (x_next, z, *outs, rnorm)
 
