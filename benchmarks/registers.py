@@ -12,11 +12,14 @@ issue for one tile, which bounds the kernel's time when latencies are hidden. Tw
   chained: dx plus an added gradient and the pre-mix's h_pre ⊗ dy, as the chained sub-layer runs
   it), tokens and columns per tile, warps and stages.
 - ``--kernel transition``: the transition backward's one stream pass
-  (``transition_backward_op.transition_bwd_streams``), tokens by channels of every stream.
+  (``transition_backward_op.transition_bwd_streams``), tokens by channels of every stream;
+  ``--norm`` with the branch RMSNorm's backward.
+- ``--kernel forward``: the fused transition's forward with the pre-mix and the branch RMSNorm
+  (``post_res_coefficients_pre_mix_norm_fwd``), its normalized pre-mix in place or over whole rows.
 
 ``benchmarks/tune.py`` times the same options on a GPU.
 
-    PYTHONPATH=src python benchmarks/registers.py [--kernel dx|transition] [--streams 4] [--channels 2048] [--dtype bf16]
+    PYTHONPATH=src python benchmarks/registers.py [--kernel dx|transition|forward] [--norm] [--streams 4] [--channels 2048] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from triton.compiler import ASTSource
 
 from torchmhc.kernels._common import next_pow2
 from torchmhc.kernels.coefficients_op import _coef_bwd_x_kernel, _np, merged_width
+from torchmhc.kernels.post_res_coefficients_op import _post_res_coef_fwd_kernel
 from torchmhc.kernels.transition_backward_op import _transition_bwd_kernel
 
 #: ptxas and nvdisasm, as bundled with Triton.
@@ -124,6 +128,25 @@ def transition_kernel(
     return _compile(_transition_bwd_kernel, signature, constants, num_warps, num_stages)
 
 
+def forward_kernel(n: int, c: int, whole_rows: bool, block_t: int = 32, block_c: int = 64, num_warps: int = 4,
+                   num_stages: int = 4) -> Compiled:  # fmt: skip
+    """The fused transition's forward with the pre-mix and the branch RMSNorm
+    (``post_res_coefficients_pre_mix_norm_fwd``, bf16 streams, n <= 4; its launcher's defaults),
+    the normalized pre-mix in place or over whole rows (``whole_rows``)."""
+    names = _post_res_coef_fwd_kernel.arg_names
+    signature = {name: "*fp32" for name in names[: names.index("T")]}
+    signature.update({
+        "x_desc": f"tensordesc<bf16[{block_t}, {next_pow2(n)}, {block_c}]>", "f_desc": f"tensordesc<bf16[{block_t}, {block_c}]>",
+        "fnp_desc": f"tensordesc<bf16[64, {next_pow2(n) * block_c}]>", "out_ptr": "*bf16", "y_ptr": "*bf16",
+        "T": "i32", "eps": "fp32", "rms_eps": "fp32", "post_scale": "fp32", "norm_eps": "fp32",
+    })  # fmt: skip
+    constants: dict[str, object] = dict(
+        C=c, N=n, NS=next_pow2(n), NP=_np(n), M=64, ITERS=20, BT=block_t, BC=block_c, BCM=min(128, c), MODE=1, MIX=True,
+        NORM=True, ROWS=whole_rows, CP=next_pow2(c), BTN=min(block_t, max(1, 4096 // next_pow2(c))),
+    )  # fmt: skip
+    return _compile(_post_res_coef_fwd_kernel, signature, constants, num_warps, num_stages)
+
+
 def _compile(fn: object, signature: dict, constants: dict, num_warps: int, num_stages: int) -> Compiled:
     """Compiles ``fn`` for sm_90a, reads ptxas's report and counts the token loop's operations."""
     # as Triton's launcher specializes them for 16-byte aligned tensors and token counts: without
@@ -188,13 +211,19 @@ def _ops(compiled: Compiled, num_warps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", default="dx", choices=("dx", "transition"))
+    parser.add_argument("--kernel", default="dx", choices=("dx", "transition", "forward"))
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--channels", type=int, default=2048, help="C")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="stream dtype")
     parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     parser.add_argument("--norm", action="store_true", help="transition: with the branch RMSNorm's backward")
     args = parser.parse_args()
+    if args.kernel == "forward":
+        print(f"n={args.streams} C={args.channels} bf16, with the branch norm: registers a thread, bytes spilled")
+        for whole_rows in (False, True):
+            k = forward_kernel(args.streams, args.channels, whole_rows)
+            print(f"  whole_rows={whole_rows:d}: {k.registers:3d} registers, {k.spilled:5d} bytes spilled", flush=True)
+        return
     if args.kernel == "transition":
         # the launcher's defaults first (transition_bwd_streams), then what tune.py sweeps
         norm = " with the branch norm" if args.norm else ""

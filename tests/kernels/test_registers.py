@@ -73,3 +73,13 @@ def test_the_token_loop_operations_are_counted_from_the_ir():
     # the few layout changes its docstring counts
     assert ops["transition"]["stores"] == 1 + 4 + 1 + 1
     assert 0 < ops["dx"]["layout changes"] <= ops["transition"]["layout changes"] <= 7
+
+
+def test_offline_compile_of_the_normalized_forward_in_both_forms_spills_nothing():
+    # post_res_coefficients_pre_mix_norm_fwd at its launcher's defaults: the in-place rescale and
+    # whole_rows (a row of all C channels in registers, C = 2048: two tokens a step) both fit
+    stats = _offline_stats(
+        '{rows: (lambda k: [k.registers, k.spilled])(registers.forward_kernel(4, 2048, rows)) for rows in (False, True)}'
+    )
+    for regs, spilled in stats.values():
+        assert 0 < regs <= 255 and spilled == 0

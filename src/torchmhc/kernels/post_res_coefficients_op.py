@@ -511,8 +511,10 @@ def post_res_coefficients_pre_mix_norm_fwd(
     kernels without the norm in gpu-dense-1b (47 calls, 20 µs a call; ``e2e.py --profile``,
     ``benchmarks/results/h100.md``), near what a read and a write of y from memory take.
     ``whole_rows`` forms y over whole rows instead, a few tokens at a time with all C channels in
-    registers, and writes z alone (:func:`_pre_mix_norm_rows`): not timed on a GPU yet, so not the
-    default (``benchmarks/tune.py`` sweeps it)."""
+    registers, and writes z alone (:func:`_pre_mix_norm_rows`; at n = 4, C = 2048 it compiles for
+    sm_90a to 186 registers a thread without spilling, the in-place form to 188:
+    ``benchmarks/registers.py --kernel forward``): not timed on a GPU yet, so not the default
+    (``benchmarks/tune.py`` sweeps it)."""
     x_next, z, *outs, rnorm = _launch(
         x, f_out, h_post, h_res, fn, scale, base, iters, eps, rms_eps, post_scale, True, block_t, block_c,
         block_c_mix, num_warps, num_stages, (norm_weight, norm_eps), whole_rows,
