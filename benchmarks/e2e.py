@@ -267,7 +267,7 @@ def mhc_floor(cfg: RunConfig, *, copy_tbps: float, elem_bytes: int, one_pass: bo
     one_pass_share = fused if one_pass and m.num_streams <= ONE_PASS_MAX_STREAMS else 0.0
     per = mhc_traffic_bytes(
         num_streams=m.num_streams, dim=m.dim, elem_bytes=elem_bytes, recompute=m.recompute, fused=fused,
-        one_pass=one_pass_share, norm=fused if m.fuse_branch_norm else 0.0,
+        one_pass=one_pass_share, norm=fused_norm_sublayers(m) / sublayers,
     )  # fmt: skip
     units = 2 * m.num_layers * cfg.data.batch_size * cfg.data.seq_len  # sub-layer-tokens
     return Floor(per["total"] * units, (per["total"] - per["residual"]) * units, copy_tbps)

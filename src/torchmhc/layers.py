@@ -269,12 +269,12 @@ class HyperConnection(nn.Module):
                 f"next_hc must have n={self.num_streams}, C={self.dim} like this HyperConnection, "
                 f"got n={next_hc.num_streams}, C={next_hc.dim}"
             )
+        if norm is not None and not callable(norm):
+            raise ValueError(f"norm must be an nn.RMSNorm (or a callable on [..., C]), got {type(norm).__name__}")
         fusable_norm = (
             isinstance(norm, nn.RMSNorm) and norm.weight is not None and norm.eps is not None
             and tuple(norm.normalized_shape) == (self.dim,)
         )  # fmt: skip
-        if norm is not None and not callable(norm):
-            raise ValueError(f"norm must be an nn.RMSNorm (or a callable on [..., C]), got {type(norm).__name__}")
         # the fused op computes this connection's post as kernels.post_res: every kind but "residual"
         if self.kind.form == "residual" or next_hc.manifold is None:
             layer_input, next_ctx = next_hc.pre(self.post(ctx, f_out))
@@ -283,7 +283,7 @@ class HyperConnection(nn.Module):
         layer_input, x_next, coefficients = kernels.mhc_post_pre(
             ctx.x, f_out, ctx.h_post, ctx.h_res, next_hc.fn, next_hc.scale, next_hc.base,
             eps=next_hc.eps, rms_eps=next_hc.rms_eps, post_scale=next_hc.post_scale, manifold=next_hc.manifold,
-            norm_weight=norm.weight if fusable_norm else None, norm_eps=norm.eps if fusable_norm else 1e-6,
+            **({"norm_weight": norm.weight, "norm_eps": norm.eps} if fusable_norm else {}),
         )  # fmt: skip
         if norm is not None and not fusable_norm:
             layer_input = norm(layer_input)
