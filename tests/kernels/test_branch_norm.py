@@ -58,11 +58,12 @@ def _fp64(x, f_out, *params):
     return reference_two(x.double(), f_out.double(), *params)
 
 
-@pytest.mark.parametrize("n, c", [(1, 64), (4, 128), (3, 320)])
+@pytest.mark.parametrize("n, c", [(1, 64), (4, 128), (3, 320), (8, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_writes_the_rms_norm_of_the_pre_mix(n, c, dtype):
     # z is rms_norm of the MIX launcher's y (the same bits of y, x_next and the coefficients), in
-    # several mix steps (C = 320: five of 64), with a partial token tile (t = 21)
+    # several mix steps (C = 320: five of 64), with a partial token tile (t = 21); whole rows padded
+    # past C (C = 96, 320), and more streams than one packed half holds (n = 8)
     from torchmhc.kernels.post_res_coefficients_op import (
         post_res_coefficients_pre_mix_fwd,
         post_res_coefficients_pre_mix_norm_fwd,
